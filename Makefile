@@ -1,0 +1,51 @@
+# ihas-lightning: every target that runs code depends on `install`, so each works on a fresh clone.
+PY_BOOT ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP   := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all bench bench-data bench-train lint format clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# the pinned CPU torch first: an unpinned `torch` would pull a multi-GB CUDA build
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with torch==$(TORCH_VERSION) (CPU) and the package in editable mode
+
+demo: install ## run the whole iHAS pipeline on the embedded synthetic dataset
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m ihas_lightning stage=all dataset=synthetic
+
+test: install ## run the default (fast) test suite
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+test-all: install ## run every test, the slow ones included
+	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
+
+bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
+
+bench-data: install ## preprocessing and loader throughput -> experiments/results/bench_data.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_data
+
+bench-train: install ## training throughput vs a textbook dense-Adam loop -> experiments/results/bench_train.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_train
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun wandb .pytest_cache

@@ -1,0 +1,41 @@
+"""Thin Hydra entry point: ``python -m ihas_lightning stage=<name> dataset=<name> ...``.
+
+It only composes the config and hands it to the stage named by ``stage.name``; user errors
+(:class:`~ihas_lightning.errors.IHASError`) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import CONFIG_DIR, register_resolvers
+from .errors import IHASError
+
+register_resolvers()
+log = logging.getLogger("ihas_lightning")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from .stages import run_stage
+
+    try:
+        metrics = run_stage(cfg)
+    except IHASError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    # a scalar for Hydra sweepers (optuna etc.): the headline test/val AUC when there is one
+    for key in ("test/auc", "val/auc", "routed/test/auc"):
+        if isinstance(metrics, dict) and key in metrics:
+            return float(metrics[key])
+    return None
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()

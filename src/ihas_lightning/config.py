@@ -1,0 +1,37 @@
+"""Config helpers: where the Hydra config tree lives, custom resolvers, composing in tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# conf/ sits at the repository root (src/ihas_lightning/../../conf); IHAS_CONF_DIR overrides it.
+CONFIG_DIR = Path(os.environ.get("IHAS_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+
+_UID = f"{os.getpid():x}{secrets.token_hex(2)}"
+
+
+def register_resolvers() -> None:
+    """``${ihas_uid:}``: a per-process id, so run dirs of jobs started in the same second differ."""
+    if not OmegaConf.has_resolver("ihas_uid"):
+        OmegaConf.register_new_resolver("ihas_uid", lambda: _UID)
+
+
+def compose(overrides: list[str] | None = None, output_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Compose the real config outside ``@hydra.main`` (tests, notebooks, benchmarks).
+
+    ``output_dir`` replaces Hydra's run dir (``paths.output_dir``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+    if output_dir is not None:
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
