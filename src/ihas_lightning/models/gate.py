@@ -1,0 +1,144 @@
+"""Bernoulli gates (paper section 3.3): one keep-probability per embedding dimension of each sample.
+
+``p_i = sigmoid(W E_i + b)`` where ``E_i`` is sample i's concatenated embedding (N*d values), so
+every sample gets its own gate vector (instance-wise). Three modes:
+
+* ``open``          all ones (pretraining: the gates are "deterministically open").
+* ``stochastic``    straight-through Gumbel-Softmax over (log p, log(1-p)) with temperature tau:
+                    the forward pass is an exact 0/1 Bernoulli draw (Gumbel-Max, eq. 1), the
+                    backward pass uses the relaxed sample (eq. 2).
+* ``deterministic`` the automatic threshold searcher (:func:`threshold_search`): per sample,
+                    a histogram of its probabilities; the first local-minimum bin's lower edge is
+                    the threshold and dimensions with p above it are open.
+
+The regularizer (eq. 5, :func:`gate_regularizer`) is ``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)``:
+a sparsity term plus the polarization term that pushes the probabilities away from their mean, so
+the histogram becomes bimodal (paper Figure 3) and the threshold searcher finds a clean valley.
+
+With ``instance_wise=False`` the gate is one learnable vector shared by all samples (the
+"non-instance-wise" ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("open", "stochastic", "deterministic")
+
+
+class BernoulliGate(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        tau: float = 0.1,
+        instance_wise: bool = True,
+        bins: int = 20,
+        init_bias: float = 3.0,
+    ):
+        super().__init__()
+        if tau <= 0:
+            raise ValueError("tau must be > 0")
+        if bins < 3:
+            raise ValueError("bins must be >= 3")
+        self.dim = dim
+        self.tau = float(tau)
+        self.bins = int(bins)
+        self.instance_wise = instance_wise
+        self.init_bias = float(init_bias)
+        if instance_wise:
+            self.linear = nn.Linear(dim, dim)
+        else:
+            self.logits = nn.Parameter(torch.zeros(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start (nearly) open: small weights, bias ``init_bias`` (sigmoid(3) ~ 0.95)."""
+        if self.instance_wise:
+            nn.init.normal_(self.linear.weight, std=1e-2)
+            nn.init.constant_(self.linear.bias, self.init_bias)
+        else:
+            nn.init.constant_(self.logits, self.init_bias)
+
+    def gate_logits(self, e: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid logits z with p = sigmoid(z); e: [B, D]."""
+        if self.instance_wise:
+            return self.linear(e)
+        return self.logits.unsqueeze(0).expand(e.shape[0], -1)
+
+    def probs(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logits(e))
+
+    def stochastic_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """Straight-through Gumbel-Softmax sample from logits z (p = sigmoid(z)).
+
+        The two-class softmax over (log p + G, log(1-p) + G') equals
+        ``sigmoid((z + G - G') / tau)`` since log p - log(1-p) = z, and G - G' ~ Logistic(0, 1).
+        Forward: exact {0, 1}; backward: gradient of the relaxed sample."""
+        u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+        noise = torch.log(u) - torch.log1p(-u)
+        score = z + noise
+        soft = torch.sigmoid(score / self.tau)
+        hard = (score > 0).to(z.dtype)
+        return hard + (soft - soft.detach())
+
+    def deterministic_mask(self, p: torch.Tensor) -> torch.Tensor:
+        thr = threshold_search(p.detach(), self.bins)
+        return (p > thr.unsqueeze(1)).to(p.dtype)
+
+    def forward(self, e: torch.Tensor, mode: str = "stochastic") -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mask [B, D], p [B, D])."""
+        z = self.gate_logits(e)
+        p = torch.sigmoid(z)
+        if mode == "stochastic":
+            mask = self.stochastic_mask(z)
+        elif mode == "deterministic":
+            mask = self.deterministic_mask(p)
+        elif mode == "open":
+            mask = torch.ones_like(p)
+        else:
+            raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
+        return mask, p
+
+
+def threshold_search(p: torch.Tensor, bins: int = 20, fallback: float = 0.5) -> torch.Tensor:
+    """The automatic threshold searcher, vectorised over the batch. p: [B, D] in [0, 1] -> [B].
+
+    For each sample: histogram its D probabilities into ``bins`` equal bins over [0, 1]; scan from
+    the left for the first *valley* bin b (1 <= b <= bins-2) with
+
+        count[b] < count[b-1]  and  count[b] <= count[b+1]  and  max(count[b+1:]) > count[b],
+
+    i.e. a local minimum reached after descending from a left mode and followed by a higher bin on
+    the right (a second mode). The threshold is the lower edge of that bin, b / bins, and the gate
+    opens dims with p > threshold. A plateau of empty bins between two modes yields its first bin.
+
+    Degenerate or unimodal histograms (all probabilities in one bin, or no bin that separates two
+    modes) have no valley; the threshold then falls back to ``fallback`` (0.5: open a dim when its
+    Bernoulli gate is more likely open than closed).
+    """
+    if p.dim() != 2:
+        raise ValueError("p must be [batch, dims]")
+    b_, _ = p.shape
+    idx = (p * bins).long().clamp_(0, bins - 1)
+    counts = torch.zeros(b_, bins, dtype=torch.int32, device=p.device)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.int32))
+    left, mid, right = counts[:, :-2], counts[:, 1:-1], counts[:, 2:]
+    # suffix max of counts strictly right of each middle bin: max(count[b+1:])
+    suffix_max = counts.flip(1).cummax(1).values.flip(1)[:, 2:]
+    valley = (mid < left) & (mid <= right) & (suffix_max > mid)  # [B, bins-2] for b = 1..bins-2
+    has = valley.any(1)
+    first = valley.int().argmax(1) + 1  # first True (argmax returns the first max)
+    thr = first.to(p.dtype) / bins
+    return torch.where(has, thr, torch.full_like(thr, fallback))
+
+
+def gate_regularizer(p: torch.Tensor, lambda_reg: float, polarization: bool = True) -> torch.Tensor:
+    """``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)`` averaged over the batch (eq. 5).
+
+    ``polarization=False`` keeps the sparsity term ``lambda * sum_j p_ij`` only (ablation)."""
+    if polarization:
+        per_sample = (p - (p - p.mean(dim=1, keepdim=True)).abs()).sum(dim=1)
+    else:
+        per_sample = p.sum(dim=1)
+    return lambda_reg * per_sample.mean()
