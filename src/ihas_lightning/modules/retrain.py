@@ -1,0 +1,61 @@
+"""``RetrainModule``: one cluster-customised DLRM of the retraining stage (paper section 3.5.3).
+
+The model is ``DLRM(vocab_sizes, field_dims=dims_of_cluster)``: each field gets the number of
+embedding dimensions the cluster's majority rule kept (0 removes the field: no table, no MLP
+input), so the MLP (16, 8) sees a narrower input than the Base model's.
+
+Initialisation (``retrain.init``):
+
+* ``searched`` (paper): each kept dimension's column is copied from the searched embedding table
+  V, i.e. field f's new ``[vocab_f, d_f]`` table is ``V_f[:, kept_dims_f]``. The MLP starts fresh.
+* ``scratch``: every parameter freshly initialised.
+
+Training, evaluation and logging are :class:`~ihas_lightning.modules.ctr.CTRModule`'s (gate-less,
+``open`` mode), on the cluster's own samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..models import DLRM
+from .ctr import CTRModule
+
+INITS = ("searched", "scratch")
+
+
+class RetrainModule(CTRModule):
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        model: dict[str, Any],
+        field_dims: Sequence[int],
+        kept_dims: Sequence[Sequence[int]] | None = None,
+        cluster_id: int = 0,
+        field_names: Sequence[str] | None = None,
+    ):
+        super().__init__(vocab_sizes, model, field_dims=list(field_dims), gate=None, field_names=field_names)
+        self.save_hyperparameters()
+        self.cluster_id = int(cluster_id)
+        self.kept_dims = [list(map(int, k)) for k in kept_dims] if kept_dims is not None else None
+        if self.kept_dims is not None:
+            got = [len(k) for k in self.kept_dims]
+            if got != list(self.model.field_dims):
+                raise ValueError(f"kept dims per field {got} do not match field dims {self.model.field_dims}")
+
+    @torch.no_grad()
+    def init_from_searched(self, searched: DLRM) -> None:
+        """Copy each kept dimension of each field from the searched (uniform) embedding tables."""
+        if self.kept_dims is None:
+            raise ValueError("init_from_searched needs kept_dims")
+        if list(searched.vocab_sizes) != list(self.model.vocab_sizes):
+            raise ValueError("the searched model's vocab sizes differ from this model's")
+        src, dst = searched.embedding, self.model.embedding
+        for f, kept in enumerate(self.kept_dims):
+            if not kept:
+                continue
+            cols = torch.tensor(kept, dtype=torch.long)
+            dst.field_weight(f).copy_(src.field_weight(f).index_select(1, cols))

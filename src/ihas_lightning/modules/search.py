@@ -1,0 +1,314 @@
+"""``SearchModule``: the searching stage of iHAS (paper section 3.5.1, Algorithm 1).
+
+The model is the DLRM with a :class:`~ihas_lightning.models.gate.BernoulliGate` between the
+embedding layer V and the MLP theta_b. Training is bi-level and manual
+(``automatic_optimization = False``); the optimizers are CTRModule's two model optimizers
+(embedding tables: ``model.embedding_optimizer``; MLP: Adam lr 1e-3, wd 1e-6) plus the gate's own
+Adam (``method.gate.lr``).
+
+* **Phase 1, pretraining** (epochs ``0 .. pretrain_epochs-1``): the gates are deterministically
+  open (the gate network is not even evaluated); only V and theta_b are trained on BCE. The gate
+  parameters are untouched and the gate optimizer never steps, so it has no Adam state yet. The
+  paper initialises the gates after pretraining; ours are initialised at construction and left
+  untouched until then, which is the same thing.
+* **Phase 2, bi-level search** (the remaining ``search.epochs - pretrain_epochs`` epochs): every
+  training batch updates V and theta_b on BCE with stochastic (straight-through Gumbel) masks, the
+  gate parameters frozen (``requires_grad`` off, so no gate gradient is even computed); every
+  ``search_every`` training batches (at batch_idx 0, K, 2K, ... of each epoch) one batch of the
+  **validation split** from the search loader updates the gate parameters w on
+  ``BCE + lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)``, with V and theta_b frozen. The gate reads
+  a detached embedding, so neither step can move the other level's parameters (tested).
+
+The search loader is an infinite iterable over the validation split (``IHASDataModule.
+search_dataloader()``) handed to :meth:`SearchModule.set_search_loader`; it is only used for gate
+steps, never for model selection (which uses the whole validation split with deterministic masks).
+
+Counting: Lightning's ``global_step`` counts optimizer steps, so it advances by 2 per training
+batch and by 3 on gate batches. Budgets are therefore in epochs (``search.epochs``).
+
+Evaluation: during pretraining the validation metrics use open gates (the gate is untrained);
+from the first search epoch on they use the deterministic threshold searcher (``eval_mode =
+"deterministic"``), which is also the mode of a loaded checkpoint. Each deterministic validation
+epoch also logs the gate statistics: share of open dims overall and per field, polarization
+statistics (mean |p - mean p|, share of p in [0.1, 0.9], mean threshold, share of samples whose
+histogram had a valley) and a histogram of the gate probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import gate_regularizer, threshold_search
+from .ctr import CTRModule
+
+HIST_BINS = 50
+
+
+@contextmanager
+def frozen(params: Sequence[torch.nn.Parameter]):
+    """Temporarily set ``requires_grad=False`` on ``params`` (restored afterwards)."""
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(params, saved):
+            p.requires_grad_(r)
+
+
+class GateStats:
+    """Accumulates deterministic-mode gate statistics over an evaluation pass (vectorised per batch).
+
+    ``groups`` (optional, an int tensor per batch) also accumulates the mean mask per (group, dim)."""
+
+    def __init__(self, dim: int, field_dims: Sequence[int], bins: int = HIST_BINS):
+        self.dim = dim
+        self.field_dims = list(field_dims)
+        self.bins = bins
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.mask_sum = torch.zeros(self.dim, dtype=torch.float64)
+        self.hist = torch.zeros(self.bins, dtype=torch.float64)
+        self.abs_dev_sum = 0.0
+        self.mid_sum = 0.0
+        self.thr_sum = 0.0
+        self.found_sum = 0.0
+        self.p_sum = 0.0
+        self.group_mask: dict[int, torch.Tensor] = {}
+        self.group_n: dict[int, int] = {}
+
+    @torch.no_grad()
+    def update(
+        self, mask: torch.Tensor, p: torch.Tensor, thr: torch.Tensor, found: torch.Tensor, groups=None
+    ):
+        b = mask.shape[0]
+        self.n += b
+        self.mask_sum += mask.double().sum(0).cpu()
+        self.hist += torch.histc(p.float(), bins=self.bins, min=0.0, max=1.0).double().cpu()
+        self.abs_dev_sum += float((p - p.mean(1, keepdim=True)).abs().mean(1).sum())
+        self.mid_sum += float(((p >= 0.1) & (p <= 0.9)).float().mean(1).sum())
+        self.thr_sum += float(thr.sum())
+        self.found_sum += float(found.float().sum())
+        self.p_sum += float(p.mean(1).sum())
+        if groups is not None:
+            groups = torch.as_tensor(groups).long().cpu()
+            uniq, inv = torch.unique(groups, return_inverse=True)
+            sums = torch.zeros(len(uniq), self.dim, dtype=torch.float64).index_add_(
+                0, inv, mask.double().cpu()
+            )
+            counts = torch.bincount(inv, minlength=len(uniq))
+            for k, g in enumerate(uniq.tolist()):
+                self.group_mask[g] = (
+                    self.group_mask.get(g, torch.zeros(self.dim, dtype=torch.float64)) + sums[k]
+                )
+                self.group_n[g] = self.group_n.get(g, 0) + int(counts[k])
+
+    def per_field(self, dim_means: torch.Tensor) -> list[float]:
+        out, start = [], 0
+        for d in self.field_dims:
+            out.append(float(dim_means[start : start + d].mean()) if d else 0.0)
+            start += d
+        return out
+
+    def summary(self, field_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-ready statistics (empty dict when nothing was accumulated)."""
+        if self.n == 0:
+            return {}
+        names = (
+            list(field_names)
+            if field_names is not None
+            else [f"field{i}" for i in range(len(self.field_dims))]
+        )
+        dim_means = self.mask_sum / self.n
+        out: dict[str, Any] = {
+            "samples": self.n,
+            "open_share": float(dim_means.mean()),
+            "open_share_per_field": dict(zip(names, self.per_field(dim_means))),
+            "open_share_per_dim": [round(float(v), 6) for v in dim_means],
+            "polarization": {
+                "mean_abs_dev": self.abs_dev_sum / self.n,
+                "share_p_in_0.1_0.9": self.mid_sum / self.n,
+                "mean_threshold": self.thr_sum / self.n,
+                "share_valley_found": self.found_sum / self.n,
+                "mean_p": self.p_sum / self.n,
+            },
+            "p_hist": {"counts": self.hist.tolist(), "edges": np.linspace(0, 1, self.bins + 1).tolist()},
+        }
+        if self.group_n:
+            out["per_group_field_mask"] = {
+                str(g): dict(zip(names, self.per_field(self.group_mask[g] / self.group_n[g])))
+                for g in sorted(self.group_n)
+            }
+            out["group_samples"] = {str(g): self.group_n[g] for g in sorted(self.group_n)}
+        return out
+
+
+class SearchModule(CTRModule):
+    """The iHAS search model (see the module docstring for the schedule)."""
+
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        model: dict[str, Any],
+        gate: dict[str, Any],
+        pretrain_epochs: int = 2,
+        search_every: int = 100,
+        field_names: Sequence[str] | None = None,
+    ):
+        gate = dict(gate)
+        arch = {k: gate[k] for k in ("tau", "instance_wise", "bins", "init_bias") if k in gate}
+        super().__init__(vocab_sizes, model, gate=arch, eval_mode="deterministic", field_names=field_names)
+        # CTRModule's own hparams (field_dims, eval_mode) are not SearchModule arguments
+        self.save_hyperparameters(ignore=["field_dims", "eval_mode"])
+        self.gate_cfg = gate
+        if pretrain_epochs < 0 or search_every < 1:
+            raise ValueError("pretrain_epochs must be >= 0 and search_every >= 1")
+        self.pretrain_epochs = int(pretrain_epochs)
+        self.search_every = int(search_every)
+        self.lambda_reg = float(gate.get("lambda_reg", 1e-4))
+        self.polarization = bool(gate.get("polarization", True))
+        self.gate_lr = float(gate.get("lr", 1e-3))
+        self._search_source: Iterable | None = None
+        self._search_iter: Iterator | None = None
+        self.gate_stats = {s: GateStats(self.model.gate.dim, self.model.field_dims) for s in ("val", "test")}
+        self.last_gate_summary: dict[str, dict[str, Any]] = {}
+        self.gate_steps = 0
+
+    # ---- phase / data plumbing ---------------------------------------------------------------
+    def in_pretrain(self, epoch: int | None = None) -> bool:
+        epoch = self.current_epoch if epoch is None else epoch
+        return epoch < self.pretrain_epochs
+
+    def set_search_loader(self, loader: Iterable) -> None:
+        """The source of validation batches (x, y) for the gate steps (re-iterated when exhausted)."""
+        self._search_source = loader
+        self._search_iter = None
+
+    def next_search_batch(self):
+        if self._search_source is None:
+            raise RuntimeError(
+                "SearchModule: no search loader; call set_search_loader(dm.search_dataloader())"
+            )
+        if self._search_iter is None:
+            self._search_iter = iter(self._search_source)
+        try:
+            return next(self._search_iter)
+        except StopIteration:
+            self._search_iter = iter(self._search_source)
+            return next(self._search_iter)
+
+    def on_train_epoch_start(self) -> None:
+        self.eval_mode = "open" if self.in_pretrain() else "deterministic"
+
+    def on_fit_end(self) -> None:
+        self.eval_mode = "deterministic"
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        emb, dense = super().configure_optimizers()
+        wd = float(self.model_cfg.get("weight_decay", 1e-6))
+        gate_opt = torch.optim.Adam(self.model.gate_parameters(), lr=self.gate_lr, weight_decay=wd)
+        return [emb, dense, gate_opt]
+
+    def gate_optimizer(self):
+        return self.optimizers()[2]
+
+    def model_step(self, x: torch.Tensor, y: torch.Tensor, mode: str = "open") -> torch.Tensor:
+        """Update V and theta_b on BCE; the gate's parameters are frozen (no gradient computed)."""
+        with frozen(self.model.gate_parameters()):
+            return super().model_step(x, y, mode)
+
+    def gate_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the gate parameters w on BCE + regularizer with V and theta_b frozen.
+
+        Returns (BCE, regularizer) for logging."""
+        opt = self.gate_optimizer()
+        opt.zero_grad(set_to_none=True)
+        frozen_params = self.model.embedding_parameters() + self.model.dense_parameters()
+        with frozen(frozen_params):
+            logits, _, p = self.model.forward_with_gate(x, "stochastic")
+            bce = F.binary_cross_entropy_with_logits(logits, y)
+            reg = gate_regularizer(p, self.lambda_reg, self.polarization)
+            self.manual_backward(bce + reg)
+        opt.step()
+        self.gate_steps += 1
+        return bce.detach(), reg.detach()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.in_pretrain():
+            loss = self.model_step(x, y, "open")
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+            return loss
+        loss = self.model_step(x, y, "stochastic")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        if batch_idx % self.search_every == 0:
+            xs, ys = self.next_search_batch()
+            xs, ys = xs.to(self.device), ys.to(self.device)
+            bce, reg = self.gate_step(xs, ys)
+            self.log("search/gate_bce", bce, on_step=True, on_epoch=True, batch_size=len(ys))
+            self.log("search/gate_reg", reg, on_step=True, on_epoch=True, batch_size=len(ys))
+        return loss
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def _eval_step(self, split: str, batch) -> None:
+        if self.eval_mode != "deterministic":
+            return super()._eval_step(split, batch)
+        x, y = batch
+        e = self.model.embed(x)
+        p = self.model.gate.probs(e)
+        thr, found = threshold_search(p, self.model.gate.bins, return_found=True)
+        mask = (p > thr.unsqueeze(1)).to(p.dtype)
+        logits = self.model.mlp(e * mask)
+        loss = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
+        self._loss_sum[split] = self._loss_sum.get(split, 0.0) + loss.detach()
+        self._count[split] = self._count.get(split, 0) + len(y)
+        self.metrics[split].update(torch.sigmoid(logits), y.long())
+        self.gate_stats[split].update(mask, p, thr, found)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        super()._eval_epoch_end(split)
+        stats = self.gate_stats[split]
+        if stats.n == 0:
+            return
+        summary = stats.summary(self.field_names)
+        stats.reset()
+        self.last_gate_summary[split] = summary
+        self.log(f"{split}/open_share", summary["open_share"])
+        for name, v in summary["open_share_per_field"].items():
+            self.log(f"{split}/open_share/{name}", v)
+        for k, v in summary["polarization"].items():
+            self.log(f"{split}/gate/{k}", float(v))
+        if split == "val" and not self.trainer.sanity_checking:
+            from ..loggers import log_histogram
+
+            log_histogram(self.logger, "gate/p_hist", summary["p_hist"], step=self.global_step)
+
+    @torch.no_grad()
+    def gate_statistics(self, batches: Iterable, groups: Iterable | None = None) -> dict[str, Any]:
+        """Deterministic-mode gate statistics over ``batches`` of (x, y) (e.g. the test split).
+
+        ``groups``: optional iterable of per-batch group id arrays aligned with ``batches`` (the
+        synthetic ``_group`` column), to get the mean mask per group and field."""
+        was_training = self.training
+        self.eval()
+        stats = GateStats(self.model.gate.dim, self.model.field_dims)
+        group_iter = iter(groups) if groups is not None else None
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = x.to(self.device)
+            p = self.model.gate.probs(self.model.embed(x))
+            thr, found = threshold_search(p, self.model.gate.bins, return_found=True)
+            mask = (p > thr.unsqueeze(1)).to(p.dtype)
+            stats.update(mask, p, thr, found, next(group_iter) if group_iter is not None else None)
+        self.train(was_training)
+        return stats.summary(self.field_names)

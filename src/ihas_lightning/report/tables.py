@@ -1,0 +1,135 @@
+"""The results table of the evaluation (paper Table 4 rows Base / iHAS-1 / iHAS, Figure 4 timing) and
+the planted-field recovery table (synthetic data), as rich tables (stdout), Markdown and W&B rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESULT_COLUMNS = ["model", "test AUC", "test logloss", "params", "inference ms", "note"]
+RECOVERY_COLUMNS = [
+    "cluster",
+    "group",
+    "purity",
+    "selected fields",
+    "relevant fields",
+    "precision",
+    "recall",
+    "F1",
+]
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def result_rows(results: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for r in results["rows"]:
+        rows.append(
+            [
+                r["model"],
+                r.get("test_auc"),
+                r.get("test_logloss"),
+                r.get("params"),
+                r.get("inference_ms"),
+                r.get("note", ""),
+            ]
+        )
+    return rows
+
+
+def recovery_rows(recovery: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for r in recovery["per_cluster"]:
+        rows.append(
+            [r["cluster"], r["group"], r["purity"], ", ".join(r["selected"]), ", ".join(r["relevant"]),
+             r["precision"], r["recall"], r["f1"]]
+        )  # fmt: skip
+    return rows
+
+
+def group_rows(recovery: dict[str, Any]) -> list[list[Any]]:
+    return [
+        [r["group"], r["cluster"], r["share_in_cluster"], r["precision"], r["recall"], r["f1"]]
+        for r in recovery["per_group"]
+    ]
+
+
+def _md(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    parts = [
+        f"# iHAS results: {results.get('dataset', '')}",
+        "",
+        _md(RESULT_COLUMNS, result_rows(results)),
+        "",
+        f"Routing cost (search embedding + gate + centroids, shared by all clusters): "
+        f"{_fmt(results.get('routing_params'))} params. Inference: whole test split "
+        f"({_fmt(results.get('test_rows'))} rows, batch {results.get('batch_size')}), min of "
+        f"{results.get('timing_repeats')} runs.",
+    ]
+    if results.get("per_cluster"):
+        parts += ["", "## Per cluster (routed test samples)", ""]
+        cols = ["cluster", "test samples", "test AUC", "test logloss", "field dims", "params"]
+        rows = [[c["cluster"], c["test_samples"], c.get("test_auc"), c.get("test_logloss"),
+                 " ".join(map(str, c["field_dims"])), c["params"]] for c in results["per_cluster"]]  # fmt: skip
+        parts.append(_md(cols, rows))
+    rec = results.get("recovery")
+    if rec:
+        parts += [
+            "",
+            "## Recovery of the planted fields (per cluster)",
+            "",
+            _md(RECOVERY_COLUMNS, recovery_rows(rec)),
+        ]
+        parts += [
+            "",
+            "## Per true group",
+            "",
+            _md(["group", "cluster", "share in cluster", "precision", "recall", "F1"], group_rows(rec)),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """Print the results (and recovery) tables to stdout with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(120, Console().width))
+    t = Table(title=f"iHAS results ({results.get('dataset', '')}, test split)")
+    for c in RESULT_COLUMNS:
+        t.add_column(c, justify="left" if c in ("model", "note") else "right")
+    for row in result_rows(results):
+        t.add_row(*[_fmt(v) for v in row])
+    console.print(t)
+    console.print(
+        f"routing cost (search embedding + gate + centroids): {_fmt(results.get('routing_params'))} params; "
+        f"inference = whole test split, min of {results.get('timing_repeats')} runs"
+    )
+    rec = results.get("recovery")
+    if rec:
+        r = Table(
+            title="Recovery of the planted relevant fields, per cluster (cluster -> majority latent group)"
+        )
+        for c in RECOVERY_COLUMNS:
+            r.add_column(c, justify="right" if c not in ("selected fields", "relevant fields") else "left")
+        for row in recovery_rows(rec):
+            r.add_row(*[_fmt(v, 3) for v in row])
+        console.print(r)
+        g = Table(title="Per true group (its majority cluster)")
+        for c in ["group", "cluster", "share in cluster", "precision", "recall", "F1"]:
+            g.add_column(c, justify="right")
+        for row in group_rows(rec):
+            g.add_row(*[_fmt(v, 3) for v in row])
+        console.print(g)

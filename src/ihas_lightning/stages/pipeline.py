@@ -1,0 +1,94 @@
+"""``stage=all``: the whole iHAS pipeline in one run dir (paper Figure 1 / Algorithm 1, end to end).
+
+    prepare (if needed) -> Base (``stage.train_base``) -> search -> cluster -> retrain -> evaluate
+
+Run-dir layout (every stage dir carries a ``manifest.json``: config hash + parent artifacts)::
+
+    base/search/{best.ckpt, last.ckpt, metrics.json, manifest.json}   the Base row (search stage, method=base)
+    search/{best.ckpt, last.ckpt, metrics.json, gate_hist.png, manifest.json}
+    cluster/{centroids.pt, assign_*.npy, cluster.json, dims_heatmap.png, manifest.json}
+    retrain/cluster_<k>/{best.ckpt, metrics.json, manifest.json}, retrain/{retrain.json, manifest.json}
+    evaluate/{results.json, results.md, manifest.json}
+    pipeline.json                                                         per-stage status and seconds
+
+One logger serves the whole job (:class:`~ihas_lightning.loggers.run_scope`: one W&B run, finished in
+a ``finally``), the stages' metrics prefixed (``base/``, ``search/``, ``retrain/cluster_<k>/`` ...).
+
+Resume: re-running ``stage=all paths.output_dir=<that run dir>`` (or ``hydra.run.dir=...``) skips
+every stage whose output is complete and whose manifest has the same config hash and parents:
+Base and search (``best.ckpt`` + ``metrics.json`` + matching manifest), cluster (same search
+checkpoint content), and each retrained cluster separately; evaluate always runs (it is cheap).
+An interrupted search can also continue from its ``last.ckpt`` with ``search.resume=PATH``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..artifacts import is_current, make_manifest
+from ..utils import read_json, write_json
+from .common import BASE_DIR, SEARCH_DIR, output_dir
+
+log = logging.getLogger("ihas_lightning")
+
+
+def base_config(cfg: DictConfig) -> DictConfig:
+    """The Base model's config: ``method=base`` (no gates), output under ``<run dir>/base``."""
+    cb = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cb):
+        cb.method = OmegaConf.create({"name": "base", "gated": False})
+        cb.paths.output_dir = str(output_dir(cfg) / BASE_DIR)
+        cb.search.resume = None
+    return cb
+
+
+def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
+    """search.run(cfg), unless its output dir is already complete for this config (resume)."""
+    from . import search
+
+    out = Path(str(cfg.paths.output_dir)) / SEARCH_DIR
+    expected = make_manifest("search", cfg, search.MANIFEST_KEYS, parents={"prepared_dir": prepared})
+    if not cfg.search.get("resume") and is_current(out, expected, [search.BEST, "metrics.json"]):
+        log.info("stage=all: %s is up to date (same config hash); skipping (resume)", out)
+        m = read_json(out / "metrics.json")
+        m["resumed"] = True
+        return m
+    return search.run(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from ..loggers import run_scope, scope_prefix
+    from . import cluster, evaluate, retrain
+    from .common import prepared_dir
+
+    out = output_dir(cfg)
+    status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        status["stages"][name] = {"seconds": round(time.perf_counter() - t0, 3)}
+        log.info("stage=all: %s done in %.1f s", name, status["stages"][name]["seconds"])
+        write_json(out / "pipeline.json", status)
+        return res
+
+    with run_scope(cfg, str(cfg.tag)):
+        prepared = timed("prepare", lambda: prepared_dir(cfg))
+        if bool(cfg.stage.get("train_base", True)):
+            cb = base_config(cfg)
+            with scope_prefix("base"):
+                timed("base", lambda: run_search_or_resume(cb, prepared))
+        with scope_prefix("search"):
+            timed("search", lambda: run_search_or_resume(cfg, prepared))
+        timed("cluster", lambda: cluster.run(cfg))
+        timed("retrain", lambda: retrain.run(cfg))
+        metrics = timed("evaluate", lambda: evaluate.run(cfg))
+    status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"].values()), 3)
+    write_json(out / "pipeline.json", status)
+    log.info("stage=all: finished in %.1f s; results in %s", status["total_seconds"], out / "evaluate")
+    return metrics

@@ -1,0 +1,112 @@
+"""Bernoulli gate (paper section 3.3): ST Gumbel-Softmax, threshold searcher, polarization regularizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ihas_lightning.models import BernoulliGate, gate_regularizer, threshold_search
+
+
+def test_st_gumbel_forward_binary_and_gradients_reach_gate():
+    torch.manual_seed(0)
+    gate = BernoulliGate(24, tau=0.1, init_bias=0.0)
+    e = torch.randn(64, 24)
+    mask, p = gate(e, "stochastic")
+    assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+    assert torch.equal(mask, mask.round())  # exactly 0/1, not just close
+    (mask * torch.randn(64, 24)).sum().backward()
+    assert gate.linear.weight.grad is not None and gate.linear.weight.grad.abs().sum() > 0
+    assert gate.linear.bias.grad.abs().sum() > 0
+
+
+def test_st_gumbel_is_a_bernoulli_draw_with_probability_p():
+    torch.manual_seed(1)
+    gate = BernoulliGate(4, instance_wise=False, init_bias=0.0)
+    with torch.no_grad():
+        gate.logits.copy_(torch.logit(torch.tensor([0.05, 0.3, 0.7, 0.95])))
+    mask, p = gate(torch.zeros(40_000, 4), "stochastic")
+    assert torch.allclose(mask.mean(0), p[0], atol=0.01)
+
+
+def test_open_mode_all_ones_and_noninstance_wise_shared():
+    gate = BernoulliGate(8, instance_wise=False, init_bias=1.0)
+    mask, p = gate(torch.randn(5, 8), "open")
+    assert torch.equal(mask, torch.ones(5, 8))
+    assert torch.equal(p, p[:1].expand(5, -1))  # the same gate vector for every sample
+    with pytest.raises(ValueError):
+        gate(torch.randn(5, 8), "bogus")
+
+
+def reference_threshold(p: np.ndarray, bins: int, fallback: float = 0.5) -> float:
+    """Brute force, one sample: histogram, then the first valley bin's lower edge."""
+    counts = [0] * bins
+    for v in p:
+        counts[min(int(np.float32(v) * np.float32(bins)), bins - 1)] += 1
+    for b in range(1, bins - 1):
+        if counts[b] < counts[b - 1] and counts[b] <= counts[b + 1] and max(counts[b + 1 :]) > counts[b]:
+            return b / bins
+    return fallback
+
+
+def _check(p: torch.Tensor, bins: int) -> None:
+    got = threshold_search(p, bins)
+    want = torch.tensor([reference_threshold(row, bins) for row in p.numpy()], dtype=p.dtype)
+    assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.parametrize("bins", [5, 20])
+def test_threshold_matches_bruteforce_on_random_bimodal(bins):
+    g = torch.Generator().manual_seed(bins)
+    b, d = 300, 64
+    lo = torch.rand(b, d, generator=g) * torch.rand(b, 1, generator=g) * 0.4
+    hi = 1 - torch.rand(b, d, generator=g) * torch.rand(b, 1, generator=g) * 0.4
+    pick = torch.rand(b, d, generator=g) < torch.rand(b, 1, generator=g)
+    p = torch.where(pick, hi, lo)
+    _check(p, bins)
+    _check(torch.rand(b, d, generator=g), bins)  # noisy uniform histograms: many small valleys
+
+
+def test_threshold_edge_cases():
+    bins = 10
+    rows = [
+        [0.5] * 12,  # all equal -> one bin, no valley -> fallback 0.5
+        [0.31, 0.32, 0.33, 0.34],  # all in one bin
+        [0.0] * 6 + [1.0] * 6,  # p exactly 0 and 1: bin 0 and the last bin
+        [0.05] * 5 + [0.15] * 3 + [0.25] * 2 + [0.35],  # unimodal, decreasing: no second mode
+        [0.05] * 4 + [0.95] * 4,  # empty plateau between two modes -> its first bin
+        [0.05] * 4 + [0.15] * 4 + [0.95] * 2,  # plateau of a mode (equal bins), then valley
+        [0.05, 0.45, 0.45, 0.95, 0.95, 0.95],  # left mode smaller than the middle: first valley wins
+        [0.55] * 3 + [0.95] * 3,  # both modes in the upper half
+        [0.0] * 12,
+        [1.0] * 12,
+    ]
+    for r in rows:  # rows differ in length: one at a time
+        _check(torch.tensor([r], dtype=torch.float32), bins)
+    thr = threshold_search(torch.tensor([[0.05] * 4 + [0.95] * 4]), bins)
+    assert thr.item() == pytest.approx(0.1)  # the valley's first (lower) bin edge
+    t, found = threshold_search(torch.tensor([[0.5] * 8, [0.05] * 4 + [0.95] * 4]), bins, return_found=True)
+    assert found.tolist() == [False, True] and t[0].item() == 0.5
+
+
+def test_deterministic_mask_opens_above_threshold():
+    gate = BernoulliGate(8, bins=10)
+    p = torch.tensor([[0.02, 0.03, 0.04, 0.9, 0.95, 0.97, 0.01, 0.92]])
+    assert gate.deterministic_mask(p).tolist() == [[0, 0, 0, 1, 1, 1, 0, 1]]
+
+
+def test_regularizer_matches_hand_computation():
+    p = torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.2, 0.8]])
+    # sample 1: mean 0.5, |dev| = .4 .4 0 -> sum(p) - sum|dev| = 1.5 - 0.8 = 0.7
+    # sample 2: mean 0.4, |dev| = .2 .2 .4 -> 1.2 - 0.8 = 0.4
+    assert gate_regularizer(p, 2.0, polarization=True).item() == pytest.approx(2.0 * (0.7 + 0.4) / 2)
+    assert gate_regularizer(p, 2.0, polarization=False).item() == pytest.approx(2.0 * (1.5 + 1.2) / 2)
+
+
+def test_polarization_gradient_pushes_away_from_mean():
+    p = torch.tensor([[0.3, 0.6, 0.9]], requires_grad=True)
+    gate_regularizer(p, 1.0, polarization=True).backward()
+    # descent direction -grad: below-mean p goes down, above-mean p goes up (modulo sparsity)
+    g = p.grad[0]
+    assert g[0] > g[2]

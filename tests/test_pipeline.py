@@ -1,0 +1,156 @@
+"""stage=all end to end (synthetic, Criteo and Avazu samples), stages run alone from explicit paths,
+and a Hydra multirun smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "search.epochs=2",
+    "search.pretrain_epochs=1",
+    "search.search_every=2",
+    "retrain.epochs=1",
+    "cluster.min_cluster_size=20",
+    "cluster.batch_size=1024",
+    "model.batch_size=512",
+    "evaluate.timing_repeats=1",
+]
+
+
+def _check_run(out: Path, expect_base: bool = True) -> dict:
+    res = json.loads((out / "evaluate" / "results.json").read_text())
+    models = [r["model"] for r in res["rows"]]
+    assert models == (["Base", "iHAS-1", "iHAS"] if expect_base else ["iHAS-1", "iHAS"])
+    for r in res["rows"]:
+        assert (
+            0.0 <= r["test_auc"] <= 1.0
+            and r["test_logloss"] > 0
+            and r["params"] > 0
+            and r["inference_ms"] > 0
+        )
+    assert res["routing_agrees_with_cluster_stage"] == 1.0
+    assert sum(c["test_samples"] for c in res["per_cluster"]) == res["test_rows"]
+    for d in ("search", "cluster", "retrain", "evaluate") + (("base/search",) if expect_base else ()):
+        m = json.loads((out / d / "manifest.json").read_text())
+        assert m["config_hash"], d
+    # parents chain: evaluate -> retrain -> cluster -> search checkpoint
+    ev = json.loads((out / "evaluate" / "manifest.json").read_text())["parents"]
+    assert Path(ev["retrain_dir"]["path"]) == (out / "retrain").resolve()
+    cl = json.loads((out / "cluster" / "manifest.json").read_text())["parents"]
+    assert (
+        Path(cl["search_ckpt"]["path"]) == (out / "search" / "best.ckpt").resolve()
+        and cl["search_ckpt"]["sha256"]
+    )
+    assert (out / "evaluate" / "results.md").read_text().startswith("# iHAS results")
+    return res
+
+
+def test_stage_all_synthetic_and_resume(cfg_factory, tmp_path, capsys):
+    from ihas_lightning.stages import pipeline
+
+    cfg = cfg_factory("stage=all", "dataset.rows=6000", *TINY)
+    metrics = pipeline.run(cfg)
+    out = Path(cfg.paths.output_dir)
+    res = _check_run(out)
+    assert "routed/test/auc" in metrics and "base/test/auc" in metrics
+    assert "recovery" in res and len(res["recovery"]["per_group"]) == 2
+    printed = capsys.readouterr().out
+    assert "iHAS-1" in printed and "Recovery of the planted" in printed
+    # re-running into the same run dir skips base, search, cluster and the retrained clusters
+    ckpts = {p: p.stat().st_mtime_ns for p in out.rglob("best.ckpt")}
+    pipeline.run(cfg)
+    assert ckpts == {p: p.stat().st_mtime_ns for p in out.rglob("best.ckpt")}
+    assert json.loads((out / "search" / "metrics.json").read_text()).get("resumed") is None  # file untouched
+
+    # each later stage alone, from explicit paths, into fresh output dirs
+    from ihas_lightning.stages import cluster, evaluate, retrain
+
+    o2 = tmp_path / "alone"
+    cluster.run(
+        cfg_factory(
+            "stage=cluster",
+            "dataset.rows=6000",
+            *TINY,
+            f"search.ckpt={out / 'search' / 'best.ckpt'}",
+            output_dir=o2,
+        )
+    )
+    retrain.run(
+        cfg_factory(
+            "stage=retrain",
+            "dataset.rows=6000",
+            *TINY,
+            f"cluster.dir={o2 / 'cluster'}",
+            output_dir=tmp_path / "r3",
+        )
+    )
+    m = evaluate.run(
+        cfg_factory(
+            "stage=evaluate",
+            "dataset.rows=6000",
+            *TINY,
+            f"retrain.dir={tmp_path / 'r3' / 'retrain'}",
+            output_dir=tmp_path / "e4",
+        )
+    )
+    assert "routed/test/auc" in m and "base/test/auc" not in m  # no Base checkpoint in that run dir
+    inputs = json.loads((tmp_path / "e4" / "evaluate" / "results.json").read_text())["inputs"]
+    assert Path(inputs["cluster_dir"]) == (o2 / "cluster").resolve()  # found via the retrain manifest
+
+
+def test_evaluate_missing_retrain_dir_is_one_line_error(cfg_factory, tmp_path):
+    from ihas_lightning.errors import DataError
+    from ihas_lightning.stages import evaluate
+
+    with pytest.raises(DataError, match="retrain.json") as e:
+        evaluate.run(cfg_factory("stage=evaluate", f"retrain.dir={tmp_path / 'x'}"))
+    assert "\n" not in str(e.value)
+
+
+def _raw_overrides(name: str, raw: dict[str, Path]) -> list[str]:
+    return [f"dataset={name}", "dataset.min_count=2", *(f"dataset.{s}_path={p}" for s, p in raw.items())]
+
+
+@pytest.mark.shared
+def test_stage_all_criteo_sample(cfg_factory, criteo_raw):
+    from ihas_lightning.stages import pipeline
+
+    cfg = cfg_factory(
+        "stage=all", *_raw_overrides("criteo", criteo_raw), *TINY, "cluster.min_cluster_size=10"
+    )
+    pipeline.run(cfg)
+    res = _check_run(Path(cfg.paths.output_dir))
+    assert "recovery" not in res  # no planted truth on real data
+
+
+@pytest.mark.shared
+def test_stage_all_avazu_sample(cfg_factory, avazu_raw):
+    from ihas_lightning.stages import pipeline
+
+    cfg = cfg_factory("stage=all", *_raw_overrides("avazu", avazu_raw), *TINY, "cluster.min_cluster_size=10")
+    pipeline.run(cfg)
+    _check_run(Path(cfg.paths.output_dir))
+
+
+def test_hydra_multirun_makes_separate_run_dirs(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    cmd = [
+        sys.executable, "-m", "ihas_lightning", "-m", "stage=search", "dataset=synthetic", "dataset.rows=3000",
+        "seed=0,1", "trainer.fast_dev_run=true", "logger=csv", f"paths.log_dir={tmp_path}",
+        f"paths.data_dir={tmp_path / 'data'}", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = sorted(tmp_path.glob("multiruns/*/*/search/metrics.json"))
+    assert len(metrics) == 2
+    assert metrics[0].parent.parent != metrics[1].parent.parent
+    seeds = {json.loads((m.parent / "manifest.json").read_text())["config"]["seed"] for m in metrics}
+    assert seeds == {0, 1}
