@@ -32,13 +32,19 @@ AVAZU_DIR = ("data", "avazu", "Lapis-Hong_Wide-ResDNN")
 @pytest.fixture
 def criteo_raw() -> dict[str, Path]:
     """The real Criteo sample (tab-separated, no header): train/dev/test files."""
-    return {s: shared_file(*CRITEO_DIR, f"{f}.csv") for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))}
+    return {
+        s: shared_file(*CRITEO_DIR, f"{f}.csv")
+        for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))
+    }
 
 
 @pytest.fixture
 def avazu_raw() -> dict[str, Path]:
     """The real Avazu sample (CSV with header): train/dev/test files."""
-    return {s: shared_file(*AVAZU_DIR, f"{f}.csv") for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))}
+    return {
+        s: shared_file(*AVAZU_DIR, f"{f}.csv")
+        for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))
+    }
 
 
 @pytest.fixture

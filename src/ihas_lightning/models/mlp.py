@@ -9,7 +9,9 @@ from torch import nn
 
 
 class MLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (16, 8), batchnorm: bool = False, dropout: float = 0.0):
+    def __init__(
+        self, in_dim: int, hidden: Sequence[int] = (16, 8), batchnorm: bool = False, dropout: float = 0.0
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim

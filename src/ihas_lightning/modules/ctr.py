@@ -62,7 +62,10 @@ class CTRModule(L.LightningModule):
         lr = float(self.model_cfg.get("lr", 1e-3))
         wd = float(self.model_cfg.get("weight_decay", 1e-6))
         emb = build_embedding_optimizer(
-            self.model_cfg.get("embedding_optimizer", "sparse_adam"), self.model.embedding_parameters(), lr, wd
+            self.model_cfg.get("embedding_optimizer", "sparse_adam"),
+            self.model.embedding_parameters(),
+            lr,
+            wd,
         )
         dense = torch.optim.Adam(self.model.dense_parameters(), lr=lr, weight_decay=wd)
         return [emb, dense]
