@@ -24,6 +24,12 @@ log = logging.getLogger("ihas_lightning")
 def main(cfg: DictConfig) -> float | None:
     from .stages import run_stage
 
+    if cfg.stage.name != "prepare":  # prepare never pays for importing Lightning
+        import lightning  # noqa: F401
+
+        # `import lightning` adds its own console handler; Hydra's root handlers (console + the
+        # run dir's log file) already receive those records, so every line would print twice
+        logging.getLogger("lightning").handlers.clear()
     try:
         metrics = run_stage(cfg)
     except IHASError as e:

@@ -5,6 +5,9 @@ ONE process on the same pre-generated Zipf-like batches and the same DLRM (embed
 
 * ``textbook_dense_adam``  plain torch loop, ``nn.Embedding`` dense gradients + one
   ``torch.optim.Adam`` over all parameters (the loop of the paper / pytorch-fm / FuxiCTR);
+* ``textbook_search``      the same loop for the search model (same gated DLRM): stochastic gates
+  every batch, one dense-Adam model optimizer, and a gate Adam step on a search batch every
+  ``search_every`` = 100 batches; the reference for ``lightning_search`` ("same model");
 * ``fused_dense_adam``     the same with ``Adam(fused=True)``;
 * ``plain_sparse_adam``    plain torch loop with our sparse gradients + :class:`RowwiseAdam`;
 * ``lightning_base``       ``CTRModule`` through ``lightning.Trainer`` (``method=base``);
@@ -74,11 +77,25 @@ def make_batches(
     return out
 
 
-def plain_loop(vocab: list[int], batches, kind: str, warmup: int) -> dict[str, Any]:
-    """A plain torch training loop; ``kind``: textbook (one dense Adam), fused, sparse (ours)."""
+GATE = {"tau": 0.1, "instance_wise": True, "bins": 20, "init_bias": 3.0}
+
+
+def plain_loop(vocab: list[int], batches, kind: str, warmup: int, search_every: int = 100) -> dict[str, Any]:
+    """A plain torch training loop; ``kind``: textbook (one dense Adam), fused, sparse (ours), or
+    textbook_search (the textbook loop for the gated search model, with its gate steps)."""
+    from ..models import gate_regularizer
+
     torch.manual_seed(0)
-    model = DLRM(vocab, 16, hidden=(16, 8), sparse=(kind == "sparse"))
-    if kind == "sparse":
+    search = kind == "textbook_search"
+    model = DLRM(vocab, 16, hidden=(16, 8), sparse=(kind == "sparse"), gate=GATE if search else None)
+    gate_opt = torch.optim.Adam(model.gate_parameters(), lr=1e-3, weight_decay=1e-6) if search else None
+    if search:
+        opts = [
+            torch.optim.Adam(
+                model.embedding_parameters() + model.dense_parameters(), lr=1e-3, weight_decay=1e-6
+            )
+        ]
+    elif kind == "sparse":
         opts = [
             build_embedding_optimizer("sparse_adam", model.embedding_parameters(), 1e-3, 1e-6),
             torch.optim.Adam(model.dense_parameters(), lr=1e-3, weight_decay=1e-6),
@@ -90,10 +107,16 @@ def plain_loop(vocab: list[int], batches, kind: str, warmup: int) -> dict[str, A
         t0 = time.perf_counter()
         for o in opts:
             o.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        loss = F.binary_cross_entropy_with_logits(model(x, "stochastic" if search else "open"), y)
         loss.backward()
         for o in opts:
             o.step()
+        if search and i % search_every == 0:  # the gate step on a search batch (here: the batch 7 ahead)
+            xs, ys = batches[(i + 7) % len(batches)]
+            gate_opt.zero_grad(set_to_none=True)
+            logits, _, p = model.forward_with_gate(xs, "stochastic")
+            (F.binary_cross_entropy_with_logits(logits, ys) + gate_regularizer(p, 1e-4)).backward()
+            gate_opt.step()
         if i >= warmup:
             secs += time.perf_counter() - t0
             samples += len(y)
@@ -131,8 +154,7 @@ def lightning_run(
     if method == "base":
         module = CTRModule(vocab, model)
     else:
-        gate = {"tau": 0.1, "lambda_reg": 1e-4, "polarization": True, "instance_wise": True, "bins": 20,
-                "lr": 1e-3, "init_bias": 3.0}  # fmt: skip
+        gate = dict(GATE, lambda_reg=1e-4, polarization=True, lr=1e-3)
         module = SearchModule(vocab, model, gate, pretrain_epochs=0, search_every=search_every)
         module.set_search_loader(batches[::7])
     thr = throughput_callback(skip_batches=warmup)
@@ -188,6 +210,10 @@ def auc_parity(seeds: list[int], epochs: int, rows: int, data_dir: str) -> dict[
     }
 
 
+# the textbook loop for the same model as each setup
+REFERENCE = {"lightning_search": "textbook_search", "textbook_search": "textbook_search"}
+
+
 def to_markdown(res: dict[str, Any]) -> str:
     t = res["throughput"]
     base = t["textbook_dense_adam"]["samples_per_s"]
@@ -201,14 +227,18 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"Samples/s: fastest of {t['config']['rounds']} interleaved rounds (median in brackets); "
         "the machine is shared, see load_average_at_end in the JSON.",
         "",
-        "| setup | samples/s | x textbook |",
-        "|---|---:|---:|",
+        "The search stage's reference is the textbook loop for the same gated model (textbook_search).",
+        "",
+        "| setup | samples/s | x textbook (base model) | x textbook (same model) |",
+        "|---|---:|---:|---:|",
     ]
     for k, v in t.items():
         if k == "config":
             continue
+        same = t.get(REFERENCE.get(k, "textbook_dense_adam"), {}).get("samples_per_s", base)
         lines.append(
-            f"| {k} | {v['samples_per_s']:,.0f} ({v['median_samples_per_s']:,.0f}) | {v['samples_per_s'] / base:.1f}x |"
+            f"| {k} | {v['samples_per_s']:,.0f} ({v['median_samples_per_s']:,.0f}) | "
+            f"{v['samples_per_s'] / base:.1f}x | {v['samples_per_s'] / same:.1f}x |"
         )
     p = res.get("auc_parity")
     if p:
@@ -257,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plain, lbatches = data[: args.batches], data[: args.lightning_batches]
     setups = {
         "textbook_dense_adam": lambda: plain_loop(vocab, plain, "textbook", args.warmup),
+        "textbook_search": lambda: plain_loop(vocab, plain, "textbook_search", args.warmup),
         "fused_dense_adam": lambda: plain_loop(vocab, plain, "fused", args.warmup),
         "plain_sparse_adam": lambda: plain_loop(vocab, lbatches, "sparse", args.warmup),
         "lightning_base": lambda: lightning_run(vocab, lbatches, "base", args.warmup),
@@ -279,6 +310,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k, v in thr.items():
         if k != "config":
             v["speedup_vs_textbook"] = v["samples_per_s"] / base
+            v["speedup_vs_textbook_same_model"] = (
+                v["samples_per_s"] / thr[REFERENCE.get(k, "textbook_dense_adam")]["samples_per_s"]
+            )
     res: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
