@@ -51,8 +51,15 @@ def test_unknown_group_option_gives_hydras_message_not_a_traceback(tmp_path):
 def test_unknown_trainer_key_is_a_one_line_error(tmp_path):
     r = subprocess.run(
         [
-            sys.executable, "-m", "ihas_lightning", "stage=search", "+trainer.bogus=1", "dataset.rows=2000",
-            f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}", "logger=none",
+            sys.executable,
+            "-m",
+            "ihas_lightning",
+            "stage=search",
+            "+trainer.bogus=1",
+            "dataset.rows=2000",
+            f"paths.log_dir={tmp_path}",
+            f"paths.data_dir={tmp_path}",
+            "logger=none",
         ],  # fmt: skip
         capture_output=True,
         text=True,
