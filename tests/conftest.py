@@ -65,3 +65,33 @@ def cfg_factory(tmp_path):
         return compose(base + list(overrides), output_dir=out)
 
     return make
+
+
+# tiny settings for tests that run real pipeline stages (search -> cluster -> retrain)
+FAST_STAGES = [
+    "dataset.rows=4000",
+    "search.epochs=2",
+    "search.pretrain_epochs=1",
+    "search.search_every=2",
+    "retrain.epochs=1",
+    "cluster.min_cluster_size=50",
+    "cluster.batch_size=1024",
+    "model.batch_size=512",
+]
+
+
+def stage_cfg_factory(root: Path):
+    """``make(*overrides, out=None)`` composing a tiny-stage config under ``root`` (run dir root/run)."""
+    from ihas_lightning.config import compose
+
+    def make(*overrides: str, out: Path | None = None):
+        base = [
+            f"paths.data_dir={root / 'data'}",
+            f"paths.log_dir={root / 'logs'}",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            *FAST_STAGES,
+        ]
+        return compose(base + list(overrides), output_dir=out or root / "run")
+
+    return make

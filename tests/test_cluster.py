@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import stage_cfg_factory
 from ihas_lightning.errors import DataError
 from ihas_lightning.models import DLRM
 from ihas_lightning.routing import nearest_centroid
 from ihas_lightning.stages.cluster import cluster_model, majority_dims, planted_recovery
-
-FAST = [
-    "dataset.rows=4000",
-    "search.epochs=2",
-    "search.pretrain_epochs=1",
-    "search.search_every=2",
-    "retrain.epochs=1",
-    "cluster.min_cluster_size=50",
-    "cluster.batch_size=1024",
-    "model.batch_size=512",
-]
 
 
 def brute_argmin(emb: np.ndarray, cent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,15 +101,11 @@ def test_planted_recovery_scores_selected_fields():
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A tiny search run: (cfg factory, run dir)."""
-    from ihas_lightning.config import compose
     from ihas_lightning.stages import search
 
     root = tmp_path_factory.mktemp("cluster_stage")
 
-    def make(*overrides: str, out: Path | None = None):
-        base = [f"paths.data_dir={root / 'data'}", f"paths.log_dir={root / 'logs'}", "logger=none",
-                "trainer.enable_progress_bar=false", *FAST]  # fmt: skip
-        return compose(base + list(overrides), output_dir=out or root / "run")
+    make = stage_cfg_factory(root)
 
     search.run(make("stage=search"))
     return make, root / "run"

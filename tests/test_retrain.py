@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import stage_cfg_factory
 from ihas_lightning.models import DLRM
 from ihas_lightning.modules.retrain import RetrainModule
 from ihas_lightning.routing import RoutedModel, dispatch, nearest_centroid
 
-FAST = [
-    "dataset.rows=4000",
-    "search.epochs=2",
-    "search.pretrain_epochs=1",
-    "search.search_every=2",
-    "retrain.epochs=1",
-    "cluster.min_cluster_size=50",
-    "cluster.batch_size=1024",
-    "model.batch_size=512",
-]
 MODEL = {"embed_dim": 4, "hidden": [16, 8], "lr": 1e-3, "embedding_optimizer": "sparse_adam"}
 
 
@@ -90,15 +80,11 @@ def test_routed_predictions_equal_each_samples_cluster_model():
 # ---- the stage ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clustered(tmp_path_factory):
-    from ihas_lightning.config import compose
     from ihas_lightning.stages import cluster, search
 
     root = tmp_path_factory.mktemp("retrain_stage")
 
-    def make(*overrides: str, out: Path | None = None):
-        base = [f"paths.data_dir={root / 'data'}", f"paths.log_dir={root / 'logs'}", "logger=none",
-                "trainer.enable_progress_bar=false", *FAST]  # fmt: skip
-        return compose(base + list(overrides), output_dir=out or root / "run")
+    make = stage_cfg_factory(root)
 
     search.run(make("stage=search"))
     cluster.run(make("stage=cluster"))
