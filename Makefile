@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bench bench-data bench-train lint format clean
+.PHONY: help install demo test test-all bench bench-data bench-train acceptance lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ bench-data: install ## preprocessing and loader throughput -> experiments/result
 
 bench-train: install ## training throughput vs a textbook dense-Adam loop -> experiments/results/bench_train.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_train
+
+acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments/results/synthetic_acceptance.{json,md}
+	$(PY) -m ihas_lightning.bench.acceptance $(ACCEPTANCE_ARGS)
 
 lint: install ## ruff
 	$(VENV)/bin/ruff check src tests

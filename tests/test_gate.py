@@ -110,3 +110,63 @@ def test_polarization_gradient_pushes_away_from_mean():
     # descent direction -grad: below-mean p goes down, above-mean p goes up (modulo sparsity)
     g = p.grad[0]
     assert g[0] > g[2]
+
+
+# ---- gate input normalisation (method.gate.input_norm) ----------------------------------------------
+def test_center_input_tracks_running_mean_in_training_only():
+    torch.manual_seed(0)
+    gate = BernoulliGate(6, input_norm="center")
+    shift = torch.tensor([5.0, -3.0, 0.0, 1.0, 2.0, -1.0])
+    e1, e2 = torch.randn(256, 6) + shift, torch.randn(256, 6) + shift
+    gate.train()
+    gate.gate_logits(e1)
+    assert torch.allclose(gate.input_mean, e1.mean(0))  # the first batch initialises the mean
+    gate.gate_logits(e2)
+    assert torch.allclose(gate.input_mean, 0.9 * e1.mean(0) + 0.1 * e2.mean(0), atol=1e-6)
+    frozen = gate.input_mean.clone()
+    gate.eval()
+    z = gate.gate_logits(e2)
+    assert torch.equal(gate.input_mean, frozen)  # evaluation never moves it
+    # the linear layer reads E - mean: same logits as a plain linear layer on the centred input
+    assert torch.allclose(z, gate.linear(e2 - frozen), atol=1e-6)
+
+
+def test_center_removes_a_constant_offset_of_the_embedding():
+    """A constant added to every sample's embedding cannot move the centred gate (it can the paper's)."""
+    torch.manual_seed(1)
+    e = torch.randn(512, 8)
+    plain, centred = BernoulliGate(8), BernoulliGate(8, input_norm="center")
+    with torch.no_grad():
+        nn_w = torch.randn(8, 8)
+        plain.linear.weight.copy_(nn_w)
+        centred.linear.weight.copy_(nn_w)
+    outs = {}
+    for name, g in (("plain", plain), ("centred", centred)):
+        zs = []
+        for off in (0.0, 3.0):
+            g.train()
+            g.gate_logits(e + off)  # one training batch sets the running mean
+            g.eval()
+            zs.append(g.gate_logits(e + off))
+            if name == "centred":
+                g.input_count.zero_()
+        outs[name] = zs
+    assert not torch.allclose(outs["plain"][0], outs["plain"][1])
+    assert torch.allclose(outs["centred"][0], outs["centred"][1], atol=1e-5)
+
+
+def test_batch_input_norm_and_state_dict_round_trip():
+    from ihas_lightning.models import DLRM
+
+    torch.manual_seed(2)
+    for norm in ("center", "batch"):
+        a = DLRM([7, 5, 9], embed_dim=4, gate={"tau": 0.1, "input_norm": norm})
+        a.train()
+        x = torch.randint(0, 5, (128, 3))
+        a(x, "stochastic")  # updates the normalisation buffers
+        b = DLRM([7, 5, 9], embed_dim=4, gate={"tau": 0.1, "input_norm": norm})
+        b.load_state_dict(a.state_dict())
+        a.eval(), b.eval()
+        assert torch.equal(a(x, "deterministic"), b(x, "deterministic")), norm
+    with pytest.raises(ValueError, match="input_norm"):
+        BernoulliGate(4, input_norm="layer")

@@ -271,3 +271,39 @@ def test_field_recovery_hand_example():
     assert g1["opened"] == ["c"] and g1["precision"] == 1.0 and g1["recall"] == 1.0 and g1["separation"]
     assert r["macro_precision"] == 0.75 and r["relevant_opened_more_all"] is True
     assert g0["key_field_mask"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method.gate.tau=0", "method.gate.tau"),
+        ("method.gate.bins=2", "method.gate.bins"),
+        ("method.gate.lambda_reg=-1", "method.gate.lambda_reg"),
+        ("method.gate.lr=abc", "method.gate.lr"),
+        ("method.gate.weight_decay=-0.1", "method.gate.weight_decay"),
+        ("method.gate.input_norm=layer", "method.gate.input_norm"),
+    ],
+)
+def test_bad_gate_values_are_one_line_config_errors(cfg_factory, override, key):
+    from ihas_lightning.stages.search import run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        run(cfg_factory(*SMALL, override))
+    assert "\n" not in str(err.value)
+
+
+def test_gate_weight_decay_and_input_norm_reach_the_gate():
+    gate = {**GATE, "weight_decay": 0.01, "input_norm": "center"}
+    m = SearchModule(VOCAB, MODEL, gate, pretrain_epochs=0, search_every=1)
+    assert m.model.gate.input_norm == "center"
+    m.trainer = None
+    groups = m.configure_optimizers()[2].param_groups
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay[id(m.model.gate.linear.weight)] == 0.01
+    assert decay[id(m.model.gate.linear.bias)] == 0.0  # the bias is never decayed
+    m2 = SearchModule(VOCAB, MODEL, GATE, pretrain_epochs=0, search_every=1)
+    groups = m2.configure_optimizers()[2].param_groups
+    assert groups[0]["params"][0] is m2.model.gate.linear.weight
+    assert groups[0]["weight_decay"] == MODEL.get("weight_decay", 1e-6)  # null -> model.weight_decay
+    m3 = SearchModule(VOCAB, MODEL, {**GATE, "instance_wise": False}, pretrain_epochs=0, search_every=1)
+    assert all(g["weight_decay"] == 0.0 for g in m3.configure_optimizers()[2].param_groups)

@@ -17,6 +17,20 @@ the histogram becomes bimodal (paper Figure 3) and the threshold searcher finds 
 
 With ``instance_wise=False`` the gate is one learnable vector shared by all samples (the
 "non-instance-wise" ablation).
+
+``input_norm`` (instance-wise gates only) chooses what the linear layer reads:
+
+* ``none``   ``E_i`` itself, as in the paper;
+* ``center`` ``E_i - mu``, with ``mu`` a running mean of the embeddings over samples (a buffer:
+             set by the first training batch, then an exponential average with momentum 0.1;
+             frozen in eval mode, saved in checkpoints);
+* ``batch``  per-dimension standardised ``E_i`` (``BatchNorm1d`` without affine parameters).
+
+Why centring: the embeddings have a non-zero mean, and Adam moves all ``N*d`` weights of a gate row
+together, so ``W mu`` acts as a second, much faster bias. A dim whose *average* gradient says "open"
+(e.g. a field that matters for half the samples) then saturates open for every sample before the
+weights that tell the samples apart are learned. Centring leaves the bias as the only
+sample-independent path (measured on the planted data: experiments/README.md).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import torch
 from torch import nn
 
 MODES = ("open", "stochastic", "deterministic")
+INPUT_NORMS = ("none", "center", "batch")
 
 
 class BernoulliGate(nn.Module):
@@ -35,6 +50,7 @@ class BernoulliGate(nn.Module):
         instance_wise: bool = True,
         bins: int = 20,
         init_bias: float = 3.0,
+        input_norm: str = "none",
     ):
         super().__init__()
         if tau <= 0:
@@ -46,6 +62,15 @@ class BernoulliGate(nn.Module):
         self.bins = int(bins)
         self.instance_wise = instance_wise
         self.init_bias = float(init_bias)
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
+        self.norm = None
+        if instance_wise and input_norm == "batch":
+            self.norm = nn.BatchNorm1d(dim, affine=False, momentum=0.1)
+        if instance_wise and input_norm == "center":
+            self.register_buffer("input_mean", torch.zeros(dim))
+            self.register_buffer("input_count", torch.zeros((), dtype=torch.long))
         if instance_wise:
             self.linear = nn.Linear(dim, dim)
         else:
@@ -63,6 +88,18 @@ class BernoulliGate(nn.Module):
     def gate_logits(self, e: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid logits z with p = sigmoid(z); e: [B, D]."""
         if self.instance_wise:
+            if self.input_norm == "batch":
+                e = self.norm(e)
+            elif self.input_norm == "center":
+                if self.training:
+                    with torch.no_grad():
+                        m = e.mean(0)
+                        if int(self.input_count) == 0:
+                            self.input_mean.copy_(m)
+                        else:
+                            self.input_mean.lerp_(m, 0.1)
+                        self.input_count += 1
+                e = e - self.input_mean
             return self.linear(e)
         return self.logits.unsqueeze(0).expand(e.shape[0], -1)
 

@@ -4,7 +4,9 @@ The model is the DLRM with a :class:`~ihas_lightning.models.gate.BernoulliGate` 
 embedding layer V and the MLP theta_b. Training is bi-level and manual
 (``automatic_optimization = False``); the optimizers are CTRModule's two model optimizers
 (embedding tables: ``model.embedding_optimizer``; MLP: Adam lr 1e-3, wd 1e-6) plus the gate's own
-Adam (``method.gate.lr``).
+Adam (``method.gate.lr``; L2 weight decay ``method.gate.weight_decay``, default ``model.weight_decay``,
+on the gate's weight matrix only: its bias, the sample-independent part of each gate, and the
+shared gate vector of the non-instance-wise ablation are not decayed).
 
 * **Phase 1, pretraining** (epochs ``0 .. pretrain_epochs-1``): the gates are deterministically
   open (the gate network is not even evaluated); only V and theta_b are trained on BCE. The gate
@@ -165,7 +167,7 @@ class SearchModule(CTRModule):
         field_names: Sequence[str] | None = None,
     ):
         gate = dict(gate)
-        arch = {k: gate[k] for k in ("tau", "instance_wise", "bins", "init_bias") if k in gate}
+        arch = {k: gate[k] for k in ("tau", "instance_wise", "bins", "init_bias", "input_norm") if k in gate}
         super().__init__(vocab_sizes, model, gate=arch, eval_mode="deterministic", field_names=field_names)
         # CTRModule's own hparams (field_dims, eval_mode) are not SearchModule arguments
         self.save_hyperparameters(ignore=["field_dims", "eval_mode"])
@@ -215,8 +217,18 @@ class SearchModule(CTRModule):
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         emb, dense = super().configure_optimizers()
-        wd = float(self.model_cfg.get("weight_decay", 1e-6))
-        gate_opt = torch.optim.Adam(self.model.gate_parameters(), lr=self.gate_lr, weight_decay=wd)
+        wd = self.gate_cfg.get("weight_decay", None)
+        wd = float(self.model_cfg.get("weight_decay", 1e-6) if wd is None else wd)
+        gate = self.model.gate
+        if gate.instance_wise:
+            # decay the gate's weight matrix only: its bias sets the sample-independent keep rate
+            groups = [
+                {"params": [gate.linear.weight], "weight_decay": wd},
+                {"params": [gate.linear.bias], "weight_decay": 0.0},
+            ]
+        else:
+            groups = [{"params": self.model.gate_parameters(), "weight_decay": 0.0}]
+        gate_opt = torch.optim.Adam(groups, lr=self.gate_lr)
         return [emb, dense, gate_opt]
 
     def gate_optimizer(self):

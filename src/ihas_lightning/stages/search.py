@@ -140,6 +140,38 @@ def _callbacks(first_epoch: int, out: Path, patience: int | None):
     return cbs, ckpt, thr
 
 
+def check_gate_cfg(gate: DictConfig) -> None:
+    """One-line ConfigError naming the ``method.gate.<key>`` whose value is out of range."""
+    from ..models.gate import INPUT_NORMS
+
+    def num(key: str, default: float | None) -> float | None:
+        v = gate.get(key, default)
+        if v is None:
+            return None
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key 'method.gate.{key}': must be a number (got {v!r})") from None
+
+    rules = [
+        ("tau", 0.1, lambda v: v > 0, "must be > 0"),
+        ("lambda_reg", 1e-4, lambda v: v >= 0, "must be >= 0"),
+        ("bins", 20, lambda v: v >= 3 and v == int(v), "must be an integer >= 3"),
+        ("lr", 1e-3, lambda v: v > 0, "must be > 0"),
+        ("weight_decay", None, lambda v: v >= 0, "must be >= 0 (or null: model.weight_decay)"),
+        ("init_bias", 3.0, lambda v: v == v, "must be a number"),
+    ]
+    for key, default, ok, rule in rules:
+        v = num(key, default)
+        if v is not None and not ok(v):
+            raise ConfigError(f"config key 'method.gate.{key}': {rule} (got {gate.get(key)})")
+    norm = gate.get("input_norm", "none")
+    if norm not in INPUT_NORMS:
+        raise ConfigError(
+            f"config key 'method.gate.input_norm': must be one of {list(INPUT_NORMS)} (got {norm!r})"
+        )
+
+
 # ---- module construction / loading -------------------------------------------------------------------
 def build_module(cfg: DictConfig, feature_map):
     """``SearchModule`` for a gated method (ihas), ``CTRModule`` for ``method=base``."""
@@ -244,6 +276,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     if gated and int(cfg.search.search_every) < 1:
         raise ConfigError("config key 'search.search_every': must be >= 1")
+    if gated:
+        check_gate_cfg(cfg.method.gate)
     resume = cfg.search.get("resume")
     if resume and not Path(str(resume)).is_file():
         raise DataError(f"{resume}: checkpoint to resume from not found (search.resume)")
