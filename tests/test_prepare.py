@@ -121,6 +121,30 @@ def test_criteo_explicit_files_and_oov(cfg_factory, criteo_raw, tmp_path):
 
 
 @pytest.mark.shared
+def test_saved_vocabulary_re_encodes_raw_rows(cfg_factory, criteo_raw, tmp_path):
+    """vocab.parquet is enough to encode new raw rows exactly as prepare did (the serving path)."""
+    from omegaconf import OmegaConf
+
+    path, cfg = _prep(
+        cfg_factory, tmp_path, "dataset=criteo", "dataset.min_count=2",
+        *(f"dataset.{s}_path={criteo_raw[s]}" for s in SPLITS),
+    )  # fmt: skip
+    fm = FeatureMap.load(path)
+    encoders = P.load_encoders(path)
+    assert [e.vocab_size for e in encoders] == fm.vocab_sizes
+    fmt = P.sniff(Path(criteo_raw["test"]), P.make_format(OmegaConf.to_container(cfg.dataset, resolve=True)))
+    blocks = list(P.iter_blocks(Path(criteo_raw["test"]), fmt, 1 << 16, "error", P.BadRows()))
+    got = np.concatenate([np.stack([e(k) for e, k in zip(encoders, b.keys)], axis=1) for b in blocks])
+    want = np.stack([_tables(path)["test"][n].to_numpy() for n in fm.field_names], axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert (want == 0).any() and (want > 0).any()  # OOV and kept tokens both exercised
+    # a prepared dir without the file (older version) is a one-line error naming it
+    (path / P.VOCAB_FILE).unlink()
+    with pytest.raises(P.DataError, match="vocab.parquet: no saved vocabulary"):
+        P.load_encoders(path)
+
+
+@pytest.mark.shared
 def test_min_count_oov_and_id_order(cfg_factory, criteo_raw, tmp_path):
     path, _ = _prep(
         cfg_factory, tmp_path, "dataset=criteo", "dataset.min_count=5",

@@ -20,6 +20,8 @@ two-pass job whose memory is bounded by the vocabulary, not by the number of row
 * **pass 2** re-reads the raw file(s), encodes (``pyarrow.compute.index_in`` against the kept keys,
   or a binary search for very large vocabularies) and writes ``train/val/test.parquet`` with one
   int32 column per field plus an int8 ``label``, in row groups of exactly ``row_group_size`` rows.
+* **saved vocabulary.** ``vocab.parquet`` keeps every field's kept token keys with their ids
+  (:func:`save_vocab` / :func:`load_encoders`), so new raw rows can be encoded later (serving).
 
 Avazu files carry a header line ``id,click,hour,...`` (any column order); a file whose first line
 is a plain 24-field data row is read as headerless in the standard order (the public split samples
@@ -641,6 +643,53 @@ class Encoder:
         return np.where(sk[pos] == keys, sid[pos], 0).astype(np.int32)
 
 
+VOCAB_FILE = "vocab.parquet"
+
+
+def save_vocab(out_dir: Path, fields: Sequence[str], encoders: Sequence[Encoder]) -> None:
+    """``vocab.parquet``: one row per kept token, (``field``, ``id``, ``key``), ids 1..V-1 per field.
+
+    ``key`` is the 64-bit token key of :func:`string_keys` / :func:`numeric_keys`, so new raw rows
+    can be encoded exactly as at preparation time (for serving): key -> id, unseen keys -> 0."""
+    sizes = [len(e.kept) for e in encoders]
+    codes = np.repeat(np.arange(len(fields), dtype=np.int32), sizes)
+    ids = np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in sizes] + [np.zeros(0, np.int32)])
+    keys = np.concatenate([e.kept.astype(np.uint64) for e in encoders] + [np.zeros(0, np.uint64)])
+    table = pa.table(
+        {
+            "field": pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(list(fields), pa.string())),
+            "id": pa.array(ids),
+            "key": pa.array(keys, type=pa.uint64()),
+        }
+    )
+    pq.write_table(table, Path(out_dir) / VOCAB_FILE)
+
+
+def load_encoders(prepared_dir: Path, feature_map: FeatureMap | None = None) -> list[Encoder]:
+    """The per-field :class:`Encoder` s of a prepared real dataset (inverse of :func:`save_vocab`)."""
+    prepared_dir = Path(prepared_dir)
+    fm = feature_map or FeatureMap.load(prepared_dir)
+    path = prepared_dir / VOCAB_FILE
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no saved vocabulary (prepared by an older version or a synthetic dataset); "
+            "prepare again with prepare.overwrite=true"
+        )
+    t = pq.read_table(path)
+    col = t["field"].combine_chunks()
+    codes, names = np.asarray(col.indices), col.dictionary.to_pylist()
+    ids, keys = t["id"].to_numpy(), t["key"].to_numpy()
+    encoders = []
+    for f in fm.fields:
+        sel = codes == names.index(f.name) if f.name in names else np.zeros(len(t), dtype=bool)
+        order = np.argsort(ids[sel], kind="stable")
+        kept = keys[sel][order].astype(np.uint64)
+        if len(kept) + 1 != f.vocab_size or not np.array_equal(ids[sel][order], np.arange(1, len(kept) + 1)):
+            raise DataError(f"{path}: vocabulary of field {f.name!r} does not match feature_map.json")
+        encoders.append(Encoder(kept))
+    return encoders
+
+
 def min_count_of(min_count: Any, name: str) -> int:
     if isinstance(min_count, Mapping):
         return int(min_count.get(name, min_count.get("default", 1)))
@@ -856,6 +905,7 @@ def prepare_raw(
             "rows_per_second": round(total_rows / max(t2 - t0, 1e-9), 1),
         },
     )
+    save_vocab(out_dir, fields, encoders)
     fm.save(out_dir)
     log.info(
         "prepared %s: train/val/test = %d/%d/%d rows, total vocab %d, %.1fs (%.0f rows/s)",
