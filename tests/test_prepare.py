@@ -31,6 +31,12 @@ def _prep(cfg_factory, tmp_path, *overrides, name="out"):
     return ensure_prepared(cfg), cfg
 
 
+def _prep_criteo_files(cfg_factory, tmp_path, criteo_raw, min_count):
+    """Prepare the shared Criteo sample from its explicit train/val/test files."""
+    files = [f"dataset.{s}_path={criteo_raw[s]}" for s in SPLITS]
+    return _prep(cfg_factory, tmp_path, "dataset=criteo", f"dataset.min_count={min_count}", *files)
+
+
 def _tables(path):
     return {s: pq.read_table(path / f"{s}.parquet") for s in SPLITS}
 
@@ -97,10 +103,7 @@ def test_criteo_single_file_matches_brute_force(cfg_factory, criteo_raw, tmp_pat
 
 @pytest.mark.shared
 def test_criteo_explicit_files_and_oov(cfg_factory, criteo_raw, tmp_path):
-    path, _ = _prep(
-        cfg_factory, tmp_path, "dataset=criteo", "dataset.min_count=1",
-        *(f"dataset.{s}_path={criteo_raw[s]}" for s in SPLITS),
-    )  # fmt: skip
+    path, _ = _prep_criteo_files(cfg_factory, tmp_path, criteo_raw, min_count=1)
     fm = FeatureMap.load(path)
     assert [fm.rows(s) for s in SPLITS] == [7200, 409, 391]
     train = [_criteo_tokens(r)[1] for r in _criteo_rows(criteo_raw["train"])]
@@ -125,10 +128,7 @@ def test_saved_vocabulary_re_encodes_raw_rows(cfg_factory, criteo_raw, tmp_path)
     """vocab.parquet is enough to encode new raw rows exactly as prepare did (the serving path)."""
     from omegaconf import OmegaConf
 
-    path, cfg = _prep(
-        cfg_factory, tmp_path, "dataset=criteo", "dataset.min_count=2",
-        *(f"dataset.{s}_path={criteo_raw[s]}" for s in SPLITS),
-    )  # fmt: skip
+    path, cfg = _prep_criteo_files(cfg_factory, tmp_path, criteo_raw, min_count=2)
     fm = FeatureMap.load(path)
     encoders = P.load_encoders(path)
     assert [e.vocab_size for e in encoders] == fm.vocab_sizes
@@ -146,10 +146,7 @@ def test_saved_vocabulary_re_encodes_raw_rows(cfg_factory, criteo_raw, tmp_path)
 
 @pytest.mark.shared
 def test_min_count_oov_and_id_order(cfg_factory, criteo_raw, tmp_path):
-    path, _ = _prep(
-        cfg_factory, tmp_path, "dataset=criteo", "dataset.min_count=5",
-        *(f"dataset.{s}_path={criteo_raw[s]}" for s in SPLITS),
-    )  # fmt: skip
+    path, _ = _prep_criteo_files(cfg_factory, tmp_path, criteo_raw, min_count=5)
     fm = FeatureMap.load(path)
     t = pq.read_table(path / "train.parquet")
     for j, n in enumerate(fm.field_names):

@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.append((s[0], s[1:]))
     if not settings:
         ap.error("nothing to run: --no-default without --setting")
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="ihas-acceptance-") as tmp:
         root = Path(args.runs_dir) if args.runs_dir else Path(tmp)
         log_dir = root / "logs"
