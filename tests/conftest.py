@@ -70,10 +70,11 @@ def cfg_factory(tmp_path):
 # tiny settings for tests that run real pipeline stages (search -> cluster -> retrain)
 FAST_STAGES = [
     "dataset.rows=4000",
-    "search.epochs=2",
-    "search.pretrain_epochs=1",
+    "search.max_epochs=1",
+    "search.pretrain.max_epochs=1",
+    "search.pretrain.patience=null",
     "search.search_every=2",
-    "retrain.epochs=1",
+    "retrain.max_epochs=1",
     "cluster.min_cluster_size=50",
     "cluster.batch_size=1024",
     "model.batch_size=512",

@@ -136,7 +136,7 @@ def test_cluster_stage_outputs(searched):
     assert manifest["parents"]["search_ckpt"]["path"].endswith("search/best.ckpt") and manifest["config_hash"]
     # every assignment is the nearest centroid of the sample's masked embedding
     prepared = prepared_dir(cfg)
-    dm = make_datamodule(cfg, prepared)
+    dm = make_datamodule(cfg, prepared, batch_size=512)
     model = load_search(run_dir / "search" / "best.ckpt", dm.feature_map)
     for split in ("train", "test"):
         x, _ = dm.split_arrays(split)
@@ -179,3 +179,35 @@ def test_cluster_checkpoint_not_fitting_dataset(searched, tmp_path):
     with pytest.raises(DataError, match="fields") as e:
         cluster.run(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cinput", ["masked_embedding", "mask", "probs"])
+def test_cluster_features_per_input(cinput):
+    from ihas_lightning.routing import cluster_features
+
+    torch.manual_seed(0)
+    model = DLRM([20, 20, 20], embed_dim=4, gate=dict(tau=0.1, init_bias=0.0)).eval()
+    torch.nn.init.normal_(model.gate.linear.weight, std=2.0)
+    x = torch.randint(0, 20, (64, 3), dtype=torch.int32)
+    feats, mask = cluster_features(model, x, cinput)
+    emb, mask_ref = model.masked_embedding(x)
+    assert torch.equal(mask, mask_ref) and feats.shape == emb.shape
+    want = {"masked_embedding": emb, "mask": mask_ref, "probs": model.gate.probs(model.embed(x))}[cinput]
+    torch.testing.assert_close(feats, want)
+    with pytest.raises(ValueError, match="cluster input"):
+        cluster_features(model, x, "nope")
+
+
+def test_cluster_stage_on_masks_routes_like_the_stage(searched, tmp_path):
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.stages import cluster
+
+    make, run_dir = searched
+    cluster.run(make("stage=cluster", "cluster.input=mask", f"search.ckpt={run_dir / 'search' / 'best.ckpt'}",
+                     out=tmp_path / "m"))  # fmt: skip
+    info = json.loads((tmp_path / "m" / "cluster" / "cluster.json").read_text())
+    assert info["input"] == "mask"
+    c = torch.load(tmp_path / "m" / "cluster" / "centroids.pt", weights_only=True)["centroids"]
+    assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0  # centroids of 0/1 masks
+    with pytest.raises(ConfigError, match="'cluster.input'"):
+        cluster.run(make("stage=cluster", "cluster.input=raw", out=tmp_path / "bad"))

@@ -24,7 +24,7 @@ def test_every_group_option_composes(group, tmp_path):
 @pytest.mark.parametrize("exp", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(exp, tmp_path):
     cfg = compose([f"experiment={exp}"], output_dir=tmp_path)
-    assert cfg.dataset.name == "synthetic"
+    assert cfg.dataset.name
 
 
 def test_ablation_switches_reach_the_method(tmp_path):
@@ -32,9 +32,12 @@ def test_ablation_switches_reach_the_method(tmp_path):
     assert compose(["experiment=non_instance_wise"], output_dir=tmp_path).method.gate.instance_wise is False
 
 
-def test_synthetic_overrides_stage_settings_but_criteo_keeps_the_paper_values(tmp_path):
-    assert compose(["dataset=criteo"], output_dir=tmp_path).search.search_every == 100
-    assert compose(["dataset=synthetic"], output_dir=tmp_path).search.search_every != 100
+def test_data_size_aware_defaults_and_the_paper_protocol(tmp_path):
+    cfg = compose(["dataset=criteo"], output_dir=tmp_path)
+    assert cfg.search.search_every == "auto" and cfg.model.batch_size == "auto"
+    paper = compose(["dataset=criteo", "experiment=paper_protocol"], output_dir=tmp_path)
+    assert paper.search.search_every == 100 and paper.model.batch_size == 2048
+    assert paper.search.gate_data == "val" and paper.method.gate.lr == 1e-3
 
 
 def test_unknown_group_option_gives_hydras_message_not_a_traceback(tmp_path):
@@ -67,3 +70,18 @@ def test_unknown_trainer_key_is_a_one_line_error(tmp_path):
     assert r.returncode == 2
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert err == ["error: config key 'trainer.bogus': not a lightning.Trainer argument"], r.stderr[-2000:]
+
+
+def test_lightning_budget_key_is_a_one_line_error_naming_the_stage_keys(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "ihas_lightning", "stage=all", "trainer.max_epochs=3", "dataset.rows=2000",
+         f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}", "logger=none"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "'trainer.max_epochs'" in err[0] and "search.max_epochs" in err[0], r.stderr[
+        -2000:
+    ]
+    assert not (tmp_path / "synthetic-2000-7").exists()  # checked before any work (no prepare)

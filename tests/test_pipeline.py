@@ -14,10 +14,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = [
-    "search.epochs=2",
-    "search.pretrain_epochs=1",
+    "search.max_epochs=1",
+    "search.pretrain.max_epochs=1",
+    "search.pretrain.patience=null",
     "search.search_every=2",
-    "retrain.epochs=1",
+    "retrain.max_epochs=1",
     "cluster.min_cluster_size=20",
     "cluster.batch_size=1024",
     "model.batch_size=512",
@@ -28,16 +29,21 @@ TINY = [
 def _check_run(out: Path, expect_base: bool = True) -> dict:
     res = json.loads((out / "evaluate" / "results.json").read_text())
     models = [r["model"] for r in res["rows"]]
-    assert models == (["Base", "iHAS-1", "iHAS"] if expect_base else ["iHAS-1", "iHAS"])
-    for r in res["rows"]:
+    assert models == (["Base", "iHAS-1", "iHAS"] if expect_base else ["iHAS-1", "iHAS"]) + ["Constant"]
+    for r in res["rows"][:-1]:
         assert (
             0.0 <= r["test_auc"] <= 1.0
+            and 0.0 <= r["val_auc"] <= 1.0
             and r["test_logloss"] > 0
+            and r["val_logloss"] > 0
             and r["params"] > 0
             and r["inference_ms"] > 0
         )
     assert res["routing_agrees_with_cluster_stage"] == 1.0
     assert sum(c["test_samples"] for c in res["per_cluster"]) == res["test_rows"]
+    assert sum(c["val_samples"] for c in res["per_cluster"]) == res["val_rows"]
+    md = (out / "evaluate" / "results.md").read_text()
+    assert "| pooled |" in md and "Open dims per field" in md
     for d in ("search", "cluster", "retrain", "evaluate") + (("base/search",) if expect_base else ()):
         m = json.loads((out / d / "manifest.json").read_text())
         assert m["config_hash"], d

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import lightning as L
 import pytest
@@ -61,7 +62,7 @@ class Recorder(SearchModule):
         return super().training_step(batch, batch_idx)
 
     def on_train_epoch_end(self):
-        if self.current_epoch == self.pretrain_epochs - 1:
+        if self.current_epoch == self.search_start_epoch - 1:
             self.gate_after_pretrain = [p.detach().clone() for p in self.model.gate_parameters()]
             self.gate_opt_state_after_pretrain = len(self.optimizers()[2].optimizer.state)
 
@@ -155,12 +156,16 @@ def _run(cfg_factory, *overrides):
 
 
 SMALL = ["dataset.rows=5000", "model.batch_size=256", "search.search_every=2"]
+# exactly one pretraining epoch
+PRE1 = ["search.pretrain.max_epochs=1", "search.pretrain.patience=null"]
 
 
 def test_search_fast_dev_run_synthetic_and_reload(cfg_factory):
     from ihas_lightning.stages.search import load_search_model
 
-    cfg, metrics = _run(cfg_factory, *SMALL, "trainer=debug", "search.pretrain_epochs=0", "search.epochs=2")
+    cfg, metrics = _run(
+        cfg_factory, *SMALL, "trainer=debug", "search.pretrain.max_epochs=0", "search.max_epochs=2"
+    )
     out = cfg.paths.output_dir + "/search"
     saved = json.load(open(f"{out}/metrics.json"))
     for key in ("val/auc", "test/auc", "test/logloss", "open_share", "open_share_per_field", "samples_per_s"):
@@ -185,19 +190,17 @@ def test_search_fast_dev_run_synthetic_and_reload(cfg_factory):
 
 
 def test_search_short_run_selects_phase2_checkpoint(cfg_factory):
-    cfg, metrics = _run(
-        cfg_factory, *SMALL, "search.pretrain_epochs=1", "search.epochs=2", "search.early_stopping_patience=1"
-    )
+    cfg, metrics = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1", "search.patience=1")
     assert metrics["best_epoch"] == 1  # epoch 0 (pretraining) is never selected
     assert metrics["gate_steps"] > 0 and 0 < metrics["open_share"] <= 1
 
 
 def test_search_resume_continues_from_last_checkpoint(cfg_factory, tmp_path):
-    cfg, first = _run(cfg_factory, *SMALL, "search.pretrain_epochs=1", "search.epochs=2")
+    cfg, first = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1")
     last = cfg.paths.output_dir + "/search/last.ckpt"
     from ihas_lightning.stages.search import run
 
-    cfg2 = cfg_factory(*SMALL, "search.pretrain_epochs=1", "search.epochs=3", f"search.resume={last}",
+    cfg2 = cfg_factory(*SMALL, *PRE1, "search.max_epochs=2", f"search.resume={last}",
                        output_dir=tmp_path / "resumed")  # fmt: skip
     second = run(cfg2)
     assert second["epochs_run"] == 3 and second["best_epoch"] >= 1
@@ -217,8 +220,8 @@ def test_search_fast_dev_run_criteo_sample(cfg_factory, criteo_raw):
     cfg, metrics = _run(
         cfg_factory, "dataset=criteo", f"dataset.train_path={criteo_raw['train']}",
         f"dataset.val_path={criteo_raw['val']}", f"dataset.test_path={criteo_raw['test']}",
-        "dataset.min_count=2", "model.batch_size=512", "trainer=debug", "search.pretrain_epochs=0",
-        "search.epochs=1",
+        "dataset.min_count=2", "model.batch_size=512", "trainer=debug", "search.pretrain.max_epochs=0",
+        "search.max_epochs=1",
     )  # fmt: skip
     assert metrics["test/auc"] is not None and len(metrics["open_share_per_field"]) == 39
 
@@ -228,8 +231,15 @@ def test_unknown_trainer_key_and_bad_budget(cfg_factory):
 
     with pytest.raises(ConfigError, match="trainer.bogus"):
         run(cfg_factory(*SMALL, "+trainer.bogus=1"))
-    with pytest.raises(ConfigError, match="search.pretrain_epochs"):
-        run(cfg_factory(*SMALL, "search.pretrain_epochs=3", "search.epochs=3"))
+    with pytest.raises(ConfigError, match="'search.max_epochs'"):
+        run(cfg_factory(*SMALL, "search.max_epochs=0"))
+    with pytest.raises(ConfigError, match="'search.pretrain.patience'"):
+        run(cfg_factory(*SMALL, "search.pretrain.patience=-1"))
+    # a Lightning user's budget key names the stage keys instead of being silently ignored
+    with pytest.raises(ConfigError, match="'trainer.max_epochs'.*search.max_epochs"):
+        run(cfg_factory(*SMALL, "trainer.max_epochs=5"))
+    with pytest.raises(ConfigError, match="'trainer.max_steps'.*retrain.max_epochs"):
+        run(cfg_factory(*SMALL, "+trainer.max_steps=5"))
 
 
 def test_load_search_model_errors(tmp_path):
@@ -307,3 +317,38 @@ def test_gate_weight_decay_and_input_norm_reach_the_gate():
     assert groups[0]["weight_decay"] == MODEL.get("weight_decay", 1e-6)  # null -> model.weight_decay
     m3 = SearchModule(VOCAB, MODEL, {**GATE, "instance_wise": False}, pretrain_epochs=0, search_every=1)
     assert all(g["weight_decay"] == 0.0 for g in m3.configure_optimizers()[2].param_groups)
+
+
+def test_holdout_mask_is_seeded_and_disjoint_from_the_models_rows():
+    import numpy as np
+
+    from ihas_lightning.stages.search import holdout_mask
+
+    a, b = holdout_mask(10_000, 0.1, 3), holdout_mask(10_000, 0.1, 3)
+    assert np.array_equal(a, b) and not np.array_equal(a, holdout_mask(10_000, 0.1, 4))
+    assert 0.08 < a.mean() < 0.12
+    assert holdout_mask(5, 0.01, 0).sum() == 1 and holdout_mask(5, 0.99, 0).sum() == 4  # both sides non-empty
+
+
+def test_search_gate_reads_the_holdout_and_the_model_the_rest(cfg_factory):
+    cfg, metrics = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1")
+    b = metrics["budget"]
+    assert b["gate_data"] == "holdout" and b["gate_rows"] + b["train_rows"] == 4000  # 80% of 5000 rows
+    assert 300 < b["gate_rows"] < 500 and b["search_every"] == 2
+    assert metrics["gate_steps"] == math.ceil(b["train_rows"] / 256 / 2)
+    assert b["output_bias"] == pytest.approx(
+        math.log(b["train_positive_rate"] / (1 - b["train_positive_rate"]))
+    )
+    cfg, metrics = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1", "search.gate_data=val")
+    assert metrics["budget"]["gate_rows"] == 500 and metrics["budget"]["train_rows"] == 4000
+
+
+def test_search_warns_when_it_selects_nothing():
+    from ihas_lightning.stages.search import search_warnings
+
+    ok = {"gate_steps": 500, "open_share": 0.4, "gate": {"polarization": {"share_valley_found": 0.97}}}
+    assert search_warnings(ok, 200) == []
+    bad = {"gate_steps": 4, "open_share": 1.0, "gate": {"polarization": {"share_valley_found": 0.0}}}
+    w = search_warnings(bad, 200)
+    assert len(w) == 3 and "only 4 steps" in w[0] and "closed nothing" in w[1] and "not bimodal" in w[2]
+    assert "closed everything" in search_warnings({**ok, "open_share": 0.0}, 200)[0]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 TINY = [
     "dataset.rows=4000",
-    "search.epochs=2",
-    "search.pretrain_epochs=1",
+    "search.max_epochs=1",
+    "search.pretrain.max_epochs=1",
+    "search.pretrain.patience=null",
     "search.search_every=2",
-    "retrain.epochs=1",
+    "retrain.max_epochs=1",
     "cluster.min_cluster_size=20",
     "model.batch_size=512",
     "evaluate.timing_repeats=1",

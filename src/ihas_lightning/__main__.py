@@ -35,8 +35,9 @@ def main(cfg: DictConfig) -> float | None:
     except IHASError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    # a scalar for Hydra sweepers (optuna etc.): the headline test/val AUC when there is one
-    for key in ("test/auc", "val/auc", "routed/test/auc"):
+    # a scalar for Hydra sweepers (optuna etc.): a VALIDATION AUC (never test: hyperparameters are
+    # chosen on validation) -- the routed iHAS for stage=all/evaluate, the stage's model otherwise
+    for key in ("routed/val/auc", "val/auc"):
         if isinstance(metrics, dict) and key in metrics:
             return float(metrics[key])
     return None

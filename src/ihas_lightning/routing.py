@@ -1,8 +1,9 @@
 """Routed inference of iHAS (paper section 3.4 "Clusters" and Figure 1, inference path).
 
 A test sample goes through the searched embedding layer and the Bernoulli gate in deterministic
-mode (automatic threshold searcher), giving its masked embedding ``E_i * m_i``; the nearest K-Means
-centroid (Euclidean) picks its cluster, and that cluster's retrained (smaller) DLRM predicts it.
+mode (automatic threshold searcher), giving its masked embedding ``E_i * m_i`` (or, with
+``cluster.input``, its mask or its gate probabilities); the nearest K-Means centroid (Euclidean)
+picks its cluster, and that cluster's retrained (smaller) DLRM predicts it.
 
 Everything is batched: the batch is routed with one matrix product, then grouped by cluster with a
 stable argsort + split (one forward per non-empty cluster, never one per sample), and the outputs
@@ -17,6 +18,28 @@ import torch
 from torch import nn
 
 from .models import DLRM
+
+CLUSTER_INPUTS = ("masked_embedding", "mask", "probs")
+
+
+@torch.no_grad()
+def cluster_features(
+    model: DLRM, x: torch.Tensor, input: str = "masked_embedding"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [B, D], deterministic mask [B, D]) of a batch for K-Means and routing.
+
+    ``input`` (``cluster.input``): ``masked_embedding`` = ``E_i * m_i`` (the paper); ``mask`` = the
+    0/1 mask ``m_i`` alone (clusters by which dims are open, not by embedding values); ``probs`` =
+    the gate probabilities ``p_i``."""
+    e = model.embed(x)
+    mask, p = model.gate_output(e, "deterministic")
+    if input == "masked_embedding":
+        return e * mask, mask
+    if input == "mask":
+        return mask, mask
+    if input == "probs":
+        return p, mask
+    raise ValueError(f"cluster input must be one of {CLUSTER_INPUTS}, got {input!r}")
 
 
 def nearest_centroid(emb: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -54,8 +77,17 @@ def dispatch(x: torch.Tensor, clusters: torch.Tensor, models: Sequence[nn.Module
 class RoutedModel(nn.Module):
     """search embedding + gate (deterministic) -> nearest centroid -> that cluster's model."""
 
-    def __init__(self, search_model: DLRM, centroids: torch.Tensor, cluster_models: Sequence[DLRM]):
+    def __init__(
+        self,
+        search_model: DLRM,
+        centroids: torch.Tensor,
+        cluster_models: Sequence[DLRM],
+        input: str = "masked_embedding",
+    ):
         super().__init__()
+        if input not in CLUSTER_INPUTS:
+            raise ValueError(f"cluster input must be one of {CLUSTER_INPUTS}, got {input!r}")
+        self.input = input
         if search_model.gate is None:
             raise ValueError("routing needs the searched model with its Bernoulli gate")
         if len(cluster_models) != centroids.shape[0]:
@@ -71,8 +103,8 @@ class RoutedModel(nn.Module):
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Cluster id [B] of each sample."""
-        emb, _ = self.search_model.masked_embedding(x)
-        return nearest_centroid(emb, self.centroids)
+        feats, _ = cluster_features(self.search_model, x, self.input)
+        return nearest_centroid(feats, self.centroids)
 
     @torch.no_grad()
     def forward_with_clusters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

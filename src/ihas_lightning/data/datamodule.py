@@ -39,10 +39,10 @@ rows in FILE order keeps only those rows, in file order (duplicate indices are i
 to every reader of the split (loaders, :meth:`split_arrays`, :meth:`extra_column`); in streaming
 mode each row group keeps the selected rows of its own row range.
 
-Other readers: :meth:`search_dataloader` (an endless stream of shuffled VAL batches for the gate
-step), :meth:`split_dataloader` (one pass in file order on this process: the cluster assignments are
-computed in file order), :meth:`split_arrays` and :meth:`extra_column` (e.g. the synthetic
-``_group``).
+Other readers: :meth:`search_dataloader` (an endless stream of shuffled batches of one split for the
+gate step), :meth:`split_dataloader` (one pass in file order on this process: the cluster assignments are
+computed in file order), :meth:`split_arrays`, :meth:`extra_column` (e.g. the synthetic
+``_group``) and :meth:`positive_rate`.
 """
 
 from __future__ import annotations
@@ -546,6 +546,11 @@ class IHASDataModule(L.LightningDataModule):
         keep = self._keep[split]
         return col if keep is None else col[keep]
 
+    def positive_rate(self, split: str) -> float | None:
+        """Share of positive labels in ``split`` (row_filter applied); None for an empty split."""
+        y = self.extra_column(split, LABEL)
+        return float(np.mean(y)) if len(y) else None
+
     # ---- loaders -----------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
         if self.rank is not None or self.world_size is not None:
@@ -617,12 +622,14 @@ class IHASDataModule(L.LightningDataModule):
     def test_dataloader(self) -> BatchLoader:
         return self._loader(self.make_dataset("test", self.eval_batch_size, False, 0), None, self.num_workers)
 
-    def search_dataloader(self) -> BatchLoader:
-        """Endless shuffled VAL batches of ``search_batch_size`` (the gate step of the bi-level search).
+    def search_dataloader(self, split: str = "val") -> BatchLoader:
+        """Endless shuffled batches of ``search_batch_size`` from ``split`` (row_filter applied): the
+        gate steps of the bi-level search (the VAL split in the paper's protocol; a held-out part of
+        TRAIN with ``search.gate_data=holdout``).
 
         Sharded across ranks; each pass over this rank's rows is reshuffled, and each ``iter()`` of the
         loader starts a fresh random stream. Iterate it with ``next()``; it never ends."""
-        ds = self.make_dataset("val", self.search_batch_size, True, SEARCH_STREAM, infinite=True)
+        ds = self.make_dataset(split, self.search_batch_size, True, SEARCH_STREAM, infinite=True)
 
         def next_call() -> int:
             self._search_calls += 1

@@ -27,5 +27,10 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.in_dim = in_dim
 
+    @torch.no_grad()
+    def set_output_bias(self, value: float) -> None:
+        """Set the output layer's bias (e.g. the log-odds of the base rate)."""
+        self.net[-1].bias.fill_(value)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h).squeeze(-1)

@@ -9,6 +9,9 @@ training batch. Lightning's ``global_step`` counts optimizer steps, so it advanc
 here (3 on gate batches in search): budgets are therefore set in EPOCHS (``max_epochs``), never in
 ``max_steps``.
 
+``output_bias``: the initial bias of the output layer (a logit; ``model.output_bias=prior`` passes
+the log-odds of the training rows' positive rate, ``zero`` passes None: PyTorch's default init).
+
 Validation and test log ``{split}/auc`` (torchmetrics BinaryAUROC) and ``{split}/logloss`` (mean
 BCE) computed over the whole split.
 """
@@ -36,6 +39,7 @@ class CTRModule(L.LightningModule):
         gate: dict[str, Any] | None = None,
         eval_mode: str = "open",
         field_names: Sequence[str] | None = None,
+        output_bias: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +57,10 @@ class CTRModule(L.LightningModule):
             gate=gate,
             sparse=embedding_is_sparse(model.get("embedding_optimizer", "sparse_adam")),
         )
+        if output_bias is not None:
+            # start at the base rate (the log-odds of the train split's positive rate), as well-kept
+            # CTR libraries do: the first steps then learn features, not the class prior
+            self.model.mlp.set_output_bias(float(output_bias))
         self.metrics = torch.nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
@@ -69,6 +77,10 @@ class CTRModule(L.LightningModule):
         )
         dense = torch.optim.Adam(self.model.dense_parameters(), lr=lr, weight_decay=wd)
         return [emb, dense]
+
+    def in_pretrain(self, epoch: int | None = None) -> bool:
+        """A plain CTR model has no pretraining phase (see SearchModule)."""
+        return False
 
     def model_optimizers(self):
         opts = self.optimizers()

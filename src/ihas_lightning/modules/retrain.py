@@ -36,8 +36,16 @@ class RetrainModule(CTRModule):
         kept_dims: Sequence[Sequence[int]] | None = None,
         cluster_id: int = 0,
         field_names: Sequence[str] | None = None,
+        output_bias: float | None = None,
     ):
-        super().__init__(vocab_sizes, model, field_dims=list(field_dims), gate=None, field_names=field_names)
+        super().__init__(
+            vocab_sizes,
+            model,
+            field_dims=list(field_dims),
+            gate=None,
+            field_names=field_names,
+            output_bias=output_bias,
+        )
         self.save_hyperparameters()
         self.cluster_id = int(cluster_id)
         self.kept_dims = [list(map(int, k)) for k in kept_dims] if kept_dims is not None else None

@@ -38,6 +38,7 @@ histogram had a valley) and a histogram of the gate probabilities.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,11 +46,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
 from ..models import gate_regularizer, threshold_search
 from .ctr import CTRModule
 
 HIST_BINS = 50
+log = logging.getLogger("ihas_lightning")
 
 
 @contextmanager
@@ -154,6 +157,75 @@ class GateStats:
         return out
 
 
+class SearchSchedule(Callback):
+    """Ends the pretraining on its own criterion and bounds the search phase.
+
+    Pretraining (gates open) runs until the validation ``monitor`` has not improved for
+    ``pretrain_patience`` epochs, or for ``pretrain_max_epochs`` epochs (``pretrain_patience=None``:
+    exactly that many, the paper's "a few epochs"). The weights of its best epoch are then restored
+    (``restore_best``) and the bi-level search starts at the next epoch; it runs at most
+    ``search_max_epochs`` epochs (early stopping on the same monitor is a separate callback).
+    With a module whose ``pretrain_epochs`` was fixed at construction only the search bound applies.
+    """
+
+    def __init__(
+        self,
+        pretrain_max_epochs: int,
+        pretrain_patience: int | None,
+        search_max_epochs: int,
+        monitor: str = "val/logloss",
+        restore_best: bool = True,
+    ):
+        self.pretrain_max_epochs = int(pretrain_max_epochs)
+        self.pretrain_patience = None if pretrain_patience is None else int(pretrain_patience)
+        self.search_max_epochs = int(search_max_epochs)
+        self.monitor = monitor
+        self.sign = 1.0 if monitor.endswith("auc") else -1.0
+        self.restore_best = restore_best
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_epoch = state_dict.get("best_epoch")
+        self.wait = int(state_dict.get("wait", 0))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if not pl_module.in_pretrain(epoch):
+            if epoch + 1 - pl_module.search_start_epoch >= self.search_max_epochs:
+                trainer.should_stop = True
+            return
+        if pl_module.search_start_epoch is not None:  # a fixed pretraining length
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None:
+            score = self.sign * float(value)
+            if self.best_score is None or score > self.best_score:
+                self.best_score, self.best_epoch, self.wait = score, epoch, 0
+                if self.restore_best:
+                    self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            else:
+                self.wait += 1
+        patience_done = self.pretrain_patience is not None and self.wait >= self.pretrain_patience
+        if patience_done or epoch + 1 >= self.pretrain_max_epochs:
+            if self.restore_best and self._best_state is not None and self.best_epoch != epoch:
+                pl_module.load_state_dict(self._best_state)
+            self._best_state = None
+            pl_module.start_search(epoch + 1)
+            log.info(
+                "search: pretraining ended after epoch %d (%s; best %s at epoch %s%s); the bi-level "
+                "search starts at epoch %d",
+                epoch, "no improvement" if patience_done else "max epochs", self.monitor,
+                self.best_epoch, ", restored" if self.restore_best else "", epoch + 1,
+            )  # fmt: skip
+
+
 class SearchModule(CTRModule):
     """The iHAS search model (see the module docstring for the schedule)."""
 
@@ -162,20 +234,33 @@ class SearchModule(CTRModule):
         vocab_sizes: Sequence[int],
         model: dict[str, Any],
         gate: dict[str, Any],
-        pretrain_epochs: int = 2,
+        pretrain_epochs: int | None = None,
         search_every: int = 100,
         field_names: Sequence[str] | None = None,
+        output_bias: float | None = None,
+        model_lr_scale: float = 1.0,
     ):
         gate = dict(gate)
         arch = {k: gate[k] for k in ("tau", "instance_wise", "bins", "init_bias", "input_norm") if k in gate}
-        super().__init__(vocab_sizes, model, gate=arch, eval_mode="deterministic", field_names=field_names)
+        super().__init__(
+            vocab_sizes,
+            model,
+            gate=arch,
+            eval_mode="deterministic",
+            field_names=field_names,
+            output_bias=output_bias,
+        )
         # CTRModule's own hparams (field_dims, eval_mode) are not SearchModule arguments
         self.save_hyperparameters(ignore=["field_dims", "eval_mode"])
         self.gate_cfg = gate
-        if pretrain_epochs < 0 or search_every < 1:
-            raise ValueError("pretrain_epochs must be >= 0 and search_every >= 1")
-        self.pretrain_epochs = int(pretrain_epochs)
+        if (pretrain_epochs is not None and pretrain_epochs < 0) or search_every < 1 or model_lr_scale <= 0:
+            raise ValueError("pretrain_epochs must be >= 0, search_every >= 1 and model_lr_scale > 0")
+        # first epoch of the bi-level search; None = still pretraining until a SearchSchedule
+        # callback ends the pretraining on its validation criterion
+        self.search_start_epoch: int | None = None if pretrain_epochs is None else int(pretrain_epochs)
         self.search_every = int(search_every)
+        self.model_lr_scale = float(model_lr_scale)
+        self.lr_scaled = False
         self.lambda_reg = float(gate.get("lambda_reg", 1e-4))
         self.polarization = bool(gate.get("polarization", True))
         self.gate_lr = float(gate.get("lr", 1e-3))
@@ -184,11 +269,16 @@ class SearchModule(CTRModule):
         self.gate_stats = {s: GateStats(self.model.gate.dim, self.model.field_dims) for s in ("val", "test")}
         self.last_gate_summary: dict[str, dict[str, Any]] = {}
         self.gate_steps = 0
+        self._reg_sum: dict[str, torch.Tensor] = {}
 
     # ---- phase / data plumbing ---------------------------------------------------------------
     def in_pretrain(self, epoch: int | None = None) -> bool:
         epoch = self.current_epoch if epoch is None else epoch
-        return epoch < self.pretrain_epochs
+        return self.search_start_epoch is None or epoch < self.search_start_epoch
+
+    def start_search(self, epoch: int) -> None:
+        """End the pretraining: the bi-level search starts at ``epoch``."""
+        self.search_start_epoch = int(epoch)
 
     def set_search_loader(self, loader: Iterable) -> None:
         """The source of validation batches (x, y) for the gate steps (re-iterated when exhausted)."""
@@ -210,6 +300,27 @@ class SearchModule(CTRModule):
 
     def on_train_epoch_start(self) -> None:
         self.eval_mode = "open" if self.in_pretrain() else "deterministic"
+        if not self.in_pretrain() and not self.lr_scaled:
+            # the model (V, theta) continues from its pretrained optimum: in the search phase it is
+            # fine-tuned at model_lr_scale x model.lr while the gates learn (search.model_lr_scale)
+            for opt in self.model_optimizers():
+                for group in opt.param_groups:
+                    group["lr"] *= self.model_lr_scale
+            self.lr_scaled = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["search_phase"] = {
+            "search_start_epoch": self.search_start_epoch,
+            "lr_scaled": self.lr_scaled,
+            "gate_steps": self.gate_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        phase = checkpoint.get("search_phase") or {}
+        if "search_start_epoch" in phase:
+            self.search_start_epoch = phase["search_start_epoch"]
+            self.lr_scaled = bool(phase.get("lr_scaled", False))
+            self.gate_steps = int(phase.get("gate_steps", 0))
 
     def on_fit_end(self) -> None:
         self.eval_mode = "deterministic"
@@ -286,8 +397,15 @@ class SearchModule(CTRModule):
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
         self.gate_stats[split].update(mask, p, thr, found)
+        reg = gate_regularizer(p, self.lambda_reg, self.polarization).detach() * len(y)
+        self._reg_sum[split] = self._reg_sum.get(split, 0.0) + reg
 
     def _eval_epoch_end(self, split: str) -> None:
+        if self._count.get(split) and split in self._reg_sum:
+            # the upper-level objective of the bi-level search on this split: logloss of the
+            # deterministic masks + the gate regularizer (what the gate steps minimise)
+            n = self._count[split]
+            self.log(f"{split}/objective", (self._loss_sum[split] + self._reg_sum.pop(split)) / n)
         super()._eval_epoch_end(split)
         stats = self.gate_stats[split]
         if stats.n == 0:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-RESULT_COLUMNS = ["model", "test AUC", "test logloss", "params", "inference ms", "note"]
+RESULT_COLUMNS = [
+    "model",
+    "val AUC",
+    "val logloss",
+    "test AUC",
+    "test logloss",
+    "params",
+    "inference ms",
+    "note",
+]
+CLUSTER_COLUMNS = ["cluster", "val rows", "val AUC", "val logloss", "test rows", "test AUC", "test logloss",
+                   "test CTR", "open dims", "params"]  # fmt: skip
 RECOVERY_COLUMNS = [
     "cluster",
     "group",
@@ -34,6 +45,8 @@ def result_rows(results: dict[str, Any]) -> list[list[Any]]:
         rows.append(
             [
                 r["model"],
+                r.get("val_auc"),
+                r.get("val_logloss"),
                 r.get("test_auc"),
                 r.get("test_logloss"),
                 r.get("params"),
@@ -41,6 +54,22 @@ def result_rows(results: dict[str, Any]) -> list[list[Any]]:
                 r.get("note", ""),
             ]
         )
+    return rows
+
+
+def cluster_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """Per-cluster metrics of the routed model, then the pooled row (all clusters together)."""
+    rows = [
+        [c["cluster"], c.get("val_samples"), c.get("val_auc"), c.get("val_logloss"), c.get("test_samples"),
+         c.get("test_auc"), c.get("test_logloss"), c.get("test_positive_rate"), c.get("embedding_width"),
+         c.get("params")]
+        for c in results.get("per_cluster", [])
+    ]  # fmt: skip
+    ihas = next((r for r in results["rows"] if r["model"] == "iHAS"), None)
+    if ihas is not None:
+        rows.append(["pooled", results.get("val_rows"), ihas.get("val_auc"), ihas.get("val_logloss"),
+                     results.get("test_rows"), ihas.get("test_auc"), ihas.get("test_logloss"), None, None,
+                     ihas.get("params")])  # fmt: skip
     return rows
 
 
@@ -78,12 +107,22 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"({_fmt(results.get('test_rows'))} rows, batch {results.get('batch_size')}), min of "
         f"{results.get('timing_repeats')} runs.",
     ]
+    if results.get("warnings"):
+        parts += ["", "## Warnings", ""] + [f"* {w}" for w in results["warnings"]]
     if results.get("per_cluster"):
-        parts += ["", "## Per cluster (routed test samples)", ""]
-        cols = ["cluster", "test samples", "test AUC", "test logloss", "field dims", "params"]
-        rows = [[c["cluster"], c["test_samples"], c.get("test_auc"), c.get("test_logloss"),
-                 " ".join(map(str, c["field_dims"])), c["params"]] for c in results["per_cluster"]]  # fmt: skip
-        parts.append(_md(cols, rows))
+        parts += [
+            "",
+            f"## Per cluster and pooled (routed samples; clustering input: {results.get('cluster_input')})",
+            "",
+            _md(CLUSTER_COLUMNS, cluster_rows(results)),
+            "",
+            "Open dims per field (the retrained model's embedding size of each field):",
+            "",
+        ]
+        parts += [
+            f"* cluster {c['cluster']}: " + " ".join(map(str, c["field_dims"]))
+            for c in results["per_cluster"]
+        ]
     rec = results.get("recovery")
     if rec:
         parts += [
@@ -107,7 +146,7 @@ def print_results(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=max(120, Console().width))
-    t = Table(title=f"iHAS results ({results.get('dataset', '')}, test split)")
+    t = Table(title=f"iHAS results ({results.get('dataset', '')}, validation and test splits)")
     for c in RESULT_COLUMNS:
         t.add_column(c, justify="left" if c in ("model", "note") else "right")
     for row in result_rows(results):
@@ -117,6 +156,15 @@ def print_results(results: dict[str, Any]) -> None:
         f"routing cost (search embedding + gate + centroids): {_fmt(results.get('routing_params'))} params; "
         f"inference = whole test split, min of {results.get('timing_repeats')} runs"
     )
+    if results.get("per_cluster"):
+        c = Table(title="Routed iHAS per cluster and pooled")
+        for col in CLUSTER_COLUMNS:
+            c.add_column(col, justify="right")
+        for row in cluster_rows(results):
+            c.add_row(*[_fmt(v) for v in row])
+        console.print(c)
+    for w in results.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     rec = results.get("recovery")
     if rec:
         r = Table(

@@ -1,7 +1,8 @@
 """Clustering stage of iHAS (paper section 3.5.2 "Clustering Stage" and 3.4 "Clusters").
 
 The searched embedding layer + Bernoulli gate (deterministic mode: automatic threshold searcher)
-turn each TRAIN sample into its masked embedding ``E_i * m_i``. A mini-batch K-Means
+turn each TRAIN sample into its masked embedding ``E_i * m_i`` (``cluster.input``: or its 0/1 mask,
+or its gate probabilities; see :func:`ihas_lightning.routing.cluster_features`). A mini-batch K-Means
 (``sklearn.cluster.MiniBatchKMeans.partial_fit``) is fitted on those vectors, streamed in file
 order in batches of ``cluster.batch_size`` for ``cluster.max_passes`` passes (seeded by ``seed``).
 
@@ -43,7 +44,7 @@ from ..artifacts import is_current, make_manifest, write_manifest
 from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..models import DLRM
-from ..routing import nearest_centroid
+from ..routing import CLUSTER_INPUTS, cluster_features, nearest_centroid
 from ..utils import atomic_dir, read_json, write_json
 from .common import (
     CLUSTER_DIR,
@@ -63,6 +64,7 @@ CONFIG_KEYS = [
     "cluster.batch_size",
     "cluster.max_passes",
     "cluster.min_cluster_size",
+    "cluster.input",
     "retrain.keep_threshold",
     "model.embed_dim",
 ]
@@ -70,9 +72,12 @@ REQUIRED = ["cluster.json", "centroids.pt", "assign_train.npy", "assign_val.npy"
 
 
 # ---- the clustering algorithm (pure functions, testable without files) ------------------------------
-def fit_kmeans(model: DLRM, batches, k: int, passes: int, batch_size: int, seed: int) -> np.ndarray:
-    """Mini-batch K-Means over the masked embeddings of ``batches()`` (a callable returning an
-    iterator of x tensors), ``passes`` passes. Returns the centroids [k, D] (float32)."""
+def fit_kmeans(
+    model: DLRM, batches, k: int, passes: int, batch_size: int, seed: int, input: str = "masked_embedding"
+) -> np.ndarray:
+    """Mini-batch K-Means over the clustering features (``cluster.input``, default the masked
+    embeddings) of ``batches()`` (a callable returning an iterator of x tensors), ``passes`` passes.
+    Returns the centroids [k, D] (float32)."""
     from sklearn.cluster import MiniBatchKMeans
 
     km = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, random_state=seed, n_init=1)
@@ -80,8 +85,8 @@ def fit_kmeans(model: DLRM, batches, k: int, passes: int, batch_size: int, seed:
     buffered = 0
     for _ in range(passes):
         for x in batches():
-            emb, _ = model.masked_embedding(x)
-            arr = emb.numpy().astype(np.float32, copy=False)
+            feats, _ = cluster_features(model, x, input)
+            arr = feats.numpy().astype(np.float32, copy=False)
             if not hasattr(km, "cluster_centers_"):
                 # the first partial_fit initialises with k-means++ on its batch: it needs >= k rows
                 buf.append(arr)
@@ -96,14 +101,16 @@ def fit_kmeans(model: DLRM, batches, k: int, passes: int, batch_size: int, seed:
     return km.cluster_centers_.astype(np.float32)
 
 
-def assign_pass(model: DLRM, batches, centroids: torch.Tensor, with_masks: bool) -> dict[str, Any]:
+def assign_pass(
+    model: DLRM, batches, centroids: torch.Tensor, with_masks: bool, input: str = "masked_embedding"
+) -> dict[str, Any]:
     """One ordered pass: nearest-centroid assignment of every sample (+ per-cluster mask sums)."""
     k, dim = centroids.shape
     assign: list[np.ndarray] = []
     mask_sum = torch.zeros(k, dim, dtype=torch.float64)
     for x in batches():
-        emb, mask = model.masked_embedding(x)
-        c = nearest_centroid(emb, centroids)
+        feats, mask = cluster_features(model, x, input)
+        c = nearest_centroid(feats, centroids)
         assign.append(c.numpy().astype(np.int32))
         if with_masks:
             mask_sum.index_add_(0, c, mask.double())
@@ -140,14 +147,15 @@ def cluster_model(
     seed: int,
     min_cluster_size: int,
     keep_threshold: float,
+    input: str = "masked_embedding",
 ) -> dict[str, Any]:
     """Fit K-Means, merge small clusters, average the masks and apply the majority rule (train only)."""
-    centroids = torch.from_numpy(fit_kmeans(model, train_batches, k, passes, batch_size, seed))
+    centroids = torch.from_numpy(fit_kmeans(model, train_batches, k, passes, batch_size, seed, input))
     ids = list(range(k))  # K-Means cluster id of each remaining centroid
     merges: list[dict[str, Any]] = []
     min_size = max(1, int(min_cluster_size))
     while True:
-        res = assign_pass(model, train_batches, centroids, with_masks=True)
+        res = assign_pass(model, train_batches, centroids, with_masks=True, input=input)
         counts = res["counts"]
         small = [j for j in range(len(ids)) if counts[j] < min_size]
         if not small or len(ids) == 1:
@@ -259,13 +267,17 @@ def planted_recovery(
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
-def _check_cfg(cfg: DictConfig) -> None:
+def check_cfg(cfg: DictConfig) -> None:
     if int(cfg.cluster.k) < 1:
         raise ConfigError(f"config key 'cluster.k': must be >= 1 (got {cfg.cluster.k})")
     if int(cfg.cluster.batch_size) < 1:
         raise ConfigError(f"config key 'cluster.batch_size': must be >= 1 (got {cfg.cluster.batch_size})")
     if int(cfg.cluster.max_passes) < 1:
         raise ConfigError(f"config key 'cluster.max_passes': must be >= 1 (got {cfg.cluster.max_passes})")
+    if cfg.cluster.get("input", "masked_embedding") not in CLUSTER_INPUTS:
+        raise ConfigError(
+            f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
+        )
     thr = float(cfg.retrain.keep_threshold)
     if not 0.0 < thr <= 1.0:
         raise ConfigError(f"config key 'retrain.keep_threshold': must be in (0, 1] (got {thr})")
@@ -273,7 +285,7 @@ def _check_cfg(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     """stage=cluster. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
-    _check_cfg(cfg)
+    check_cfg(cfg)
     out = output_dir(cfg) / CLUSTER_DIR
     ckpt = resolve_search_ckpt(cfg)
     prepared = prepared_dir(cfg)
@@ -297,6 +309,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     def batches(split: str):
         return lambda: (x for x, _ in iter_split(dm, split, bs))
 
+    cinput = str(cfg.cluster.get("input", "masked_embedding"))
     torch.manual_seed(int(cfg.seed))
     with torch.no_grad():
         res = cluster_model(
@@ -308,16 +321,20 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             seed=int(cfg.seed),
             min_cluster_size=int(cfg.cluster.min_cluster_size),
             keep_threshold=float(cfg.retrain.keep_threshold),
+            input=cinput,
         )
         centroids = res["centroids"]
         assigns = {"train": res["train_assign"]}
         for split in ("val", "test"):
-            assigns[split] = assign_pass(model, batches(split), centroids, with_masks=False)["assign"]
+            assigns[split] = assign_pass(model, batches(split), centroids, with_masks=False, input=cinput)[
+                "assign"
+            ]
     k = centroids.shape[0]
     sizes = {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()}
     names = fmap.field_names
     info: dict[str, Any] = {
         "k_requested": int(cfg.cluster.k),
+        "input": cinput,
         "k": int(k),
         "kmeans_ids": res["kmeans_ids"],
         "merges": res["merges"],

@@ -83,11 +83,11 @@ def prepared_dir(cfg: DictConfig) -> Path:
     return Path(ensure_prepared(cfg))
 
 
-def make_datamodule(cfg: DictConfig, prepared: Path, batch_size: int | None = None, **kw: Any):
+def make_datamodule(cfg: DictConfig, prepared: Path, batch_size: int, **kw: Any):
     from ..data.datamodule import IHASDataModule
 
-    bs = int(batch_size or cfg.model.batch_size)
-    eval_bs = int(cfg.evaluate.get("batch_size", bs))
+    bs = int(batch_size)
+    eval_bs = int(cfg.evaluate.get("batch_size") or bs)
     return IHASDataModule(str(prepared), batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), **kw)
 
 

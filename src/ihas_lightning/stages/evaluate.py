@@ -1,18 +1,25 @@
 """Routed evaluation of iHAS (paper section 3.4 inference path; Table 4 rows; Figure 4 inference time).
 
-Each TEST sample goes through the searched embedding + Bernoulli gate (deterministic mode), the
+Each sample goes through the searched embedding + Bernoulli gate (deterministic mode), the
 nearest centroid picks its cluster, and that cluster's retrained model predicts it
-(:class:`~ihas_lightning.routing.RoutedModel`). Reported, all on the whole test split:
+(:class:`~ihas_lightning.routing.RoutedModel`). Reported on the whole validation and test splits
+(validation: what a user may compare without touching test; the sweeper's objective):
 
-* **iHAS** (routed): AUC and logloss pooled over the test set, plus per-cluster metrics;
+* **iHAS** (routed): AUC and logloss pooled over the split, and per cluster side by side (a routed
+  model whose clusters rank well separately but are mis-calibrated against each other shows as a
+  pooled AUC below the per-cluster ones);
 * **iHAS-1**: the search model alone (deterministic masks; no clustering / retraining);
 * **Base**: the gate-less model (``evaluate.base_ckpt``, default this run's ``base/search/best.ckpt``;
   the row is left out when there is none);
+* **Constant**: predicting the train base rate (logloss only; AUC 0.5), the floor every model must beat;
 * parameters: embedding rows x dims + MLP of each model; for iHAS the sum of the cluster models,
   with the routing cost (search embedding + gate + centroids) reported separately;
 * inference time of each over the whole test set in this process (min of
   ``evaluate.timing_repeats`` passes, batches of ``evaluate.batch_size``, data already in memory);
   for iHAS both the full routed path and the cluster models alone (given the routing).
+
+Warnings (logged, and in ``results.json``/``results.md``): a model whose val or test logloss is no
+better than the constant predictor's, and iHAS below Base on validation by more than 0.001.
 
 Inputs: ``retrain.dir`` (default this run's ``retrain/``); the cluster dir and search checkpoint are
 taken from the config (``cluster.dir``, ``search.ckpt``) or else from the manifests of the dirs before
@@ -66,6 +73,67 @@ def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, fl
     return auc, ll
 
 
+SPLITS = ("val", "test")
+# the paper calls a difference of 0.001 AUC / logloss significant
+SIGNIFICANT = 0.001
+
+
+def constant_logloss(y: torch.Tensor, rate: float) -> float | None:
+    """Logloss of predicting the constant ``rate`` (the train base rate) for every row of ``y``."""
+    if len(y) == 0:
+        return None
+    p = min(max(float(rate), 1e-7), 1 - 1e-7)
+    yy = y.double()
+    return float(-(yy * np.log(p) + (1 - yy) * np.log(1 - p)).mean())
+
+
+def evaluate_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per problem a user must not miss: a model no better than the constant predictor, and
+    iHAS below Base on validation (the split the user may look at without touching test)."""
+    by = {r["model"]: r for r in rows}
+    const = by["Constant"]
+    out = []
+    for name in ("Base", "iHAS-1", "iHAS"):
+        r = by.get(name)
+        if r is None:
+            continue
+        for split in ("val", "test"):
+            ll, cl = r.get(f"{split}_logloss"), const.get(f"{split}_logloss")
+            if ll is not None and cl is not None and ll >= cl:
+                out.append(
+                    f"{name} has not trained: its {split} logloss {ll:.4f} is no better than predicting the "
+                    f"train base rate ({cl:.4f})"
+                )
+    if "Base" in by and "iHAS" in by:
+        b, i = by["Base"], by["iHAS"]
+        if (
+            b["val_auc"] is not None
+            and i["val_auc"] is not None
+            and i["val_auc"] < b["val_auc"] - SIGNIFICANT
+        ):
+            out.append(
+                f"iHAS loses to Base on validation: AUC {i['val_auc']:.4f} vs {b['val_auc']:.4f} "
+                f"({i['val_auc'] - b['val_auc']:+.4f})"
+            )
+        if (
+            b["val_logloss"] is not None
+            and i["val_logloss"] is not None
+            and (i["val_logloss"] > b["val_logloss"] + SIGNIFICANT)
+        ):
+            out.append(
+                f"iHAS loses to Base on validation: logloss {i['val_logloss']:.4f} vs {b['val_logloss']:.4f}"
+            )
+    return out
+
+
+def _split_batches(dm: Any, split: str, bs: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    xs, ys = [], []
+    for batch in dm.split_dataloader(split, shuffle=False, batch_size=bs):
+        xs.append(torch.as_tensor(batch[0]).clone())
+        ys.append(torch.as_tensor(batch[1]).clone())
+    return xs, torch.cat(ys) if ys else torch.zeros(0)
+
+
 @torch.inference_mode()
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([fn(x) for x in batches]) if batches else torch.zeros(0)
@@ -95,6 +163,13 @@ def base_checkpoint(cfg: DictConfig) -> Path | None:
     return p if p.is_file() else None
 
 
+def check_cfg(cfg: DictConfig) -> None:
+    for key in ("timing_repeats", "batch_size"):
+        v = cfg.evaluate.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"config key 'evaluate.{key}': must be an integer >= 1 (got {v!r})")
+
+
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     """stage=evaluate. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
     from ..loggers import build_logger, finish_loggers, log_table
@@ -103,9 +178,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     from .retrain import check_cluster_fits, data_dir_for, load_cluster_models
     from .search import load_search_model
 
+    check_cfg(cfg)
     repeats = int(cfg.evaluate.get("timing_repeats", 3))
-    if repeats < 1:
-        raise ConfigError(f"config key 'evaluate.timing_repeats': must be >= 1 (got {repeats})")
     retrain_dir = resolve_retrain_dir(cfg)
     cluster_dir = resolve_cluster_dir(cfg, retrain_dir)
     cinfo = load_cluster_dir(cluster_dir)
@@ -121,28 +195,39 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             raise DataError(
                 f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {cluster_dir}/cluster.json"
             )
-    routed = RoutedModel(search, cinfo["centroids"], [m.model for m in modules]).eval()
+    routed = RoutedModel(
+        search,
+        cinfo["centroids"],
+        [m.model for m in modules],
+        input=str(cinfo.get("input", "masked_embedding")),
+    ).eval()
     base_ckpt = base_checkpoint(cfg)
     base = load_search_model(base_ckpt, fmap).model.eval() if base_ckpt is not None else None
 
     bs = int(cfg.evaluate.batch_size)
     dm = make_datamodule(cfg, prepared, batch_size=bs)
-    xs, ys = [], []
-    for batch in dm.split_dataloader("test", shuffle=False, batch_size=bs):
-        xs.append(torch.as_tensor(batch[0]).clone())
-        ys.append(torch.as_tensor(batch[1]).clone())
-    y = torch.cat(ys)
+    data = {s: _split_batches(dm, s, bs) for s in SPLITS}
+    xs, y = data["test"]
     n_test = len(y)
+    prior = fmap.splits.get("train", {}).get("pos_rate")
+    if prior is None:
+        prior = dm.positive_rate("train")
 
-    # ---- predictions ---------------------------------------------------------------------------------
-    with torch.inference_mode():
-        outs = [routed.forward_with_clusters(x) for x in xs]
-    routed_logits = torch.cat([o[0] for o in outs])
-    clusters = torch.cat([o[1] for o in outs])
+    # ---- predictions (val: what selection and the warnings use; test: the reported numbers) ------------
+    logits: dict[str, dict[str, torch.Tensor]] = {}
+    clusters: dict[str, torch.Tensor] = {}
+    for split, (bx, _) in data.items():
+        with torch.inference_mode():
+            outs = [routed.forward_with_clusters(x) for x in bx]
+        clusters[split] = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
+        logits[split] = {
+            "iHAS": torch.cat([o[0] for o in outs]) if outs else torch.zeros(0),
+            "iHAS-1": predict(lambda x: search(x, "deterministic"), bx),
+        }
+        if base is not None:
+            logits[split]["Base"] = predict(lambda x: base(x, "open"), bx)
     stage_assign = torch.from_numpy(np.asarray(cinfo["assign_test"]).astype(np.int64))
-    agree = float((clusters == stage_assign).float().mean()) if len(stage_assign) == n_test else None
-    ihas1_logits = predict(lambda x: search(x, "deterministic"), xs)
-    base_logits = predict(lambda x: base(x, "open"), xs) if base is not None else None
+    agree = float((clusters["test"] == stage_assign).float().mean()) if len(stage_assign) == n_test else None
 
     # ---- timing (same process, same batches) ----------------------------------------------------------
     cluster_batches = [routed.route(x) for x in xs]
@@ -156,54 +241,65 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         timing["base"] = time_inference(lambda x: base(x, "open"), xs, repeats)
 
     # ---- metrics ---------------------------------------------------------------------------------------
-    auc, ll = auc_logloss(routed_logits, y)
-    a1, l1 = auc_logloss(ihas1_logits, y)
+    metrics_of = {
+        split: {name: auc_logloss(lg, data[split][1]) for name, lg in per.items()}
+        for split, per in logits.items()
+    }
+    constant = {split: constant_logloss(data[split][1], prior) for split in SPLITS}
     per_cluster = []
     for c in range(k):
-        sel = clusters == c
-        ca, cl = auc_logloss(routed_logits[sel], y[sel])
-        per_cluster.append(
-            {
-                "cluster": c,
-                "test_samples": int(sel.sum()),
-                "test_auc": ca,
-                "test_logloss": cl,
-                "field_dims": [int(d) for d in cinfo["field_dims"][c]],
-                "embedding_width": int(sum(cinfo["field_dims"][c])),
-                "params": int(models[c].num_parameters()),
-            }
+        entry: dict[str, Any] = {"cluster": c}
+        for split in ("val", "test"):
+            sel = clusters[split] == c
+            ca, cl = auc_logloss(logits[split]["iHAS"][sel], data[split][1][sel])
+            entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
+            entry[f"{split}_positive_rate"] = float(data[split][1][sel].mean()) if int(sel.sum()) else None
+        entry.update(
+            field_dims=[int(d) for d in cinfo["field_dims"][c]],
+            embedding_width=int(sum(cinfo["field_dims"][c])),
+            params=int(models[c].num_parameters()),
         )
+        per_cluster.append(entry)
     cluster_params = sum(p["params"] for p in per_cluster)
-    rows: list[dict[str, Any]] = []
+    notes = {
+        "Base": "no gates, all fields x 16 dims",
+        "iHAS-1": "search model alone, deterministic masks",
+        "iHAS": f"routed to {k} cluster models (models alone: {timing['ihas_models_only']:.1f} ms; "
+        f"+{routed.routing_parameters():,} routing params)",
+    }
+    params = {"iHAS-1": int(search.num_parameters()), "iHAS": int(cluster_params)}
+    ms = {"iHAS-1": timing["ihas1"], "iHAS": timing["ihas"]}
     if base is not None:
-        ba, bl = auc_logloss(base_logits, y)
-        rows.append({"model": "Base", "test_auc": ba, "test_logloss": bl, "params": int(base.num_parameters()),
-                     "inference_ms": timing["base"], "note": "no gates, all fields x 16 dims"})  # fmt: skip
-    rows.append({"model": "iHAS-1", "test_auc": a1, "test_logloss": l1, "params": int(search.num_parameters()),
-                 "inference_ms": timing["ihas1"], "note": "search model alone, deterministic masks"})  # fmt: skip
-    rows.append(
-        {
-            "model": "iHAS",
-            "test_auc": auc,
-            "test_logloss": ll,
-            "params": int(cluster_params),
-            "inference_ms": timing["ihas"],
-            "note": f"routed to {k} cluster models (models alone: {timing['ihas_models_only']:.1f} ms; "
-            f"+{routed.routing_parameters():,} routing params)",
-        }
-    )
+        params["Base"], ms["Base"] = int(base.num_parameters()), timing["base"]
+    rows: list[dict[str, Any]] = []
+    for name in ("Base", "iHAS-1", "iHAS"):
+        if name not in metrics_of["test"]:
+            continue
+        (va, vl), (ta, tl) = metrics_of["val"][name], metrics_of["test"][name]
+        rows.append({"model": name, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
+                     "params": params[name], "inference_ms": ms[name], "note": notes[name]})  # fmt: skip
+    rows.append({"model": "Constant", "test_auc": 0.5, "test_logloss": constant["test"], "val_auc": 0.5,
+                 "val_logloss": constant["val"], "params": 1, "inference_ms": None,
+                 "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
+    warnings = evaluate_warnings(rows)
+    for w in warnings:
+        log.warning("evaluate: %s", w)
     results: dict[str, Any] = {
         "dataset": str(cfg.dataset.name),
         "test_rows": n_test,
+        "val_rows": len(data["val"][1]),
         "batch_size": bs,
         "timing_repeats": repeats,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "per_cluster": per_cluster,
+        "cluster_input": routed.input,
+        "train_positive_rate": prior,
         "routing_params": int(routed.routing_parameters()),
         "cluster_params": [p["params"] for p in per_cluster],
         "timing_ms": timing,
         "routing_agrees_with_cluster_stage": agree,
+        "warnings": warnings,
         "inputs": {
             "search_ckpt": str(search_ckpt.resolve()),
             "cluster_dir": str(cluster_dir.resolve()),
@@ -266,19 +362,21 @@ def time_inference_pairs(
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """Scalar metrics for loggers / the sweeper: ``routed/test/auc`` etc."""
-    names = {"Base": "base", "iHAS-1": "ihas1", "iHAS": "routed"}
+    names = {"Base": "base", "iHAS-1": "ihas1", "iHAS": "routed", "Constant": "constant"}
     m: dict[str, Any] = {}
     for r in results["rows"]:
         p = names[r["model"]]
-        m[f"{p}/test/auc"] = r["test_auc"]
-        m[f"{p}/test/logloss"] = r["test_logloss"]
+        for split in ("val", "test"):
+            m[f"{p}/{split}/auc"] = r.get(f"{split}_auc")
+            m[f"{p}/{split}/logloss"] = r.get(f"{split}_logloss")
         m[f"{p}/params"] = r["params"]
         m[f"{p}/inference_ms"] = r["inference_ms"]
     m["routed/routing_params"] = results["routing_params"]
     m["routed/models_only_ms"] = results["timing_ms"]["ihas_models_only"]
     for c in results["per_cluster"]:
-        m[f"routed/cluster_{c['cluster']}/test/auc"] = c["test_auc"]
-        m[f"routed/cluster_{c['cluster']}/test_samples"] = c["test_samples"]
+        for split in ("val", "test"):
+            m[f"routed/cluster_{c['cluster']}/{split}/auc"] = c[f"{split}_auc"]
+            m[f"routed/cluster_{c['cluster']}/{split}_samples"] = c[f"{split}_samples"]
     if "recovery" in results:
         for r in results["recovery"]["per_cluster"]:
             m[f"recovery/cluster_{r['cluster']}/f1"] = r["f1"]

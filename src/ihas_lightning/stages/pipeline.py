@@ -63,9 +63,14 @@ def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     from ..loggers import run_scope, scope_prefix
-    from . import cluster, evaluate, retrain
+    from . import cluster, evaluate, retrain, search
     from .common import prepared_dir
 
+    # every stage's keys are checked before any work (prepare included)
+    search.check_cfg(cfg)
+    cluster.check_cfg(cfg)
+    retrain.check_cfg(cfg)
+    evaluate.check_cfg(cfg)
     out = output_dir(cfg)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
 

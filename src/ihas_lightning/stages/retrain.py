@@ -6,7 +6,9 @@ field_dims=dims_c)``, a size-0 field removed, the MLP ``model.hidden`` (16, 8) o
 width -- and trained with a Lightning Trainer on the cluster's TRAIN samples only
 (``IHASDataModule(row_filter=...)`` over the cluster assignments), with early stopping and best
 checkpoint selection on the cluster's VAL samples (``retrain.monitor``, default ``val/logloss``), for
-``retrain.epochs`` epochs. Logloss rather than AUC: the routed predictions of all clusters are pooled
+up to ``retrain.max_epochs`` epochs with ``retrain.patience`` (the batch size follows the cluster's size
+with ``model.batch_size=auto``, and the output bias starts at the cluster's own log-odds, so a small
+cluster still gets enough steps and starts calibrated). Logloss rather than AUC: the routed predictions of all clusters are pooled
 into one test AUC, so each cluster model must be calibrated, not only rank well within its cluster
 (selecting by AUC kept an uncalibrated epoch-1 model on one seed and the pooled AUC fell below Base).
 ``retrain.init=searched`` (default, the paper) copies the kept dims of each field from the searched
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..artifacts import is_current, make_manifest, write_manifest
@@ -52,8 +55,8 @@ log = logging.getLogger("ihas_lightning")
 
 CONFIG_KEYS = [
     "seed",
-    "retrain.epochs",
-    "retrain.early_stopping_patience",
+    "retrain.max_epochs",
+    "retrain.patience",
     "retrain.init",
     "retrain.monitor",
     "model",
@@ -63,48 +66,31 @@ CONFIG_KEYS = [
 ]
 
 
-# ---- a generic "fit one CTR model with early stopping + best checkpoint" -----------------------------
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kw = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(kw, dict)
-    return {k: v for k, v in kw.items() if v is not None}
-
-
+# ---- fit one CTR model to convergence (shared mechanics: ihas_lightning.training) -------------------
 def fit_ctr(
     module: Any,
     dm: Any,
     cfg: DictConfig,
     out: Path,
-    epochs: int,
-    patience: int,
+    max_epochs: int,
+    patience: int | None,
     logger: Any = None,
     monitor_val: bool = True,
-    monitor: str = "val/auc",
+    monitor: str = "val/logloss",
 ) -> dict[str, Any]:
-    """Fit ``module`` (a CTRModule) on ``dm``; write ``out/best.ckpt`` (best ``monitor``), return
-    {best val auc/logloss, test auc/logloss of the best checkpoint, epochs run, seconds}."""
-    import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
+    ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
+    checkpoint, epochs run, seconds, params}."""
+    from ..training import build_trainer, selection_callbacks
 
     callbacks: list[Any] = []
     ckpt_cb = None
+    overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
     if monitor_val:
-        mode = "min" if monitor.endswith("logloss") else "max"
-        ckpt_cb = ModelCheckpoint(dirpath=str(out), filename="best", monitor=monitor, mode=mode, save_top_k=1)
-        callbacks.append(ckpt_cb)
-        if patience > 0:
-            callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=patience))
-    kw = trainer_kwargs(cfg)
-    kw.update(
-        max_epochs=int(epochs),
-        callbacks=callbacks,
-        logger=logger if logger is not None else False,
-        enable_checkpointing=monitor_val,
-        default_root_dir=str(out),
-    )
-    if not monitor_val:
-        kw["limit_val_batches"] = 0
-    trainer = L.Trainer(**kw)
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, save_last=False)
+    else:
+        overrides["limit_val_batches"] = 0
+    trainer = build_trainer(cfg, max_epochs, callbacks, logger, out, **overrides)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_s = time.perf_counter() - t0
@@ -114,18 +100,21 @@ def fit_ctr(
         if Path(ckpt_cb.best_model_path).resolve() != best.resolve():
             Path(ckpt_cb.best_model_path).replace(best)
         best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+        best_epoch = int(torch.load(best, map_location="cpu", weights_only=False).get("epoch", -1))
         module = type(module).load_from_checkpoint(str(best), map_location="cpu")
     else:  # fast_dev_run / no validation: the last weights are the result
         trainer.save_checkpoint(str(best))
+        best_epoch = int(trainer.current_epoch)
     val = trainer.validate(module, datamodule=dm, verbose=False) if monitor_val else [{}]
     test = trainer.test(module, datamodule=dm, verbose=False)
     return {
         "best_ckpt": str(best),
         "val_auc": _f(val[0].get("val/auc")) if val else None,
         "val_logloss": _f(val[0].get("val/logloss")) if val else None,
-        "best_val_auc_during_fit": best_score,
+        "best_monitor_during_fit": best_score,
         "test_auc": _f(test[0].get("test/auc")) if test else None,
         "test_logloss": _f(test[0].get("test/logloss")) if test else None,
+        "best_epoch": best_epoch,
         "epochs_run": int(trainer.current_epoch),
         "fit_seconds": round(fit_s, 3),
         "params": int(module.model.num_parameters()),
@@ -156,15 +145,26 @@ def check_cluster_fits(cluster_dir: Path, info: dict[str, Any], fmap: FeatureMap
             )
 
 
+def check_cfg(cfg: DictConfig) -> None:
+    """Every key the retrain stage will use, checked before any work."""
+    from ..schedule import check_batch_size
+    from ..training import check_fit_cfg, trainer_kwargs
+
+    check_fit_cfg(cfg.retrain, "retrain")
+    if str(cfg.retrain.init) not in INITS:
+        raise ConfigError(
+            f"config key 'retrain.init': must be one of {list(INITS)} (got '{cfg.retrain.init}')"
+        )
+    check_batch_size(cfg.model)
+    trainer_kwargs(cfg)
+
+
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     """stage=retrain. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
     from .cluster import load_cluster_dir
 
+    check_cfg(cfg)
     init = str(cfg.retrain.init)
-    if init not in INITS:
-        raise ConfigError(f"config key 'retrain.init': must be one of {list(INITS)} (got '{init}')")
-    if int(cfg.retrain.epochs) < 1:
-        raise ConfigError(f"config key 'retrain.epochs': must be >= 1 (got {cfg.retrain.epochs})")
     cluster_dir = resolve_cluster_dir(cfg)
     info = load_cluster_dir(cluster_dir)
     prepared = data_dir_for(cfg, info)
@@ -238,8 +238,18 @@ def _train_cluster(
     manifest: dict[str, Any],
     logger: Any,
 ) -> dict[str, Any]:
+    from .. import schedule
+
     dims = [int(d) for d in info["field_dims"][c]]
     kept = info["kept_dims"][c]
+    masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
+    n = {s: int(m.sum()) for s, m in masks.items()}
+    if n["train"] == 0:
+        raise DataError(f"cluster {c} has no train samples (re-run stage=cluster with a smaller cluster.k)")
+    bs = schedule.batch_size(cfg.model, n["train"])
+    dm = make_datamodule(cfg, prepared, batch_size=bs, row_filter=masks)
+    rate = dm.positive_rate("train")
+    bias = schedule.prior_logit(rate) if cfg.model.get("output_bias", "prior") == "prior" else None
     seed_everything(int(cfg.seed) + c)
     module = RetrainModule(
         fmap.vocab_sizes,
@@ -248,17 +258,14 @@ def _train_cluster(
         kept_dims=kept,
         cluster_id=c,
         field_names=fmap.field_names,
+        output_bias=bias,
     )
     if searched is not None:
         module.init_from_searched(searched)
-    masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
-    n = {s: int(m.sum()) for s, m in masks.items()}
-    if n["train"] == 0:
-        raise DataError(f"cluster {c} has no train samples (re-run stage=cluster with a smaller cluster.k)")
-    dm = make_datamodule(cfg, prepared, row_filter=masks)
     log.info(
-        "retrain stage: cluster %d: %d train / %d val / %d test samples, field dims %s (MLP in %d, %d params)",
-        c, n["train"], n["val"], n["test"], dims, sum(dims), module.model.num_parameters(),
+        "retrain stage: cluster %d: %d train / %d val / %d test samples (positive rate %.3f), field dims %s "
+        "(MLP in %d, %d params), batch %d",
+        c, n["train"], n["val"], n["test"], rate or 0.0, dims, sum(dims), module.model.num_parameters(), bs,
     )  # fmt: skip
     monitor = n["val"] > 0
     if not monitor:
@@ -272,8 +279,8 @@ def _train_cluster(
             dm,
             cfg,
             tmp,
-            epochs=int(cfg.retrain.epochs),
-            patience=int(cfg.retrain.early_stopping_patience),
+            max_epochs=int(cfg.retrain.max_epochs),
+            patience=cfg.retrain.get("patience"),
             logger=sub,
             monitor_val=monitor,
             monitor=str(cfg.retrain.get("monitor", "val/logloss")),
@@ -284,6 +291,8 @@ def _train_cluster(
             "field_dims": dims,
             "embedding_width": sum(dims),
             "samples": n,
+            "batch_size": bs,
+            "train_positive_rate": rate,
             "init": init,
             **res,
             "resumed": False,

@@ -4,17 +4,34 @@
 (``method=ihas``) or ``CTRModule`` (``method=base``, same code path without gates) -> a Trainer
 built from ``cfg.trainer`` -> fit -> validate/test the best checkpoint -> outputs.
 
+Budgets (:mod:`ihas_lightning.schedule`, :mod:`ihas_lightning.training`): the batch size and the
+gate schedule follow the data size (``model.batch_size=auto``, ``search.search_every=auto``); the
+output bias starts at the training rows' log-odds (``model.output_bias=prior``). Base trains up to
+``search.max_epochs``, early-stopped on ``search.monitor`` (``val/logloss``) with
+``search.patience``. A search pretrains with open gates until ``search.pretrain.patience`` epochs
+bring no improvement (at most ``search.pretrain.max_epochs``), restores the best pretrained weights,
+then runs the bi-level search for at most ``search.max_epochs`` epochs, early-stopped alike; the
+model's lr is scaled by ``search.model_lr_scale`` in that phase.
+
+The gate's data (``search.gate_data``): ``holdout`` (default) holds a seeded
+``search.holdout_fraction`` of the TRAIN rows out of the model's training and feeds them to the gate
+steps, so the validation split used for early stopping and checkpoint selection is never fitted by
+the gate (on a sample the gate, N*d x N*d weights, memorises a small validation split: val AUC 0.9999,
+test AUC 0.67 on the Criteo sample); ``val`` is the paper's protocol (``experiment=paper_protocol``).
+
 Outputs in ``<run dir>/search/``::
 
-    best.ckpt      the best model by val/auc (deterministic masks), phase-2 epochs only
+    best.ckpt      the best model by search.monitor (deterministic masks), search-phase epochs only
     last.ckpt      the last epoch (for ``search.resume=<ckpt>``)
-    metrics.json   val + test AUC/logloss of best.ckpt, open-dim shares (overall / per field / per
-                   dim) and polarization statistics on the test split, timing and samples/s,
-                   and (synthetic data) per-group field recovery against truth.json
+    metrics.json   val + test AUC/logloss of best.ckpt, the resolved budget (batch size, gate
+                   schedule, epochs), open-dim shares (overall / per field / per dim) and
+                   polarization statistics on the test split, timing and samples/s, warnings
+                   (too few gate steps, nothing or everything closed, no bimodal histogram) and
+                   (synthetic data) per-group field recovery against truth.json
     gate_hist.png  histogram of the gate probabilities on the test split (paper Figure 3)
     manifest.json  written last: config hashes, the prepared dir and its feature-map hash
 
-Model selection (ModelCheckpoint and EarlyStopping on ``val/auc``) ignores the pretraining epochs,
+Model selection (ModelCheckpoint and EarlyStopping on ``search.monitor``) ignores the pretraining epochs,
 whose validation runs with open gates: otherwise the best checkpoint could be a pretrain-only
 model whose gates were never trained. If no phase-2 validation ran (``fast_dev_run``, or a budget
 that ends inside pretraining) ``best.ckpt`` holds the final weights.
@@ -22,7 +39,6 @@ that ends inside pretraining) ``best.ckpt`` holds the final weights.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -41,103 +57,6 @@ SEARCH_DIR = "search"
 BEST = "best.ckpt"
 LAST = "last.ckpt"
 MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
-
-
-# ---- Trainer ---------------------------------------------------------------------------------------
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """``cfg.trainer`` as Trainer kwargs; an unknown key is a one-line ConfigError naming it."""
-    import lightning as L
-
-    tcfg = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
-    assert isinstance(tcfg, dict)
-    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-    for key in tcfg:
-        if key not in allowed:
-            raise ConfigError(f"config key 'trainer.{key}': not a lightning.Trainer argument")
-    return tcfg
-
-
-def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any, **overrides: Any):
-    """``L.Trainer(**cfg.trainer)`` with the stage's epoch budget, callbacks and logger."""
-    import lightning as L
-
-    kw = trainer_kwargs(cfg)
-    kw.update(
-        max_epochs=int(max_epochs),
-        callbacks=callbacks,
-        logger=logger if logger is not None else False,
-        default_root_dir=str(cfg.paths.output_dir),
-    )
-    kw.update(overrides)
-    return L.Trainer(**kw)
-
-
-def throughput_callback(skip_batches: int = 0):
-    """A callback measuring training samples/s: wall time from each batch's fetch to the end of its
-    step, validation excluded; the first ``skip_batches`` batches (warm-up) are not counted."""
-    from lightning.pytorch.callbacks import Callback
-
-    class Throughput(Callback):
-        def __init__(self) -> None:
-            self.samples = 0
-            self.seconds = 0.0
-            self.batches = 0
-            self._mark: float | None = None
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self._mark = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            now = time.perf_counter()
-            self.batches += 1
-            if self._mark is not None and self.batches > skip_batches:
-                self.seconds += now - self._mark
-                self.samples += int(batch[1].shape[0])
-            self._mark = now
-
-        def on_validation_end(self, trainer, pl_module):
-            self._mark = time.perf_counter()
-
-        @property
-        def samples_per_s(self) -> float | None:
-            return self.samples / self.seconds if self.seconds else None
-
-    return Throughput()
-
-
-def _callbacks(first_epoch: int, out: Path, patience: int | None):
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    class PhaseCheckpoint(ModelCheckpoint):
-        """Best-by-val/auc checkpoint that ignores epochs before ``first_epoch`` (pretraining)."""
-
-        def _save_topk_checkpoint(self, trainer, monitor_candidates):
-            if trainer.current_epoch < first_epoch:
-                return
-            super()._save_topk_checkpoint(trainer, monitor_candidates)
-
-    class PhaseEarlyStopping(EarlyStopping):
-        """Early stopping on val/auc that starts counting at ``first_epoch``."""
-
-        def _should_skip_check(self, trainer):
-            return trainer.current_epoch < first_epoch or super()._should_skip_check(trainer)
-
-    ckpt = PhaseCheckpoint(
-        dirpath=str(out),
-        filename="best",
-        monitor="val/auc",
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-        enable_version_counter=False,
-        auto_insert_metric_name=False,
-    )
-    cbs: list = [ckpt]
-    if patience:
-        cbs.append(PhaseEarlyStopping(monitor="val/auc", mode="max", patience=int(patience)))
-    thr = throughput_callback()
-    cbs.append(thr)
-    return cbs, ckpt, thr
 
 
 def check_gate_cfg(gate: DictConfig) -> None:
@@ -173,7 +92,7 @@ def check_gate_cfg(gate: DictConfig) -> None:
 
 
 # ---- module construction / loading -------------------------------------------------------------------
-def build_module(cfg: DictConfig, feature_map):
+def build_module(cfg: DictConfig, feature_map, output_bias: float | None = None, search_every: int = 100):
     """``SearchModule`` for a gated method (ihas), ``CTRModule`` for ``method=base``."""
     from ..modules.ctr import CTRModule
     from ..modules.search import SearchModule
@@ -182,16 +101,25 @@ def build_module(cfg: DictConfig, feature_map):
     gated = bool(cfg.method.get("gated", False))
     if not gated:
         return CTRModule(
-            feature_map.vocab_sizes, model, eval_mode="open", field_names=feature_map.field_names
+            feature_map.vocab_sizes,
+            model,
+            eval_mode="open",
+            field_names=feature_map.field_names,
+            output_bias=output_bias,
         )
     gate = OmegaConf.to_container(cfg.method.gate, resolve=True)
+    pre = cfg.search.pretrain
     return SearchModule(
         feature_map.vocab_sizes,
         model,
         gate=gate,
-        pretrain_epochs=int(cfg.search.pretrain_epochs),
-        search_every=int(cfg.search.search_every),
+        # patience null (or no pretraining): exactly pretrain.max_epochs epochs; else the
+        # SearchSchedule callback ends the pretraining on its validation criterion
+        pretrain_epochs=int(pre.max_epochs) if pre.get("patience") is None or pre.max_epochs == 0 else None,
+        search_every=int(search_every),
         field_names=feature_map.field_names,
+        output_bias=output_bias,
+        model_lr_scale=float(cfg.search.model_lr_scale),
     )
 
 
@@ -256,59 +184,176 @@ def _metric(d: list[dict], key: str) -> float | None:
     return None
 
 
+GATE_DATA = ("holdout", "val")
+OUTPUT_BIAS = ("prior", "zero")
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    """Every key the search stage (and the Base fit) will use, checked before any work."""
+    from .. import schedule
+    from ..training import MONITORS, check_fit_cfg, check_monitor, trainer_kwargs
+
+    sc = cfg.search
+    check_fit_cfg(sc, "search")
+    schedule.check_batch_size(cfg.model)
+    ob = cfg.model.get("output_bias", "prior")
+    if ob not in OUTPUT_BIAS:
+        raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
+    trainer_kwargs(cfg)
+    if not bool(cfg.method.get("gated", False)):
+        return
+    check_fit_cfg(sc.pretrain, "search.pretrain", min_epochs=0)  # 0: no pretraining
+    check_monitor(sc.get("search_monitor"), "search.search_monitor", MONITORS)
+    schedule.check_search_every(sc)
+    if sc.gate_data not in GATE_DATA:
+        raise ConfigError(
+            f"config key 'search.gate_data': must be one of {list(GATE_DATA)} (got {sc.gate_data!r})"
+        )
+    frac = sc.get("holdout_fraction")
+    if not isinstance(frac, (int, float)) or not 0.0 < float(frac) < 1.0:
+        raise ConfigError(f"config key 'search.holdout_fraction': must be in (0, 1) (got {frac!r})")
+    scale = sc.get("model_lr_scale")
+    if not isinstance(scale, (int, float)) or float(scale) <= 0:
+        raise ConfigError(f"config key 'search.model_lr_scale': must be > 0 (got {scale!r})")
+    mg = sc.get("min_gate_steps")
+    if not isinstance(mg, int) or mg < 0:
+        raise ConfigError(f"config key 'search.min_gate_steps': must be an integer >= 0 (got {mg!r})")
+    sbs = sc.get("search_batch_size")
+    if sbs is not None and (not isinstance(sbs, int) or sbs < 1):
+        raise ConfigError(f"config key 'search.search_batch_size': must be >= 1 or null (got {sbs!r})")
+    check_gate_cfg(cfg.method.gate)
+
+
+def holdout_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded bool mask over the train rows (file order): the gate's held-out rows."""
+    mask = np.random.default_rng([int(seed), 0x6A7E]).random(rows) < float(fraction)
+    if rows >= 2 and not mask.any():
+        mask[0] = True
+    if rows >= 2 and mask.all():
+        mask[0] = False
+    return mask
+
+
+def search_warnings(metrics: dict[str, Any], min_gate_steps: int) -> list[str]:
+    """One-line warnings for a search that did not select (also written to metrics.json)."""
+    out = []
+    steps = metrics.get("gate_steps", 0)
+    if steps < min_gate_steps:
+        out.append(
+            f"the gate made only {steps} steps (< search.min_gate_steps={min_gate_steps}): too few to learn "
+            f"a selection; lower search.search_every or raise search.max_epochs"
+        )
+    share = metrics.get("open_share")
+    if share is not None and share >= 0.99:
+        out.append(f"the search closed nothing: {share:.1%} of the dims are open on the test split")
+    elif share is not None and share <= 0.01:
+        out.append(f"the search closed everything: {share:.1%} of the dims are open on the test split")
+    valley = (metrics.get("gate") or {}).get("polarization", {}).get("share_valley_found")
+    if valley is not None and valley < 0.5:
+        out.append(
+            f"the gate histogram is not bimodal for {1 - valley:.0%} of the test samples (no valley: their "
+            f"threshold fell back to 0.5)"
+        )
+    return out
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the search (or Base) model and write ``search/`` outputs; returns the metrics dict."""
+    from .. import schedule
     from ..data.datamodule import IHASDataModule
+    from ..data.feature_map import FeatureMap
     from ..loggers import build_logger, finish_loggers
-    from ..modules.search import SearchModule
+    from ..modules.search import SearchModule, SearchSchedule
     from ..report.figures import gate_histogram_png
+    from ..training import build_trainer, selection_callbacks, throughput_callback
     from .prepare import ensure_prepared
 
-    epochs = int(cfg.search.epochs)
+    check_cfg(cfg)
+    sc = cfg.search
     gated = bool(cfg.method.get("gated", False))
-    pretrain = int(cfg.search.pretrain_epochs) if gated else 0
-    if epochs < 1:
-        raise ConfigError(f"config key 'search.epochs': must be >= 1 (got {epochs})")
-    if gated and not 0 <= pretrain < epochs:
-        raise ConfigError(
-            f"config key 'search.pretrain_epochs': must be in [0, search.epochs) so that at least one "
-            f"search epoch remains (got {pretrain} with search.epochs={epochs})"
-        )
-    if gated and int(cfg.search.search_every) < 1:
-        raise ConfigError("config key 'search.search_every': must be >= 1")
-    if gated:
-        check_gate_cfg(cfg.method.gate)
-    resume = cfg.search.get("resume")
+    resume = sc.get("resume")
     if resume and not Path(str(resume)).is_file():
         raise DataError(f"{resume}: checkpoint to resume from not found (search.resume)")
 
     out_root = Path(str(cfg.paths.output_dir))
     out = out_root / SEARCH_DIR
     out.mkdir(parents=True, exist_ok=True)
-    trainer_kwargs(cfg)  # fail early on unknown trainer keys
     # the manifest marks a complete search dir: drop a previous run's before writing anything new
     for stale in ("manifest.json", "metrics.json"):
         (out / stale).unlink(missing_ok=True)
 
     prepared = Path(ensure_prepared(cfg))
     seed_everything(int(cfg.seed))
+    fmap = FeatureMap.load(prepared)
+    n_train = fmap.rows("train")
+    hold = None
+    if gated and sc.gate_data == "holdout":
+        hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
+    model_rows = n_train - (int(hold.sum()) if hold is not None else 0)
+    bs = schedule.batch_size(cfg.model, model_rows)
+    sbs = int(sc.get("search_batch_size") or bs)
+    eval_bs = int(cfg.evaluate.get("batch_size") or bs)
     dm = IHASDataModule(
         str(prepared),
-        batch_size=int(cfg.model.batch_size),
-        eval_batch_size=int(cfg.evaluate.get("batch_size", cfg.model.batch_size)),
+        batch_size=bs,
+        eval_batch_size=eval_bs,
         seed=int(cfg.seed),
-        search_batch_size=int(cfg.search.get("search_batch_size") or cfg.model.batch_size),
+        search_batch_size=sbs,
+        row_filter={"train": ~hold} if hold is not None else None,
     )
-    fmap = dm.feature_map
+    every = schedule.search_every(sc, schedule.batches_per_epoch(model_rows, bs)) if gated else None
+    prior = dm.positive_rate("train")
+    bias = schedule.prior_logit(prior) if cfg.model.get("output_bias", "prior") == "prior" else None
     synthetic = (prepared / "truth.json").is_file()
-    module = build_module(cfg, fmap)
+    module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
+    budget = {
+        "batch_size": bs,
+        "train_rows": model_rows,
+        "batches_per_epoch": schedule.batches_per_epoch(model_rows, bs),
+    }
     if isinstance(module, SearchModule):
-        module.set_search_loader(dm.search_dataloader())
+        if hold is not None:
+            gate_dm = IHASDataModule(
+                str(prepared),
+                batch_size=sbs,
+                seed=int(cfg.seed),
+                search_batch_size=sbs,
+                row_filter={"train": hold},
+            )
+            module.set_search_loader(gate_dm.search_dataloader("train"))
+            budget["gate_rows"] = int(hold.sum())
+        else:
+            module.set_search_loader(dm.search_dataloader("val"))
+            budget["gate_rows"] = fmap.rows("val")
+        budget.update(search_every=every, gate_data=str(sc.gate_data), search_batch_size=sbs)
+    log.info(
+        "%s: %s", "search" if gated else "base",
+        ", ".join(f"{k}={v}" for k, v in budget.items()),
+    )  # fmt: skip
 
+    # Base and the pretraining: search.monitor; the bi-level search phase: search.search_monitor
+    monitor = str(sc.search_monitor) if gated else str(sc.monitor)
     logger = build_logger(cfg, str(cfg.get("tag") or "search"))
     try:
-        callbacks, ckpt_cb, throughput = _callbacks(pretrain, out, cfg.search.get("early_stopping_patience"))
-        trainer = build_trainer(cfg, epochs, callbacks, logger)
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, sc.get("patience"))
+        throughput = throughput_callback()
+        callbacks.append(throughput)
+        if gated:
+            pre = sc.pretrain
+            callbacks.insert(
+                0,
+                SearchSchedule(
+                    pretrain_max_epochs=int(pre.max_epochs),
+                    pretrain_patience=pre.get("patience"),
+                    search_max_epochs=int(sc.max_epochs),
+                    monitor=str(sc.monitor),
+                    restore_best=bool(pre.get("restore_best", True)),
+                ),
+            )
+            max_epochs = int(pre.max_epochs) + int(sc.max_epochs)
+        else:
+            max_epochs = int(sc.max_epochs)
+        trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root)
         t0 = time.perf_counter()
         trainer.fit(
             module,
@@ -317,15 +362,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ckpt_path=str(resume) if resume else None,
         )
         fit_seconds = time.perf_counter() - t0
+        gate_steps = int(getattr(module, "gate_steps", 0))  # loading best.ckpt below restores its count
         best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
         if best is None or not best.is_file():
-            best = out / BEST  # no phase-2 validation ran: the final weights are the result
+            best = out / BEST  # no selectable validation ran: the final weights are the result
             trainer.save_checkpoint(best)
         if not (out / LAST).is_file():
             trainer.save_checkpoint(out / LAST)
 
         val = trainer.validate(module, dataloaders=dm.val_dataloader(), ckpt_path=str(best), verbose=False)
         test = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=str(best), verbose=False)
+        start = getattr(module, "search_start_epoch", None)
         metrics: dict[str, Any] = {
             "method": str(cfg.method.name),
             "dataset": str(cfg.dataset.name),
@@ -333,9 +380,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "val/logloss": _metric(val, "val/logloss"),
             "test/auc": _metric(test, "test/auc"),
             "test/logloss": _metric(test, "test/logloss"),
+            "monitor": monitor,
             "best_epoch": _best_epoch(best),
             "epochs_run": int(trainer.current_epoch),
-            "pretrain_epochs": pretrain,
+            "pretrain_epochs": start if gated else 0,
+            "budget": {**budget, "max_epochs": max_epochs, "train_positive_rate": prior, "output_bias": bias},
             "global_step": int(trainer.global_step),
             "global_step_note": "counts optimizer steps: 2 per training batch, 3 on gate-step batches",
             "fit_seconds": round(fit_seconds, 3),
@@ -348,7 +397,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "best_ckpt": str(best),
         }
         if isinstance(module, SearchModule):
-            metrics["gate_steps"] = int(module.gate_steps)
+            metrics["gate_steps"] = gate_steps
+            metrics["gate_steps_at_best"] = int(module.gate_steps)
             stats = _test_gate_statistics(module, dm, synthetic)
             hist = stats.pop("p_hist")
             metrics["gate"] = {
@@ -371,17 +421,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 truth = read_json(prepared / "truth.json")
                 metrics["per_group_field_mask"] = stats["per_group_field_mask"]
                 metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
+            metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
+            for w in metrics["warnings"]:
+                log.warning("search: %s", w)
         write_json(out / "metrics.json", metrics)
         _write_manifest(cfg, out, prepared, fmap, best)
         log.info(
-            "search done: val/auc=%s test/auc=%s (%s)",
-            metrics["val/auc"],
-            metrics["test/auc"],
+            "%s done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
+            "search" if gated else "base",
+            metrics["best_epoch"],
+            metrics["epochs_run"] + 1,
+            _round(metrics["val/auc"]),
+            _round(metrics["test/auc"]),
             out / "metrics.json",
         )
         return metrics
     finally:
         finish_loggers()
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
 
 
 def _best_epoch(path: Path) -> int | None:
