@@ -352,3 +352,25 @@ def test_search_warns_when_it_selects_nothing():
     w = search_warnings(bad, 200)
     assert len(w) == 3 and "only 4 steps" in w[0] and "closed nothing" in w[1] and "not bimodal" in w[2]
     assert "closed everything" in search_warnings({**ok, "open_share": 0.0}, 200)[0]
+
+
+def test_instance_structure_separates_per_dim_from_per_sample_variation():
+    from ihas_lightning.modules.search import GateStats
+
+    g = torch.Generator().manual_seed(0)
+    dims = torch.linspace(0.05, 0.95, 12)
+    fixed = GateStats(12, [4, 4, 4], covariance=True)  # every sample has the same gate: not instance-wise
+    p = dims.expand(100, 12)
+    fixed.update((p > 0.5).float(), p, torch.full((100,), 0.5), torch.ones(100, dtype=torch.bool))
+    assert fixed.instance_structure()["across_samples_share"] == pytest.approx(0.0, abs=1e-9)
+    one_axis = GateStats(12, [4, 4, 4], covariance=True)  # samples move along one direction only
+    s = torch.rand(100, 1, generator=g) - 0.5
+    p = (0.5 + s * torch.linspace(-0.8, 0.8, 12)).clamp(0, 1)
+    one_axis.update((p > 0.5).float(), p, torch.full((100,), 0.5), torch.ones(100, dtype=torch.bool))
+    st = one_axis.instance_structure()
+    assert st["across_samples_share"] > 0.99
+    assert st["pc1_share_of_sample_variance"] == pytest.approx(1.0, abs=1e-6)
+    noisy = GateStats(12, [4, 4, 4], covariance=True)
+    p = torch.rand(200, 12, generator=g)
+    noisy.update((p > 0.5).float(), p, torch.full((200,), 0.5), torch.ones(200, dtype=torch.bool))
+    assert noisy.instance_structure()["pc1_share_of_sample_variance"] < 0.3

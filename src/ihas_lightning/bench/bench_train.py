@@ -147,7 +147,7 @@ def lightning_run(
 
     from ..modules.ctr import CTRModule
     from ..modules.search import SearchModule
-    from ..stages.search import throughput_callback
+    from ..training import throughput_callback
 
     torch.manual_seed(0)
     model = dict(MODEL, embedding_optimizer="sparse_adam")
@@ -184,8 +184,9 @@ def auc_parity(seeds: list[int], epochs: int, rows: int, data_dir: str) -> dict[
                         "method=base",
                         "logger=none",
                         f"seed={seed}",
-                        f"search.epochs={epochs}",
-                        "search.early_stopping_patience=null",
+                        f"search.max_epochs={epochs}",
+                        "search.patience=null",
+                        "model.batch_size=2048",
                         f"model.embedding_optimizer={opt}",
                         f"dataset.rows={rows}",
                         f"paths.data_dir={data_dir}",

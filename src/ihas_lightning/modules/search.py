@@ -8,25 +8,29 @@ Adam (``method.gate.lr``; L2 weight decay ``method.gate.weight_decay``, default 
 on the gate's weight matrix only: its bias, the sample-independent part of each gate, and the
 shared gate vector of the non-instance-wise ablation are not decayed).
 
-* **Phase 1, pretraining** (epochs ``0 .. pretrain_epochs-1``): the gates are deterministically
+* **Phase 1, pretraining** (epochs ``0 .. search_start_epoch-1``): the gates are deterministically
   open (the gate network is not even evaluated); only V and theta_b are trained on BCE. The gate
   parameters are untouched and the gate optimizer never steps, so it has no Adam state yet. The
   paper initialises the gates after pretraining; ours are initialised at construction and left
-  untouched until then, which is the same thing.
-* **Phase 2, bi-level search** (the remaining ``search.epochs - pretrain_epochs`` epochs): every
-  training batch updates V and theta_b on BCE with stochastic (straight-through Gumbel) masks, the
-  gate parameters frozen (``requires_grad`` off, so no gate gradient is even computed); every
-  ``search_every`` training batches (at batch_idx 0, K, 2K, ... of each epoch) one batch of the
-  **validation split** from the search loader updates the gate parameters w on
+  untouched until then, which is the same thing. Its length is either fixed (``pretrain_epochs``)
+  or decided by the :class:`SearchSchedule` callback: until the validation logloss stops improving
+  (``search.pretrain.patience``), after which the best pretrained weights are restored.
+* **Phase 2, bi-level search** (from ``search_start_epoch``): every training batch updates V and
+  theta_b on BCE with stochastic (straight-through Gumbel) masks, at ``model_lr_scale`` x their lr
+  (a fine-tune of the pretrained optimum), the gate parameters frozen (``requires_grad`` off, so no
+  gate gradient is even computed); every ``search_every`` training batches (at batch_idx 0, K,
+  2K, ... of each epoch) one batch from the search loader updates the gate parameters w on
   ``BCE + lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)``, with V and theta_b frozen. The gate reads
   a detached embedding, so neither step can move the other level's parameters (tested).
 
-The search loader is an infinite iterable over the validation split (``IHASDataModule.
-search_dataloader()``) handed to :meth:`SearchModule.set_search_loader`; it is only used for gate
-steps, never for model selection (which uses the whole validation split with deterministic masks).
+The search loader is an infinite iterable handed to :meth:`SearchModule.set_search_loader`: batches
+of a held-out part of the training split (``search.gate_data=holdout``, default) or of the
+validation split (the paper). It is only used for gate steps, never for model selection, which uses
+the whole validation split with deterministic masks and monitors ``val/objective`` (logloss + the
+regularizer: the gate's own objective) in phase 2.
 
 Counting: Lightning's ``global_step`` counts optimizer steps, so it advances by 2 per training
-batch and by 3 on gate batches. Budgets are therefore in epochs (``search.epochs``).
+batch and by 3 on gate batches. Budgets are therefore in epochs.
 
 Evaluation: during pretraining the validation metrics use open gates (the gate is untrained);
 from the first search epoch on they use the deterministic threshold searcher (``eval_mode =
@@ -71,12 +75,19 @@ def frozen(params: Sequence[torch.nn.Parameter]):
 class GateStats:
     """Accumulates deterministic-mode gate statistics over an evaluation pass (vectorised per batch).
 
-    ``groups`` (optional, an int tensor per batch) also accumulates the mean mask per (group, dim)."""
+    ``groups`` (optional, an int tensor per batch) also accumulates the mean mask per (group, dim).
 
-    def __init__(self, dim: int, field_dims: Sequence[int], bins: int = HIST_BINS):
+    ``covariance=True`` also accumulates the D x D second moment of the probabilities, for two numbers
+    that say whether the gate is instance-wise at all (:meth:`instance_structure`): the share of the
+    probabilities' variance that lies across samples rather than across dims, and how much of that
+    across-sample variance one direction carries (1.0: every sample's gate moves along one axis, so
+    K-Means can only split the samples into "more of these dims" vs "more of those")."""
+
+    def __init__(self, dim: int, field_dims: Sequence[int], bins: int = HIST_BINS, covariance: bool = False):
         self.dim = dim
         self.field_dims = list(field_dims)
         self.bins = bins
+        self.covariance = covariance
         self.reset()
 
     def reset(self) -> None:
@@ -90,6 +101,22 @@ class GateStats:
         self.p_sum = 0.0
         self.group_mask: dict[int, torch.Tensor] = {}
         self.group_n: dict[int, int] = {}
+        self.p_dim_sum = torch.zeros(self.dim, dtype=torch.float64)
+        self.p_sq_sum = 0.0
+        self.p_outer = torch.zeros(self.dim, self.dim, dtype=torch.float64) if self.covariance else None
+
+    def instance_structure(self) -> dict[str, float] | None:
+        if self.n < 2:
+            return None
+        mean_d = self.p_dim_sum / self.n
+        total = self.p_sq_sum / (self.n * self.dim) - float(mean_d.mean()) ** 2
+        between_dims = float(((mean_d - mean_d.mean()) ** 2).mean())
+        out = {"across_samples_share": max(0.0, 1.0 - between_dims / total) if total > 0 else 0.0}
+        if self.p_outer is not None:
+            cov = self.p_outer / self.n - torch.outer(mean_d, mean_d)
+            eig = torch.linalg.eigvalsh(cov).clamp_min(0)
+            out["pc1_share_of_sample_variance"] = float(eig[-1] / eig.sum()) if float(eig.sum()) > 0 else 0.0
+        return out
 
     @torch.no_grad()
     def update(
@@ -104,6 +131,11 @@ class GateStats:
         self.thr_sum += float(thr.sum())
         self.found_sum += float(found.float().sum())
         self.p_sum += float(p.mean(1).sum())
+        pd = p.double().cpu()
+        self.p_dim_sum += pd.sum(0)
+        self.p_sq_sum += float((pd * pd).sum())
+        if self.p_outer is not None:
+            self.p_outer += pd.t() @ pd
         if groups is not None:
             groups = torch.as_tensor(groups).long().cpu()
             uniq, inv = torch.unique(groups, return_inverse=True)
@@ -148,6 +180,9 @@ class GateStats:
             },
             "p_hist": {"counts": self.hist.tolist(), "edges": np.linspace(0, 1, self.bins + 1).tolist()},
         }
+        structure = self.instance_structure()
+        if structure is not None:
+            out["instance_structure"] = structure
         if self.group_n:
             out["per_group_field_mask"] = {
                 str(g): dict(zip(names, self.per_field(self.group_mask[g] / self.group_n[g])))
@@ -431,7 +466,7 @@ class SearchModule(CTRModule):
         synthetic ``_group`` column), to get the mean mask per group and field."""
         was_training = self.training
         self.eval()
-        stats = GateStats(self.model.gate.dim, self.model.field_dims)
+        stats = GateStats(self.model.gate.dim, self.model.field_dims, covariance=True)
         group_iter = iter(groups) if groups is not None else None
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
