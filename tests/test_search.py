@@ -331,7 +331,7 @@ def test_holdout_mask_is_seeded_and_disjoint_from_the_models_rows():
 
 
 def test_search_gate_reads_the_holdout_and_the_model_the_rest(cfg_factory):
-    cfg, metrics = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1")
+    cfg, metrics = _run(cfg_factory, *SMALL, *PRE1, "search.max_epochs=1", "model.output_bias=prior")
     b = metrics["budget"]
     assert b["gate_data"] == "holdout" and b["gate_rows"] + b["train_rows"] == 4000  # 80% of 5000 rows
     assert 300 < b["gate_rows"] < 500 and b["search_every"] == 2

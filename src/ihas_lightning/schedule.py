@@ -40,44 +40,46 @@ def _int(value: Any, key: str, minimum: int = 1) -> int:
     return v
 
 
+def _settings(node: Any, group: str, key: str, cap_key: str, cap: int, per_key: str, per: int):
+    """(value or AUTO, cap, per-epoch count) of an auto-or-integer key, each validated."""
+    v = node.get(key, AUTO)
+    if v != AUTO:
+        v = _int(v, f"{group}.{key}")
+    return (
+        v,
+        _int(node.get(cap_key, cap), f"{group}.{cap_key}"),
+        _int(node.get(per_key, per), f"{group}.{per_key}"),
+    )
+
+
 def check_batch_size(model_cfg: Any) -> None:
     """Validate ``model.batch_size`` / ``max_batch_size`` / ``min_batches_per_epoch`` (no data needed)."""
-    bs = model_cfg.get("batch_size", AUTO)
-    if bs != AUTO:
-        _int(bs, "model.batch_size")
-    _int(model_cfg.get("max_batch_size", 2048), "model.max_batch_size")
-    _int(model_cfg.get("min_batches_per_epoch", 32), "model.min_batches_per_epoch")
+    _settings(model_cfg, "model", "batch_size", "max_batch_size", 2048, "min_batches_per_epoch", 32)
 
 
 def batch_size(model_cfg: Any, train_rows: int) -> int:
     """The training batch size for a fit on ``train_rows`` rows (see the module docstring)."""
-    check_batch_size(model_cfg)
-    bs = model_cfg.get("batch_size", AUTO)
+    bs, cap, per_epoch = _settings(
+        model_cfg, "model", "batch_size", "max_batch_size", 2048, "min_batches_per_epoch", 32
+    )
     if bs != AUTO:
-        return int(bs)
-    cap = int(model_cfg.get("max_batch_size", 2048))
-    per_epoch = int(model_cfg.get("min_batches_per_epoch", 32))
+        return bs
     want = max(1, int(train_rows) // per_epoch)
     b = 1 << max(0, want.bit_length() - 1)  # largest power of two <= want
     return max(min(b, cap), min(MIN_AUTO_BATCH, cap))
 
 
 def check_search_every(search_cfg: Any) -> None:
-    v = search_cfg.get("search_every", AUTO)
-    if v != AUTO:
-        _int(v, "search.search_every")
-    _int(search_cfg.get("max_search_every", 100), "search.max_search_every")
-    _int(search_cfg.get("gate_steps_per_epoch", 50), "search.gate_steps_per_epoch")
+    _settings(search_cfg, "search", "search_every", "max_search_every", 100, "gate_steps_per_epoch", 50)
 
 
 def search_every(search_cfg: Any, batches_per_epoch: int) -> int:
     """Training batches between two gate steps (see the module docstring)."""
-    check_search_every(search_cfg)
-    v = search_cfg.get("search_every", AUTO)
-    if v != AUTO:
-        return int(v)
-    cap = int(search_cfg.get("max_search_every", 100))
-    per_epoch = int(search_cfg.get("gate_steps_per_epoch", 50))
+    every, cap, per_epoch = _settings(
+        search_cfg, "search", "search_every", "max_search_every", 100, "gate_steps_per_epoch", 50
+    )
+    if every != AUTO:
+        return every
     return max(1, min(cap, int(batches_per_epoch) // per_epoch))
 
 

@@ -22,6 +22,7 @@ users run). Reported in ``experiments/results/acceptance_real.{json,md}``:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -267,7 +268,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--settings", nargs="+", default=REAL_SETTINGS, help=f"from {REAL_SETTINGS}")
+    ap.add_argument("--settings", nargs="*", default=REAL_SETTINGS, help=f"from {REAL_SETTINGS}")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     ap.add_argument("--variants", nargs="*", default=VARIANTS, help="cluster.input values to compare")
     ap.add_argument("--variant-seeds", type=int, nargs="*", default=list(range(5)))
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS per run (default: torch's)")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--runs-dir", default=None, help="run dirs (default: a temporary directory)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the settings run now in an existing acceptance_real.json")  # fmt: skip
     args = ap.parse_args(argv)
     bad = [s for s in args.settings if s not in REAL_SETTINGS]
     if bad:
@@ -300,6 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge and (out / "acceptance_real.json").is_file():
+        old = json.loads((out / "acceptance_real.json").read_text())
+        new = {st["name"]: st for st in out_settings}
+        result["settings"] = [new.pop(st["name"], st) for st in old["settings"]] + list(new.values())
+        result["seeds"] = old.get("seeds", result["seeds"])
+        result["host"]["merged"] = [st["name"] for st in out_settings]
     write_json(out / "acceptance_real.json", result)
     (out / "acceptance_real.md").write_text(markdown(result))
     print(f"wrote {out / 'acceptance_real.json'} and {out / 'acceptance_real.md'}")
