@@ -69,7 +69,6 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     pipe = run_dir / "pipeline.json"
     rows = {r["model"]: r for r in res["rows"]}
     pol = search.get("gate", {}).get("polarization", {})
-    hist = search.get("gate", {}).get("p_hist", {}).get("counts")
     out: dict[str, Any] = {
         "rows": {
             m: {k: r.get(k) for k in ("val_auc", "val_logloss", "test_auc", "test_logloss", "params")}
@@ -84,7 +83,6 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             "pretrain_epochs": search.get("pretrain_epochs"),
             "share_valley_found": pol.get("share_valley_found"),
             "share_p_in_0.1_0.9": pol.get("share_p_in_0.1_0.9"),
-            "p_hist": hist,
             "open_share_per_field": search.get("open_share_per_field"),
             "instance_structure": search.get("gate", {}).get("instance_structure"),
             "warnings": search.get("warnings", []),
