@@ -50,9 +50,10 @@ tune: install ## the gate sweeps behind the real datasets' defaults (Hydra Optun
 	OMP_NUM_THREADS=1 $(PY) -m ihas_lightning.bench.tune --dataset criteo
 	OMP_NUM_THREADS=1 $(PY) -m ihas_lightning.bench.tune --dataset avazu
 
-lint: install ## ruff
+lint: install ## ruff + the layer contract (import-linter: stages never import each other)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests

@@ -112,8 +112,8 @@ def searched(tmp_path_factory):
 
 
 def test_cluster_stage_outputs(searched):
+    from ihas_lightning.rundir import load_search, make_datamodule, prepared_dir
     from ihas_lightning.stages import cluster
-    from ihas_lightning.stages.common import load_search, make_datamodule, prepared_dir
 
     make, run_dir = searched
     cfg = make("stage=cluster")

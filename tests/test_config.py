@@ -9,12 +9,12 @@ import pytest
 
 from ihas_lightning.config import CONFIG_DIR, compose
 
-GROUPS = ["dataset", "stage", "method", "model", "trainer", "logger", "paths"]
+GROUPS = ["dataset", "stage", "method", "model", "trainer", "logger", "paths", "derive"]
 
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes(group, tmp_path):
-    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))  # _x: partials
     assert options, f"conf/{group} is empty"
     for opt in options:
         cfg = compose([f"{group}={opt}"], output_dir=tmp_path)
@@ -87,3 +87,29 @@ def test_lightning_budget_key_is_a_one_line_error_naming_the_stage_keys(tmp_path
         -2000:
     ]
     assert not (tmp_path / "synthetic-2000-7").exists()  # checked before any work (no prepare)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method.selector.k=0", "method.selector"),
+        ("+method.selector.bogus=1", "method.selector"),
+        ("method.arch_update=sometimes", "method.arch_update"),
+        ("method.arch_optim.lr=-1", "method.arch_optim.lr"),
+        ("method.snapshots=[later]", "method.snapshots"),
+        ("method.phases=[cluster]", "method.phases"),
+        ("method.search_monitor=val/acc", "method.search_monitor"),
+    ],
+)
+def test_bad_method_keys_are_one_line_errors_before_any_work(tmp_path, override, key):
+    r = subprocess.run(
+        [sys.executable, "-m", "ihas_lightning", "stage=all", "method=autofield", override, "dataset.rows=2000",
+         f"paths.log_dir={tmp_path}", f"paths.data_dir={tmp_path}", "logger=none"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and f"'{key}'" in err[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "synthetic-2000-7").exists()  # checked before prepare

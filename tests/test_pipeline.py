@@ -60,7 +60,7 @@ def _check_run(out: Path, expect_base: bool = True) -> dict:
 
 
 def test_stage_all_synthetic_and_resume(cfg_factory, tmp_path, capsys):
-    from ihas_lightning.stages import pipeline
+    from ihas_lightning import pipeline
 
     cfg = cfg_factory("stage=all", "dataset.rows=6000", *TINY)
     metrics = pipeline.run(cfg)
@@ -127,7 +127,7 @@ def _raw_overrides(name: str, raw: dict[str, Path]) -> list[str]:
 
 @pytest.mark.shared
 def test_stage_all_criteo_sample(cfg_factory, criteo_raw):
-    from ihas_lightning.stages import pipeline
+    from ihas_lightning import pipeline
 
     cfg = cfg_factory(
         "stage=all", *_raw_overrides("criteo", criteo_raw), *TINY, "cluster.min_cluster_size=10"
@@ -139,7 +139,7 @@ def test_stage_all_criteo_sample(cfg_factory, criteo_raw):
 
 @pytest.mark.shared
 def test_stage_all_avazu_sample(cfg_factory, avazu_raw):
-    from ihas_lightning.stages import pipeline
+    from ihas_lightning import pipeline
 
     cfg = cfg_factory("stage=all", *_raw_overrides("avazu", avazu_raw), *TINY, "cluster.min_cluster_size=10")
     pipeline.run(cfg)

@@ -125,7 +125,7 @@ def test_retrain_stage_models_and_resume(clustered, tmp_path):
 
 def test_retrain_searched_init_starts_from_search_tables(clustered, tmp_path):
     """retrain.init=searched: each kept dim starts as the searched table's column (real searched model)."""
-    from ihas_lightning.stages.common import load_search
+    from ihas_lightning.rundir import load_search
 
     make, run_dir = clustered
     info = json.loads((run_dir / "cluster" / "cluster.json").read_text())

@@ -20,7 +20,7 @@ TINY = [
 
 
 def test_stage_all_wandb_offline_run_holds_logged_keys(cfg_factory, monkeypatch):
-    from ihas_lightning.stages import pipeline
+    from ihas_lightning import pipeline
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = cfg_factory("stage=all", "logger=wandb", "logger.wandb.mode=offline", *TINY)

@@ -22,7 +22,7 @@ log = logging.getLogger("ihas_lightning")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from .stages import run_stage
+    from .pipeline import run_stage
 
     if cfg.stage.name != "prepare":  # prepare never pays for importing Lightning
         import lightning  # noqa: F401
@@ -36,8 +36,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     # a scalar for Hydra sweepers (optuna etc.): a VALIDATION AUC (never test: hyperparameters are
-    # chosen on validation) -- the routed iHAS for stage=all/evaluate, the stage's model otherwise
-    for key in ("routed/val/auc", "val/auc"):
+    # chosen on validation) -- the method's final model for stage=all/evaluate, the stage's model otherwise
+    for key in ("final/val/auc", "routed/val/auc", "val/auc"):
         if isinstance(metrics, dict) and key in metrics:
             return float(metrics[key])
     return None

@@ -35,3 +35,19 @@ def compose(overrides: list[str] | None = None, output_dir: str | os.PathLike | 
     if output_dir is not None:
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def load_group_option(group: str, name: str) -> DictConfig:
+    """One option of a config group (``conf/<group>/<name>.yaml``) with the group-relative entries of
+    its defaults list merged in, as Hydra composes it (used to swap e.g. ``method`` inside a job)."""
+    node = OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")
+    defaults = node.pop("defaults", None) or []
+    merged = OmegaConf.create()
+    self_seen = False
+    for entry in defaults:
+        if entry == "_self_":
+            merged = OmegaConf.merge(merged, node)
+            self_seen = True
+        else:
+            merged = OmegaConf.merge(merged, load_group_option(group, str(entry)))
+    return merged if self_seen else OmegaConf.merge(merged, node)

@@ -161,3 +161,62 @@ def throughput_callback(skip_batches: int = 0):
             return self.samples / self.seconds if self.seconds else None
 
     return Throughput()
+
+
+# ---- fit one CTR model to convergence ------------------------------------------------------------
+def fit_ctr(
+    module: Any,
+    dm: Any,
+    cfg: DictConfig,
+    out: Path,
+    max_epochs: int,
+    patience: int | None,
+    logger: Any = None,
+    monitor_val: bool = True,
+    monitor: str = "val/logloss",
+) -> dict[str, Any]:
+    """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
+    ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
+    checkpoint, epochs run, seconds, params}."""
+    callbacks: list[Any] = []
+    ckpt_cb = None
+    overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
+    if monitor_val:
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, save_last=False)
+    else:
+        overrides["limit_val_batches"] = 0
+    trainer = build_trainer(cfg, max_epochs, callbacks, logger, out, **overrides)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    import torch
+
+    best = out / "best.ckpt"
+    best_score = None
+    if ckpt_cb is not None and ckpt_cb.best_model_path and Path(ckpt_cb.best_model_path).is_file():
+        if Path(ckpt_cb.best_model_path).resolve() != best.resolve():
+            Path(ckpt_cb.best_model_path).replace(best)
+        best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+        best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
+        module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
+    else:  # fast_dev_run / no validation: the last weights are the result
+        trainer.save_checkpoint(str(best))
+        best_epoch = int(trainer.current_epoch)
+    val = trainer.validate(module, datamodule=dm, verbose=False) if monitor_val else [{}]
+    test = trainer.test(module, datamodule=dm, verbose=False)
+    return {
+        "best_ckpt": str(best),
+        "val_auc": _f(val[0].get("val/auc")) if val else None,
+        "val_logloss": _f(val[0].get("val/logloss")) if val else None,
+        "best_monitor_during_fit": best_score,
+        "test_auc": _f(test[0].get("test/auc")) if test else None,
+        "test_logloss": _f(test[0].get("test/logloss")) if test else None,
+        "best_epoch": best_epoch,
+        "epochs_run": int(trainer.current_epoch),
+        "fit_seconds": round(fit_s, 3),
+        "params": int(module.model.num_parameters()),
+    }
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(v)

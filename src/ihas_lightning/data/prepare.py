@@ -30,7 +30,7 @@ have no header in their dev/test files).
 Malformed rows (ragged rows, non-integer I-cells, labels other than 0/1, bad ``hour``) raise one
 :class:`~ihas_lightning.errors.DataError` naming the file and line, or are skipped and counted
 with ``prepare.on_bad_rows=skip``. Output directory handling (atomic rename, hashes, reuse) lives
-in :mod:`ihas_lightning.stages.prepare`.
+in :mod:`ihas_lightning.data.dataset_dir`.
 """
 
 from __future__ import annotations

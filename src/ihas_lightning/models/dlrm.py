@@ -1,13 +1,15 @@
-"""The deep recommendation model (DLRM) of the paper: embedding layer + (optional) Bernoulli gate + MLP.
+"""The deep recommendation model: per-field embedding -> selector -> backbone.
 
-* Base model:       ``DLRM(vocab_sizes)``                      (no gate)
-* Search model:     ``DLRM(vocab_sizes, gate=dict(tau=..))``   (uniform dims, Bernoulli gate)
-* Retrained model:  ``DLRM(vocab_sizes, field_dims=[...])``    (per-field sizes, 0 drops a field)
+* Base model:       ``DLRM(vocab_sizes)``                         (no selector)
+* iHAS search:      ``DLRM(vocab_sizes, gate=dict(tau=..))``      (the Bernoulli selector)
+* any method:       ``DLRM(vocab_sizes, selector=SomeSelector(...))``
+* retrained model:  ``DLRM(vocab_sizes, field_dims=[...])``       (per-field sizes, 0 drops a field)
+  and/or ``row_counts=[...]`` (row-pruned tables, see :class:`FieldEmbedding`)
 
-The gate reads the (detached) concatenated embedding E_i and yields the mask m_i; the MLP sees
-E_i * m_i. Detaching the gate input keeps the two levels of the bi-level optimisation disjoint:
-the model step's loss reaches V only through the masked embedding, never by moving the gate's
-input, and the gate step updates the gate's weights only.
+Parameter groups are derived from the structure, never from a named attribute: the embedding tables;
+the selector's architecture parameters (:meth:`Selector.arch_parameters`); and everything else (the
+backbone, and any model-side layer of the selector) is a dense model parameter. A parameter a new
+backbone adds is therefore trained without touching this file (tested).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbones import build_backbone
 from .embedding import FieldEmbedding
 from .gate import BernoulliGate
-from .mlp import MLP
+from .selectors.base import Selector
+from .selectors.bernoulli import BernoulliSelector
 
 
 class DLRM(nn.Module):
@@ -34,47 +38,90 @@ class DLRM(nn.Module):
         dropout: float = 0.0,
         gate: dict[str, Any] | None = None,
         sparse: bool = True,
+        selector: Selector | None = None,
+        backbone: str = "mlp",
+        row_counts: Sequence[int] | None = None,
     ):
         super().__init__()
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         self.embed_dim = int(embed_dim)
         dims = list(field_dims) if field_dims is not None else [self.embed_dim] * len(self.vocab_sizes)
-        self.embedding = FieldEmbedding(self.vocab_sizes, dims, sparse=sparse)
+        self.embedding = FieldEmbedding(self.vocab_sizes, dims, sparse=sparse, row_counts=row_counts)
         self.field_dims = self.embedding.dims
-        in_dim = self.embedding.output_dim
-        if gate is not None and not self.embedding.uniform:
-            raise ValueError("the Bernoulli gate needs uniform field dims")
-        self.gate = BernoulliGate(in_dim, **gate) if gate is not None else None
-        # a model whose every field was dropped still predicts: the MLP's bias only (input width 0)
-        self.mlp = MLP(in_dim, hidden, batchnorm=batchnorm, dropout=dropout)
+        if gate is not None:
+            if selector is not None:
+                raise ValueError("give either gate= (the Bernoulli selector) or selector=, not both")
+            selector = BernoulliSelector(len(self.vocab_sizes), self.embed_dim, self.vocab_sizes, **gate)
+        if selector is not None and not self.embedding.uniform:
+            raise ValueError("a selector needs uniform field dims")
+        self.selector = selector
+        self.backbone_name = backbone
+        # a model whose every field was dropped still predicts: the backbone's bias only (input width 0)
+        self.backbone = build_backbone(
+            backbone, list(self.field_dims), hidden=tuple(hidden), batchnorm=batchnorm, dropout=dropout
+        )
 
+    # ---- structure ---------------------------------------------------------------------------------
     @property
     def num_fields(self) -> int:
         return len(self.vocab_sizes)
 
+    @property
+    def mlp(self) -> nn.Module:
+        """The backbone (the MLP of the paper; kept under this name for readers of the paper)."""
+        return self.backbone
+
+    @property
+    def gate(self) -> BernoulliGate | None:
+        """iHAS's Bernoulli gate when the selector is one, else None."""
+        return self.selector.gate if isinstance(self.selector, BernoulliSelector) else None
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return list(self.embedding.parameters())
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return self.selector.arch_parameters() if self.selector is not None else []
+
+    gate_parameters = arch_parameters
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is neither an embedding table nor an architecture parameter."""
+        skip = {id(p) for p in self.embedding_parameters() + self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    # ---- forward -----------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Flat concatenated embedding E [B, sum(field_dims)]."""
         return self.embedding(x)
 
+    def select(self, e: torch.Tensor, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.selector is None:
+            return e, {}
+        return self.selector(e, x, mode)
+
+    def forward_aux(self, x: torch.Tensor, mode: str = "open") -> tuple[torch.Tensor, dict[str, Any]]:
+        """(logits [B], the selector's aux dict) in ``mode`` (open | stochastic | deterministic)."""
+        e = self.embed(x)
+        h, aux = self.select(e, x, mode)
+        return self.backbone(h), aux
+
+    def forward(self, x: torch.Tensor, mode: str = "open") -> torch.Tensor:
+        """Logits [B]. ``mode`` is the selector mode (ignored without a selector)."""
+        return self.forward_aux(x, mode)[0]
+
+    # ---- iHAS's gate (kept for the cluster stage and routing) ----------------------------------------
     def gate_output(self, e: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask, p) for embedding e; needs a gate."""
+        """(mask, p) for embedding e; needs a Bernoulli gate."""
         if self.gate is None:
             raise RuntimeError("this model has no Bernoulli gate")
         return self.gate(e.detach(), mode)
-
-    def forward(self, x: torch.Tensor, mode: str = "open") -> torch.Tensor:
-        """Logits [B]. ``mode`` is the gate mode (ignored without a gate)."""
-        return self.forward_with_gate(x, mode)[0]
 
     def forward_with_gate(
         self, x: torch.Tensor, mode: str = "open"
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(logits [B], mask [B, D] or None, p [B, D] or None)."""
-        e = self.embed(x)
-        if self.gate is None or mode == "open":
-            return self.mlp(e), None, None
-        mask, p = self.gate_output(e, mode)
-        return self.mlp(e * mask), mask, p
+        logits, aux = self.forward_aux(x, mode)
+        return logits, aux.get("mask"), aux.get("p")
 
     @torch.no_grad()
     def masked_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,15 +130,18 @@ class DLRM(nn.Module):
         mask, _ = self.gate_output(e, "deterministic")
         return e * mask, mask
 
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        return list(self.embedding.parameters())
-
-    def dense_parameters(self) -> list[nn.Parameter]:
-        return list(self.mlp.parameters())
-
-    def gate_parameters(self) -> list[nn.Parameter]:
-        return list(self.gate.parameters()) if self.gate is not None else []
-
+    # ---- size ----------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
-        """Parameters used at inference (embedding tables + MLP + gate if present)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters used at inference (embedding tables + selector + backbone)."""
+        return sum(self.parameter_counts()[k] for k in ("embedding", "dense", "selector"))
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Embedding values (kept rows x dims), the selector's parameters (arch + model-side), the
+        backbone's, and the index entries of a row-pruned table, counted from the model as built."""
+        sel = sum(p.numel() for p in self.selector.parameters()) if self.selector is not None else 0
+        return {
+            "embedding": self.embedding.embedding_entries(),
+            "selector": sel,
+            "dense": sum(p.numel() for p in self.backbone.parameters()),
+            "index": self.embedding.index_entries(),
+        }

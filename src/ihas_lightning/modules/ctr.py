@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
 from ..models import DLRM
+from ..models.selectors import build_selector
 from ..optim import build_embedding_optimizer, embedding_is_sparse
 
 
@@ -40,6 +41,8 @@ class CTRModule(L.LightningModule):
         eval_mode: str = "open",
         field_names: Sequence[str] | None = None,
         output_bias: float | None = None,
+        selector: dict[str, Any] | None = None,
+        row_counts: Sequence[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -47,20 +50,25 @@ class CTRModule(L.LightningModule):
         self.model_cfg = dict(model)
         self.eval_mode = eval_mode
         self.field_names = list(field_names) if field_names is not None else None
+        embed_dim = int(model.get("embed_dim", 16))
+        sel = build_selector(selector, len(vocab_sizes), embed_dim, vocab_sizes) if selector else None
         self.model = DLRM(
             vocab_sizes,
-            embed_dim=int(model.get("embed_dim", 16)),
+            embed_dim=embed_dim,
             field_dims=field_dims,
             hidden=tuple(model.get("hidden", (16, 8))),
             batchnorm=bool(model.get("batchnorm", False)),
             dropout=float(model.get("dropout", 0.0)),
             gate=gate,
             sparse=embedding_is_sparse(model.get("embedding_optimizer", "sparse_adam")),
+            selector=sel,
+            backbone=str(model.get("backbone", "mlp")),
+            row_counts=row_counts,
         )
         if output_bias is not None:
             # start at the base rate (the log-odds of the train split's positive rate), as well-kept
             # CTR libraries do: the first steps then learn features, not the class prior
-            self.model.mlp.set_output_bias(float(output_bias))
+            self.model.backbone.set_output_bias(float(output_bias))
         self.metrics = torch.nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
         self._loss_sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}

@@ -9,6 +9,12 @@ Initialisation (``retrain.init``):
 * ``searched`` (paper): each kept dimension's column is copied from the searched embedding table
   V, i.e. field f's new ``[vocab_f, d_f]`` table is ``V_f[:, kept_dims_f]``. The MLP starts fresh.
 * ``scratch``: every parameter freshly initialised.
+* ``rewind``: every weight taken from a tagged snapshot of the search (e.g. OptFS's start of search
+  epoch 1: the lottery-ticket rewind), the kept rows / dims of each field and the backbone.
+
+A row-pruned model (``row_counts``: kept rows per field) holds only the kept feature values' rows
+(:class:`~ihas_lightning.models.embedding.FieldEmbedding`); its id map is filled by
+:meth:`set_row_keep` before training.
 
 Training, evaluation and logging are :class:`~ihas_lightning.modules.ctr.CTRModule`'s (gate-less,
 ``open`` mode), on the cluster's own samples.
@@ -24,7 +30,7 @@ import torch
 from ..models import DLRM
 from .ctr import CTRModule
 
-INITS = ("searched", "scratch")
+INITS = ("searched", "scratch", "rewind")
 
 
 class RetrainModule(CTRModule):
@@ -37,6 +43,7 @@ class RetrainModule(CTRModule):
         cluster_id: int = 0,
         field_names: Sequence[str] | None = None,
         output_bias: float | None = None,
+        row_counts: Sequence[int] | None = None,
     ):
         super().__init__(
             vocab_sizes,
@@ -45,6 +52,7 @@ class RetrainModule(CTRModule):
             gate=None,
             field_names=field_names,
             output_bias=output_bias,
+            row_counts=row_counts,
         )
         self.save_hyperparameters()
         self.cluster_id = int(cluster_id)
@@ -53,6 +61,9 @@ class RetrainModule(CTRModule):
             got = [len(k) for k in self.kept_dims]
             if got != list(self.model.field_dims):
                 raise ValueError(f"kept dims per field {got} do not match field dims {self.model.field_dims}")
+
+    def set_row_keep(self, row_keep: torch.Tensor) -> None:
+        self.model.embedding.set_row_keep(row_keep)
 
     @torch.no_grad()
     def init_from_searched(self, searched: DLRM) -> None:
@@ -63,7 +74,30 @@ class RetrainModule(CTRModule):
             raise ValueError("the searched model's vocab sizes differ from this model's")
         src, dst = searched.embedding, self.model.embedding
         for f, kept in enumerate(self.kept_dims):
-            if not kept:
-                continue
-            cols = torch.tensor(kept, dtype=torch.long)
-            dst.field_weight(f).copy_(src.field_weight(f).index_select(1, cols))
+            if kept:
+                dst.load_field(f, src.field_weight(f), kept)
+
+    @torch.no_grad()
+    def init_from_snapshot(self, state: dict[str, torch.Tensor]) -> None:
+        """Rewind: each kept row / dim of each field from a snapshot of the (uniform) search model's
+        state dict, and the backbone's weights (their shapes must match: same kept input width)."""
+        if self.kept_dims is None:
+            raise ValueError("init_from_snapshot needs kept_dims")
+        table = state.get("embedding.tables.0.weight")
+        vocab = self.model.vocab_sizes
+        if table is None or table.shape[0] != sum(vocab):
+            raise ValueError("the snapshot is not a uniform search model over this vocabulary")
+        start = 0
+        for f, kept in enumerate(self.kept_dims):
+            if kept:
+                self.model.embedding.load_field(f, table[start : start + vocab[f]], kept)
+            start += vocab[f]
+        own = self.model.backbone.state_dict()
+        src = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        bad = [k for k, v in own.items() if k not in src or src[k].shape != v.shape]
+        if bad:
+            raise ValueError(
+                f"the snapshot's backbone does not fit this model ({bad[0]}): rewind needs the same kept "
+                "input width; use retrain.init=scratch"
+            )
+        self.model.backbone.load_state_dict(src)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,10 +53,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from ..models import gate_regularizer, threshold_search
+from ..models.selectors import ARCH_UPDATES
 from .ctr import CTRModule
 
 HIST_BINS = 50
+GATE_SELECTOR_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm", "lambda_reg", "polarization")
 log = logging.getLogger("ihas_lightning")
 
 
@@ -262,61 +264,99 @@ class SearchSchedule(Callback):
 
 
 class SearchModule(CTRModule):
-    """The iHAS search model (see the module docstring for the schedule)."""
+    """The search module of every method (see the module docstring for the schedule).
+
+    ``method`` (the resolved ``conf/method/<name>.yaml``) drives it: its ``selector`` block
+    (``_target_`` + knobs; null = Base, no selector), ``arch_update`` (none | joint | bilevel),
+    ``arch_optim`` (``type`` adam | sgd, ``lr``, ``weight_decay``; null weight decay =
+    ``model.weight_decay``), ``snapshots`` (tags saved to :attr:`snapshot_dir`: ``init`` before the
+    first step, ``epoch_<r>`` at the start of search epoch r) and ``search_epochs`` (the search
+    phase's epoch budget, for per-epoch schedules). ``gate`` (iHAS's ``method.gate`` block) is the
+    older spelling of the Bernoulli selector and is still accepted."""
 
     def __init__(
         self,
         vocab_sizes: Sequence[int],
         model: dict[str, Any],
-        gate: dict[str, Any],
+        gate: dict[str, Any] | None = None,
         pretrain_epochs: int | None = None,
         search_every: int = 100,
         field_names: Sequence[str] | None = None,
         output_bias: float | None = None,
         model_lr_scale: float = 1.0,
+        method: dict[str, Any] | None = None,
     ):
-        gate = dict(gate)
-        arch = {k: gate[k] for k in ("tau", "instance_wise", "bins", "init_bias", "input_norm") if k in gate}
+        method = dict(method or {})
+        selector = method.get("selector")
+        arch_optim = dict(method.get("arch_optim") or {})
+        if gate is not None:
+            if selector is not None:
+                raise ValueError("give either gate= or method.selector, not both")
+            gate = dict(gate)
+            selector = {"_target_": "ihas_lightning.models.selectors.bernoulli.BernoulliSelector"}
+            selector.update({k: gate[k] for k in GATE_SELECTOR_KEYS if k in gate})
+            arch_optim = {
+                "type": "adam",
+                "lr": gate.get("lr", 1e-3),
+                "weight_decay": gate.get("weight_decay"),
+            }
+            method.setdefault("arch_update", "bilevel")
         super().__init__(
             vocab_sizes,
             model,
-            gate=arch,
-            eval_mode="deterministic",
+            eval_mode="deterministic" if selector is not None else "open",
             field_names=field_names,
             output_bias=output_bias,
+            selector=selector,
         )
-        # CTRModule's own hparams (field_dims, eval_mode) are not SearchModule arguments
-        self.save_hyperparameters(ignore=["field_dims", "eval_mode"])
-        self.gate_cfg = gate
+        # CTRModule's own hparams (field_dims, eval_mode, selector, row_counts) are not arguments here
+        self.save_hyperparameters(ignore=["field_dims", "eval_mode", "selector", "row_counts"])
+        sel = self.model.selector
+        self.arch_update = str(
+            method.get("arch_update") or (sel.default_arch_update if sel is not None else "none")
+        )
+        if self.arch_update not in ARCH_UPDATES:
+            raise ValueError(f"arch_update must be one of {ARCH_UPDATES}, got {self.arch_update!r}")
+        if sel is None:
+            self.arch_update = "none"
+            pretrain_epochs = 0
         if (pretrain_epochs is not None and pretrain_epochs < 0) or search_every < 1 or model_lr_scale <= 0:
             raise ValueError("pretrain_epochs must be >= 0, search_every >= 1 and model_lr_scale > 0")
-        # first epoch of the bi-level search; None = still pretraining until a SearchSchedule
+        # first epoch of the search phase; None = still pretraining until a SearchSchedule
         # callback ends the pretraining on its validation criterion
         self.search_start_epoch: int | None = None if pretrain_epochs is None else int(pretrain_epochs)
         self.search_every = int(search_every)
-        self.model_lr_scale = float(model_lr_scale)
+        self.model_lr_scale = float(model_lr_scale) if sel is not None else 1.0
         self.lr_scaled = False
-        self.lambda_reg = float(gate.get("lambda_reg", 1e-4))
-        self.polarization = bool(gate.get("polarization", True))
-        self.gate_lr = float(gate.get("lr", 1e-3))
+        self.arch_optim_cfg = arch_optim
+        self.search_epochs = method.get("search_epochs")
+        self.snapshots = [str(t) for t in (method.get("snapshots") or [])]
+        self.snapshot_dir: Path | None = None  # set by the stage; snapshots are skipped without it
         self._search_source: Iterable | None = None
         self._search_iter: Iterator | None = None
-        self.gate_stats = {s: GateStats(self.model.gate.dim, self.model.field_dims) for s in ("val", "test")}
+        dim = self.model.embedding.output_dim
+        self.gate_stats = {s: GateStats(dim, self.model.field_dims) for s in ("val", "test")}
         self.last_gate_summary: dict[str, dict[str, Any]] = {}
         self.gate_steps = 0
         self._reg_sum: dict[str, torch.Tensor] = {}
 
     # ---- phase / data plumbing ---------------------------------------------------------------
+    @property
+    def selector(self):
+        return self.model.selector
+
     def in_pretrain(self, epoch: int | None = None) -> bool:
+        if self.selector is None:
+            return False
         epoch = self.current_epoch if epoch is None else epoch
         return self.search_start_epoch is None or epoch < self.search_start_epoch
 
     def start_search(self, epoch: int) -> None:
-        """End the pretraining: the bi-level search starts at ``epoch``."""
+        """End the pretraining: the search phase starts at ``epoch``."""
         self.search_start_epoch = int(epoch)
 
     def set_search_loader(self, loader: Iterable) -> None:
-        """The source of validation batches (x, y) for the gate steps (re-iterated when exhausted)."""
+        """The source of batches (x, y) for the bi-level architecture steps (re-iterated when exhausted)."""
         self._search_source = loader
         self._search_iter = None
 
@@ -333,9 +373,29 @@ class SearchModule(CTRModule):
             self._search_iter = iter(self._search_source)
             return next(self._search_iter)
 
+    def save_snapshot(self, tag: str) -> None:
+        """Every parameter and buffer of the model, as ``<snapshot_dir>/<tag>.pt`` (atomic)."""
+        if self.snapshot_dir is None or tag not in self.snapshots:
+            return
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        final = self.snapshot_dir / f"{tag}.pt"
+        tmp = final.with_suffix(".pt.tmp")
+        torch.save({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, tmp)
+        tmp.replace(final)
+        log.info("search: snapshot %r saved to %s", tag, final)
+
+    def on_train_start(self) -> None:
+        if self.global_step == 0:
+            self.save_snapshot("init")
+
     def on_train_epoch_start(self) -> None:
-        self.eval_mode = "open" if self.in_pretrain() else "deterministic"
-        if not self.in_pretrain() and not self.lr_scaled:
+        self.eval_mode = "open" if self.in_pretrain() or self.selector is None else "deterministic"
+        if self.selector is None or self.in_pretrain():
+            return
+        search_epoch = self.current_epoch - int(self.search_start_epoch or 0)
+        self.save_snapshot(f"epoch_{search_epoch}")
+        self.selector.on_search_epoch_start(search_epoch, int(self.search_epochs or 1))
+        if not self.lr_scaled:
             # the model (V, theta) continues from its pretrained optimum: in the search phase it is
             # fine-tuned at model_lr_scale x model.lr while the gates learn (search.model_lr_scale)
             for opt in self.model_optimizers():
@@ -358,56 +418,85 @@ class SearchModule(CTRModule):
             self.gate_steps = int(phase.get("gate_steps", 0))
 
     def on_fit_end(self) -> None:
-        self.eval_mode = "deterministic"
+        self.eval_mode = "deterministic" if self.selector is not None else "open"
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         emb, dense = super().configure_optimizers()
-        wd = self.gate_cfg.get("weight_decay", None)
+        if self.selector is None or not self.model.arch_parameters():
+            return [emb, dense]
+        wd = self.arch_optim_cfg.get("weight_decay")
         wd = float(self.model_cfg.get("weight_decay", 1e-6) if wd is None else wd)
-        gate = self.model.gate
-        if gate.instance_wise:
-            # decay the gate's weight matrix only: its bias sets the sample-independent keep rate
-            groups = [
-                {"params": [gate.linear.weight], "weight_decay": wd},
-                {"params": [gate.linear.bias], "weight_decay": 0.0},
-            ]
+        groups = self.selector.arch_param_groups(wd)
+        lr = float(self.arch_optim_cfg.get("lr", 1e-3))
+        kind = str(self.arch_optim_cfg.get("type", "adam"))
+        if kind == "adam":
+            arch_opt = torch.optim.Adam(groups, lr=lr)
+        elif kind == "sgd":
+            arch_opt = torch.optim.SGD(groups, lr=lr)
         else:
-            groups = [{"params": self.model.gate_parameters(), "weight_decay": 0.0}]
-        gate_opt = torch.optim.Adam(groups, lr=self.gate_lr)
-        return [emb, dense, gate_opt]
+            raise ValueError(f"arch_optim.type must be adam or sgd, got {kind!r}")
+        return [emb, dense, arch_opt]
 
-    def gate_optimizer(self):
+    def arch_optimizer(self):
         return self.optimizers()[2]
 
+    gate_optimizer = arch_optimizer
+
     def model_step(self, x: torch.Tensor, y: torch.Tensor, mode: str = "open") -> torch.Tensor:
-        """Update V and theta_b on BCE; the gate's parameters are frozen (no gradient computed)."""
-        with frozen(self.model.gate_parameters()):
+        """Update V and theta on BCE; the architecture parameters are frozen (no gradient computed)."""
+        with frozen(self.model.arch_parameters()):
             return super().model_step(x, y, mode)
 
     def gate_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update the gate parameters w on BCE + regularizer with V and theta_b frozen.
-
-        Returns (BCE, regularizer) for logging."""
-        opt = self.gate_optimizer()
+        """The bi-level architecture step: update the selector's architecture parameters on BCE +
+        regularizer with V and theta frozen. Returns (BCE, regularizer) for logging."""
+        opt = self.arch_optimizer()
         opt.zero_grad(set_to_none=True)
-        frozen_params = self.model.embedding_parameters() + self.model.dense_parameters()
-        with frozen(frozen_params):
-            logits, _, p = self.model.forward_with_gate(x, "stochastic")
+        with frozen(self.model.embedding_parameters() + self.model.dense_parameters()):
+            logits, aux = self.model.forward_aux(x, "stochastic")
             bce = F.binary_cross_entropy_with_logits(logits, y)
-            reg = gate_regularizer(p, self.lambda_reg, self.polarization)
+            reg = self.selector.regularizer(aux)
+            reg = torch.zeros((), device=bce.device) if reg is None else reg
             self.manual_backward(bce + reg)
         opt.step()
         self.gate_steps += 1
         return bce.detach(), reg.detach()
 
+    arch_step = gate_step
+
+    def joint_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of every parameter on the same training batch: BCE + the selector's regularizer."""
+        opts = self.optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        logits, aux = self.model.forward_aux(x, "stochastic")
+        bce = F.binary_cross_entropy_with_logits(logits, y)
+        reg = self.selector.regularizer(aux)
+        reg = torch.zeros((), device=bce.device) if reg is None else reg
+        self.manual_backward(bce + reg)
+        for opt in opts:
+            opt.step()
+        self.gate_steps += 1
+        return bce.detach(), reg.detach()
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.in_pretrain():
-            loss = self.model_step(x, y, "open")
+        if self.selector is None or self.in_pretrain() or self.arch_update == "none":
+            mode = "open" if self.selector is None or self.in_pretrain() else "stochastic"
+            loss = self.model_step(x, y, mode)
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+            if mode == "stochastic":
+                self.selector.on_train_step()
+            return loss
+        if self.arch_update == "joint":
+            loss, reg = self.joint_step(x, y)
+            self.selector.on_train_step()
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+            self.log("search/arch_reg", reg, on_step=True, on_epoch=True, batch_size=len(y))
             return loss
         loss = self.model_step(x, y, "stochastic")
+        self.selector.on_train_step()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         if batch_idx % self.search_every == 0:
             xs, ys = self.next_search_batch()
@@ -419,29 +508,31 @@ class SearchModule(CTRModule):
 
     # ---- evaluation --------------------------------------------------------------------------
     def _eval_step(self, split: str, batch) -> None:
-        if self.eval_mode != "deterministic":
+        if self.eval_mode != "deterministic" or self.selector is None:
             return super()._eval_step(split, batch)
         x, y = batch
-        e = self.model.embed(x)
-        p = self.model.gate.probs(e)
-        thr, found = threshold_search(p, self.model.gate.bins, return_found=True)
-        mask = (p > thr.unsqueeze(1)).to(p.dtype)
-        logits = self.model.mlp(e * mask)
+        logits, aux = self.model.forward_aux(x, "deterministic")
         loss = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
         self._loss_sum[split] = self._loss_sum.get(split, 0.0) + loss.detach()
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
-        self.gate_stats[split].update(mask, p, thr, found)
-        reg = gate_regularizer(p, self.lambda_reg, self.polarization).detach() * len(y)
+        if "threshold" in aux:  # a per-dim gate with the threshold searcher (iHAS)
+            self.gate_stats[split].update(aux["mask"], aux["p"], aux["threshold"], aux["found"])
+        reg = self.selector.regularizer(aux)
+        reg = 0.0 if reg is None else reg.detach() * len(y)
         self._reg_sum[split] = self._reg_sum.get(split, 0.0) + reg
 
     def _eval_epoch_end(self, split: str) -> None:
         if self._count.get(split) and split in self._reg_sum:
-            # the upper-level objective of the bi-level search on this split: logloss of the
-            # deterministic masks + the gate regularizer (what the gate steps minimise)
+            # the upper-level objective of the search on this split: logloss of the deterministic
+            # selection + the selector's regularizer (what the architecture steps minimise)
             n = self._count[split]
             self.log(f"{split}/objective", (self._loss_sum[split] + self._reg_sum.pop(split)) / n)
         super()._eval_epoch_end(split)
+        if self.selector is not None and not self.in_pretrain():
+            for k, v in self.selector.statistics().items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.log(f"{split}/selector/{k}", float(v))
         stats = self.gate_stats[split]
         if stats.n == 0:
             return
@@ -460,20 +551,21 @@ class SearchModule(CTRModule):
 
     @torch.no_grad()
     def gate_statistics(self, batches: Iterable, groups: Iterable | None = None) -> dict[str, Any]:
-        """Deterministic-mode gate statistics over ``batches`` of (x, y) (e.g. the test split).
+        """Deterministic-mode gate statistics over ``batches`` of (x, y) (e.g. the test split); empty
+        for a selector without per-dim gates.
 
         ``groups``: optional iterable of per-batch group id arrays aligned with ``batches`` (the
         synthetic ``_group`` column), to get the mean mask per group and field."""
         was_training = self.training
         self.eval()
-        stats = GateStats(self.model.gate.dim, self.model.field_dims, covariance=True)
+        stats = GateStats(self.model.embedding.output_dim, self.model.field_dims, covariance=True)
         group_iter = iter(groups) if groups is not None else None
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = x.to(self.device)
-            p = self.model.gate.probs(self.model.embed(x))
-            thr, found = threshold_search(p, self.model.gate.bins, return_found=True)
-            mask = (p > thr.unsqueeze(1)).to(p.dtype)
-            stats.update(mask, p, thr, found, next(group_iter) if group_iter is not None else None)
+            _, aux = self.model.select(self.model.embed(x), x, "deterministic")
+            g = next(group_iter) if group_iter is not None else None
+            if "threshold" in aux:
+                stats.update(aux["mask"], aux["p"], aux["threshold"], aux["found"], g)
         self.train(was_training)
         return stats.summary(self.field_names)

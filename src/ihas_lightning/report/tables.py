@@ -1,4 +1,5 @@
-"""The results table of the evaluation (paper Table 4 rows Base / iHAS-1 / iHAS, Figure 4 timing) and
+"""The results table of the evaluation (Base, the method's search model and its final model, e.g. the
+paper's Table 4 rows Base / iHAS-1 / iHAS; Figure 4 timing) and
 the planted-field recovery table (synthetic data), as rich tables (stdout), Markdown and W&B rows."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ RESULT_COLUMNS = [
     "test AUC",
     "test logloss",
     "params",
+    "embedding params",
+    "dense params",
     "inference ms",
     "note",
 ]
@@ -50,6 +53,8 @@ def result_rows(results: dict[str, Any]) -> list[list[Any]]:
                 r.get("test_auc"),
                 r.get("test_logloss"),
                 r.get("params"),
+                r.get("embedding_params"),
+                r.get("dense_params"),
                 r.get("inference_ms"),
                 r.get("note", ""),
             ]
@@ -65,7 +70,8 @@ def cluster_rows(results: dict[str, Any]) -> list[list[Any]]:
          c.get("params")]
         for c in results.get("per_cluster", [])
     ]  # fmt: skip
-    ihas = next((r for r in results["rows"] if r["model"] == "iHAS"), None)
+    final = results.get("final_row", "iHAS")
+    ihas = next((r for r in results["rows"] if r["model"] == final), None)
     if ihas is not None:
         rows.append(["pooled", results.get("val_rows"), ihas.get("val_auc"), ihas.get("val_logloss"),
                      results.get("test_rows"), ihas.get("test_auc"), ihas.get("test_logloss"), None, None,
@@ -96,17 +102,48 @@ def _md(columns: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _timing_line(results: dict[str, Any]) -> str:
+    routing = ""
+    if results.get("routing_params") is not None:
+        routing = (
+            f"Routing cost (search embedding + gate + centroids, shared by all clusters): "
+            f"{_fmt(results.get('routing_params'))} params. "
+        )
+    return (
+        f"{routing}params = embedding values (kept rows x dims) + dense (backbone, selector); inference: "
+        f"whole test split ({_fmt(results.get('test_rows'))} rows, batch {results.get('batch_size')}), "
+        f"one warm-up batch, min of {results.get('timing_repeats')} runs."
+    )
+
+
+def _truth_lines(results: dict[str, Any]) -> list[str]:
+    t = results.get("derived_vs_truth")
+    if not t:
+        return []
+    lines = [
+        f"Derived architecture vs truth.json: kept fields {', '.join(t['kept_fields'])}; relevant "
+        f"{', '.join(t['relevant_fields'])}; precision {t['precision']:.3f}, recall {t['recall']:.3f}, "
+        f"F1 {t['f1']:.3f}."
+    ]
+    if t.get("kept_value_share_relevant") is not None:
+        lines.append(
+            f"Kept feature values: {t['kept_value_share_relevant']:.3f} of the relevant fields' values, "
+            f"{t['kept_value_share_noise']:.3f} of the noise fields'."
+        )
+    return lines
+
+
 def results_markdown(results: dict[str, Any]) -> str:
+    title = results.get("display", "iHAS")
     parts = [
-        f"# iHAS results: {results.get('dataset', '')}",
+        f"# {title} results: {results.get('dataset', '')}",
         "",
         _md(RESULT_COLUMNS, result_rows(results)),
         "",
-        f"Routing cost (search embedding + gate + centroids, shared by all clusters): "
-        f"{_fmt(results.get('routing_params'))} params. Inference: whole test split "
-        f"({_fmt(results.get('test_rows'))} rows, batch {results.get('batch_size')}), min of "
-        f"{results.get('timing_repeats')} runs.",
+        _timing_line(results),
     ]
+    if results.get("derived_vs_truth"):
+        parts += [""] + _truth_lines(results)
     if results.get("warnings"):
         parts += ["", "## Warnings", ""] + [f"* {w}" for w in results["warnings"]]
     if results.get("per_cluster"):
@@ -146,16 +183,17 @@ def print_results(results: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=max(120, Console().width))
-    t = Table(title=f"iHAS results ({results.get('dataset', '')}, validation and test splits)")
+    t = Table(
+        title=f"{results.get('method', 'ihas')} results ({results.get('dataset', '')}, validation and test splits)"
+    )
     for c in RESULT_COLUMNS:
         t.add_column(c, justify="left" if c in ("model", "note") else "right")
     for row in result_rows(results):
         t.add_row(*[_fmt(v) for v in row])
     console.print(t)
-    console.print(
-        f"routing cost (search embedding + gate + centroids): {_fmt(results.get('routing_params'))} params; "
-        f"inference = whole test split, min of {results.get('timing_repeats')} runs"
-    )
+    console.print(_timing_line(results))
+    for line in _truth_lines(results):
+        console.print(line)
     if results.get("per_cluster"):
         c = Table(title="Routed iHAS per cluster and pooled")
         for col in CLUSTER_COLUMNS:

@@ -45,16 +45,17 @@ from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..models import DLRM
 from ..routing import CLUSTER_INPUTS, cluster_features, nearest_centroid
-from ..utils import atomic_dir, read_json, write_json
-from .common import (
+from ..rundir import (
     CLUSTER_DIR,
     iter_split,
+    load_cluster_dir,
     load_search,
     make_datamodule,
     output_dir,
     prepared_dir,
     resolve_search_ckpt,
 )
+from ..utils import atomic_dir, read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
 
@@ -411,15 +412,4 @@ def _log(cfg: DictConfig, logger: Any, metrics: dict[str, Any], out: Path) -> No
             finish_loggers()
 
 
-def load_cluster_dir(cluster_dir: Path) -> dict[str, Any]:
-    """cluster.json + centroids + assignments of a cluster output dir."""
-    info = read_json(cluster_dir / "cluster.json")
-    tensors = torch.load(cluster_dir / "centroids.pt", map_location="cpu", weights_only=True)
-    info["centroids"] = tensors["centroids"]
-    info["mean_mask"] = tensors["mean_mask"]
-    for s in ("train", "val", "test"):
-        p = cluster_dir / f"assign_{s}.npy"
-        if not p.is_file():
-            raise DataError(f"{p}: missing cluster assignment file (re-run stage=cluster)")
-        info[f"assign_{s}"] = np.load(p)
-    return info
+__all__ = ["load_cluster_dir", "run", "check_cfg", "cluster_model", "majority_dims", "planted_recovery"]

@@ -39,24 +39,30 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from .. import method
 from ..artifacts import make_manifest, write_manifest
 from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..routing import RoutedModel, dispatch
-from ..utils import read_json, write_json
-from .common import (
+from ..rundir import (
     BASE_DIR,
     BEST,
     EVALUATE_DIR,
     SEARCH_DIR,
     _given,
-    load_search,
+    check_cluster_fits,
+    data_dir_for,
+    load_arch_dir,
+    load_cluster_models,
+    load_search_model,
     make_datamodule,
     output_dir,
-    resolve_cluster_dir,
+    prepared_dir,
+    resolve_arch_dir,
     resolve_retrain_dir,
     resolve_search_ckpt,
 )
+from ..utils import read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
 CONFIG_KEYS = ["seed", "evaluate.batch_size", "evaluate.timing_repeats"]
@@ -87,15 +93,16 @@ def constant_logloss(y: torch.Tensor, rate: float) -> float | None:
     return float(-(yy * np.log(p) + (1 - yy) * np.log(1 - p)).mean())
 
 
-def evaluate_warnings(rows: list[dict[str, Any]]) -> list[str]:
+def evaluate_warnings(rows: list[dict[str, Any]], final: str = "iHAS") -> list[str]:
     """One line per problem a user must not miss: a model no better than the constant predictor, and
-    iHAS below Base on validation (the split the user may look at without touching test)."""
+    the method's final model (``final``) below Base on validation (the split the user may look at
+    without touching test)."""
     by = {r["model"]: r for r in rows}
     const = by["Constant"]
     out = []
-    for name in ("Base", "iHAS-1", "iHAS"):
-        r = by.get(name)
-        if r is None:
+    for r in rows:
+        name = r["model"]
+        if name == "Constant":
             continue
         for split in ("val", "test"):
             ll, cl = r.get(f"{split}_logloss"), const.get(f"{split}_logloss")
@@ -104,15 +111,15 @@ def evaluate_warnings(rows: list[dict[str, Any]]) -> list[str]:
                     f"{name} has not trained: its {split} logloss {ll:.4f} is no better than predicting the "
                     f"train base rate ({cl:.4f})"
                 )
-    if "Base" in by and "iHAS" in by:
-        b, i = by["Base"], by["iHAS"]
+    if "Base" in by and final in by and final != "Base":
+        b, i = by["Base"], by[final]
         if (
             b["val_auc"] is not None
             and i["val_auc"] is not None
             and i["val_auc"] < b["val_auc"] - SIGNIFICANT
         ):
             out.append(
-                f"iHAS loses to Base on validation: AUC {i['val_auc']:.4f} vs {b['val_auc']:.4f} "
+                f"{final} loses to Base on validation: AUC {i['val_auc']:.4f} vs {b['val_auc']:.4f} "
                 f"({i['val_auc'] - b['val_auc']:+.4f})"
             )
         if (
@@ -121,7 +128,7 @@ def evaluate_warnings(rows: list[dict[str, Any]]) -> list[str]:
             and (i["val_logloss"] > b["val_logloss"] + SIGNIFICANT)
         ):
             out.append(
-                f"iHAS loses to Base on validation: logloss {i['val_logloss']:.4f} vs {b['val_logloss']:.4f}"
+                f"{final} loses to Base on validation: logloss {i['val_logloss']:.4f} vs {b['val_logloss']:.4f}"
             )
     return out
 
@@ -143,7 +150,9 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tens
 def time_inference(
     fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], repeats: int
 ) -> float:
-    """Min over ``repeats`` of the wall time (ms) of one pass over ``batches``."""
+    """Min over ``repeats`` of the wall time (ms) of one pass over ``batches``, after one warm-up batch."""
+    if batches:
+        fn(batches[0])
     best = float("inf")
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -170,39 +179,78 @@ def check_cfg(cfg: DictConfig) -> None:
             raise ConfigError(f"config key 'evaluate.{key}': must be an integer >= 1 (got {v!r})")
 
 
+def _counts(model: Any) -> dict[str, int]:
+    c = model.parameter_counts()
+    return {"embedding": c["embedding"], "dense": c["dense"] + c["selector"], "index": c["index"]}
+
+
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
-    """stage=evaluate. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
+    """stage=evaluate: one row per model the run dir holds (Base, the method's search model, its
+    retrained / routed model), plus the constant predictor. ``logger``: a Lightning logger of the
+    calling pipeline (else one is built)."""
     from ..loggers import build_logger, finish_loggers, log_table
     from ..report.tables import RESULT_COLUMNS, print_results, result_rows, results_markdown
-    from .cluster import load_cluster_dir
-    from .retrain import check_cluster_fits, data_dir_for, load_cluster_models
-    from .search import load_search_model
 
     check_cfg(cfg)
     repeats = int(cfg.evaluate.get("timing_repeats", 3))
-    retrain_dir = resolve_retrain_dir(cfg)
-    cluster_dir = resolve_cluster_dir(cfg, retrain_dir)
-    cinfo = load_cluster_dir(cluster_dir)
-    search_ckpt = resolve_search_ckpt(cfg, cluster_dir)
-    prepared = data_dir_for(cfg, cinfo)
+    name = str(cfg.method.name)
+    is_base = not method.has_selector(cfg)
+    retrain_dir = arch_dir = ainfo = None
+    if "retrain" in method.phases(cfg):
+        retrain_dir = resolve_retrain_dir(cfg)
+        arch_dir, _ = resolve_arch_dir(cfg, retrain_dir)
+        ainfo = load_arch_dir(arch_dir)
+        search_ckpt = resolve_search_ckpt(cfg, arch_dir)
+        prepared = data_dir_for(cfg, ainfo)
+    else:
+        search_ckpt = resolve_search_ckpt(cfg)
+        prepared = prepared_dir(cfg)
     fmap = FeatureMap.load(prepared)
-    check_cluster_fits(cluster_dir, cinfo, fmap)
-    search = load_search(search_ckpt, fmap)
-    k = int(cinfo["k"])
-    modules = load_cluster_models(retrain_dir, k)
-    for c, m in enumerate(modules):
-        if list(m.model.field_dims) != [int(d) for d in cinfo["field_dims"][c]]:
-            raise DataError(
-                f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {cluster_dir}/cluster.json"
-            )
-    routed = RoutedModel(
-        search,
-        cinfo["centroids"],
-        [m.model for m in modules],
-        input=str(cinfo.get("input", "masked_embedding")),
-    ).eval()
-    base_ckpt = base_checkpoint(cfg)
-    base = load_search_model(base_ckpt, fmap).model.eval() if base_ckpt is not None else None
+    search = load_search_model(search_ckpt, fmap).model.eval()
+
+    # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
+    entries: list[tuple[str, Callable, Any, str]] = []
+    base_ckpt = None
+    if is_base:
+        entries.append(("Base", lambda x: search(x, "open"), search, "all fields, full dims"))
+    else:
+        base_ckpt = base_checkpoint(cfg)
+        if base_ckpt is not None:
+            base = load_search_model(base_ckpt, fmap).model.eval()
+            entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
+        search_row = method.row_name(cfg, "search") or name
+        note = "search model" if retrain_dir is not None else "selector at inference"
+        entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
+    routed = None
+    modules: list[Any] = []
+    k = 0
+    if retrain_dir is not None:
+        check_cluster_fits(arch_dir, ainfo, fmap)
+        k = int(ainfo["k"])
+        modules = load_cluster_models(retrain_dir, k)
+        for c, m in enumerate(modules):
+            if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
+                raise DataError(
+                    f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
+                )
+        final_row = method.row_name(cfg, "final") or name
+        if ainfo.get("centroids") is not None:
+            if search.gate is None:
+                raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
+            routed = RoutedModel(
+                search, ainfo["centroids"], [m.model for m in modules],
+                input=str(ainfo.get("input", "masked_embedding")),
+            ).eval()  # fmt: skip
+            entries.append((final_row, routed, None, ""))
+        else:
+            single = modules[0].model.eval()
+            kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
+            note = f"{len(kept)}/{len(single.field_dims)} fields"
+            if single.embedding.pruned:
+                rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
+                note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
+            entries.append((final_row, lambda x: single(x, "open"), single, note))
+    final = entries[-1][0]
 
     bs = int(cfg.evaluate.batch_size)
     dm = make_datamodule(cfg, prepared, batch_size=bs)
@@ -217,99 +265,120 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     logits: dict[str, dict[str, torch.Tensor]] = {}
     clusters: dict[str, torch.Tensor] = {}
     for split, (bx, _) in data.items():
-        with torch.inference_mode():
-            outs = [routed.forward_with_clusters(x) for x in bx]
-        clusters[split] = torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
-        logits[split] = {
-            "iHAS": torch.cat([o[0] for o in outs]) if outs else torch.zeros(0),
-            "iHAS-1": predict(lambda x: search(x, "deterministic"), bx),
-        }
-        if base is not None:
-            logits[split]["Base"] = predict(lambda x: base(x, "open"), bx)
-    stage_assign = torch.from_numpy(np.asarray(cinfo["assign_test"]).astype(np.int64))
-    agree = float((clusters["test"] == stage_assign).float().mean()) if len(stage_assign) == n_test else None
+        logits[split] = {}
+        for row, fn, _m, _n in entries:
+            if fn is routed:
+                with torch.inference_mode():
+                    outs = [routed.forward_with_clusters(x) for x in bx]
+                clusters[split] = (
+                    torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
+                )
+                logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
+            else:
+                logits[split][row] = predict(fn, bx)
 
-    # ---- timing (same process, same batches) ----------------------------------------------------------
-    cluster_batches = [routed.route(x) for x in xs]
-    models = list(routed.cluster_models)
-    timing = {
-        "ihas": time_inference(routed, xs, repeats),
-        "ihas_models_only": time_inference_pairs(models, xs, cluster_batches, repeats),
-        "ihas1": time_inference(lambda x: search(x, "deterministic"), xs, repeats),
-    }
-    if base is not None:
-        timing["base"] = time_inference(lambda x: base(x, "open"), xs, repeats)
+    # ---- timing (same process, same batches, warm-up, loading excluded) --------------------------------
+    timing = {row: time_inference(fn, xs, repeats) for row, fn, _m, _n in entries}
+    agree = None
+    if routed is not None:
+        cluster_batches = [routed.route(x) for x in xs]
+        timing["routed_models_only"] = time_inference_pairs(
+            list(routed.cluster_models), xs, cluster_batches, repeats
+        )
+        stage_assign = torch.from_numpy(np.asarray(ainfo["assign_test"]).astype(np.int64))
+        if len(stage_assign) == n_test:
+            agree = float((clusters["test"] == stage_assign).float().mean())
 
     # ---- metrics ---------------------------------------------------------------------------------------
     metrics_of = {
-        split: {name: auc_logloss(lg, data[split][1]) for name, lg in per.items()}
+        split: {row: auc_logloss(lg, data[split][1]) for row, lg in per.items()}
         for split, per in logits.items()
     }
     constant = {split: constant_logloss(data[split][1], prior) for split in SPLITS}
     per_cluster = []
-    for c in range(k):
-        entry: dict[str, Any] = {"cluster": c}
-        for split in ("val", "test"):
-            sel = clusters[split] == c
-            ca, cl = auc_logloss(logits[split]["iHAS"][sel], data[split][1][sel])
-            entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
-            entry[f"{split}_positive_rate"] = float(data[split][1][sel].mean()) if int(sel.sum()) else None
-        entry.update(
-            field_dims=[int(d) for d in cinfo["field_dims"][c]],
-            embedding_width=int(sum(cinfo["field_dims"][c])),
-            params=int(models[c].num_parameters()),
-        )
-        per_cluster.append(entry)
-    cluster_params = sum(p["params"] for p in per_cluster)
-    notes = {
-        "Base": "no gates, all fields x 16 dims",
-        "iHAS-1": "search model alone, deterministic masks",
-        "iHAS": f"routed to {k} cluster models (models alone: {timing['ihas_models_only']:.1f} ms; "
-        f"+{routed.routing_parameters():,} routing params)",
-    }
-    params = {"iHAS-1": int(search.num_parameters()), "iHAS": int(cluster_params)}
-    ms = {"iHAS-1": timing["ihas1"], "iHAS": timing["ihas"]}
-    if base is not None:
-        params["Base"], ms["Base"] = int(base.num_parameters()), timing["base"]
+    if routed is not None:
+        for c in range(k):
+            entry: dict[str, Any] = {"cluster": c}
+            for split in SPLITS:
+                sel = clusters[split] == c
+                ca, cl = auc_logloss(logits[split][final][sel], data[split][1][sel])
+                entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
+                entry[f"{split}_positive_rate"] = (
+                    float(data[split][1][sel].mean()) if int(sel.sum()) else None
+                )
+            entry.update(
+                field_dims=[int(d) for d in ainfo["field_dims"][c]],
+                embedding_width=int(sum(ainfo["field_dims"][c])),
+                params=int(modules[c].model.num_parameters()),
+            )
+            per_cluster.append(entry)
     rows: list[dict[str, Any]] = []
-    for name in ("Base", "iHAS-1", "iHAS"):
-        if name not in metrics_of["test"]:
-            continue
-        (va, vl), (ta, tl) = metrics_of["val"][name], metrics_of["test"][name]
-        rows.append({"model": name, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
-                     "params": params[name], "inference_ms": ms[name], "note": notes[name]})  # fmt: skip
+    for row, fn, model, note in entries:
+        (va, vl), (ta, tl) = metrics_of["val"][row], metrics_of["test"][row]
+        if fn is routed:
+            counts = {"embedding": 0, "dense": 0, "index": 0}
+            for m in modules:
+                for key, v in _counts(m.model).items():
+                    counts[key] += v
+            note = (f"{k} clusters (models alone {timing['routed_models_only']:.1f} ms; "
+                    f"+{routed.routing_parameters():,} routing params)")  # fmt: skip
+        else:
+            counts = _counts(model)
+        rows.append({"model": row, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
+                     "params": counts["embedding"] + counts["dense"], "embedding_params": counts["embedding"],
+                     "dense_params": counts["dense"], "index_entries": counts["index"],
+                     "inference_ms": timing[row], "note": note})  # fmt: skip
     rows.append({"model": "Constant", "test_auc": 0.5, "test_logloss": constant["test"], "val_auc": 0.5,
                  "val_logloss": constant["val"], "params": 1, "inference_ms": None,
                  "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
-    warnings = evaluate_warnings(rows)
+    warnings = evaluate_warnings(rows, final=final)
     for w in warnings:
         log.warning("evaluate: %s", w)
+    keys = {"Base": "base", "Constant": "constant"}
+    if name == "ihas":
+        keys.update({method.row_name(cfg, "search") or "iHAS-1": "ihas1", final: "routed"})
+    elif not is_base:
+        if len(entries) and entries[-1][0] != (method.row_name(cfg, "search") or name):
+            keys[method.row_name(cfg, "search") or name] = "search"
+        keys[final] = "final"
     results: dict[str, Any] = {
         "dataset": str(cfg.dataset.name),
+        "method": name,
+        "display": str(cfg.method.get("display") or name),
+        "final_row": final,
+        "row_keys": keys,
         "test_rows": n_test,
         "val_rows": len(data["val"][1]),
         "batch_size": bs,
         "timing_repeats": repeats,
+        "timing_note": "whole split in memory, fixed batch size, one warm-up batch, min over repeats",
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "per_cluster": per_cluster,
-        "cluster_input": routed.input,
         "train_positive_rate": prior,
-        "routing_params": int(routed.routing_parameters()),
-        "cluster_params": [p["params"] for p in per_cluster],
         "timing_ms": timing,
-        "routing_agrees_with_cluster_stage": agree,
         "warnings": warnings,
         "inputs": {
             "search_ckpt": str(search_ckpt.resolve()),
-            "cluster_dir": str(cluster_dir.resolve()),
-            "retrain_dir": str(retrain_dir.resolve()),
+            "arch_dir": str(arch_dir.resolve()) if arch_dir else None,
+            "cluster_dir": str(arch_dir.resolve()) if routed is not None else None,
+            "retrain_dir": str(retrain_dir.resolve()) if retrain_dir else None,
             "base_ckpt": str(base_ckpt.resolve()) if base_ckpt else None,
             "prepared_dir": str(prepared.resolve()),
         },
     }
-    if "recovery" in cinfo:
-        results["recovery"] = cinfo["recovery"]
+    if routed is not None:
+        results.update(
+            cluster_input=routed.input,
+            routing_params=int(routed.routing_parameters()),
+            cluster_params=[p["params"] for p in per_cluster],
+            routing_agrees_with_cluster_stage=agree,
+        )
+        results["timing_ms"].update(ihas=timing[final], ihas_models_only=timing["routed_models_only"])
+    if ainfo is not None and "recovery" in ainfo:
+        results["recovery"] = ainfo["recovery"]
+    if ainfo is not None and "truth" in ainfo:
+        results["derived_vs_truth"] = ainfo["truth"]
     truth = prepared / "truth.json"
     if truth.is_file():
         results["bayes_test_auc"] = read_json(truth).get("bayes_test_auc")
@@ -318,11 +387,9 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(results_markdown(results))
-    parents: dict[str, Any] = {
-        "retrain_dir": retrain_dir,
-        "cluster_dir": cluster_dir,
-        "search_ckpt": search_ckpt,
-    }
+    parents: dict[str, Any] = {"search_ckpt": search_ckpt}
+    if retrain_dir is not None:
+        parents.update(retrain_dir=retrain_dir, arch_dir=arch_dir)
     if base_ckpt is not None:
         parents["base_ckpt"] = base_ckpt
     write_manifest(out, make_manifest("evaluate", cfg, CONFIG_KEYS, parents=parents))
@@ -361,19 +428,30 @@ def time_inference_pairs(
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
-    """Scalar metrics for loggers / the sweeper: ``routed/test/auc`` etc."""
-    names = {"Base": "base", "iHAS-1": "ihas1", "iHAS": "routed", "Constant": "constant"}
+    """Scalar metrics for loggers / the sweeper: ``final/test/auc``, ``base/val/auc`` etc. (iHAS also
+    ``routed/...`` and ``ihas1/...``)."""
+    names = results.get("row_keys") or {
+        "Base": "base",
+        "iHAS-1": "ihas1",
+        "iHAS": "routed",
+        "Constant": "constant",
+    }
     m: dict[str, Any] = {}
+    final = results.get("final_row")
     for r in results["rows"]:
-        p = names[r["model"]]
-        for split in ("val", "test"):
-            m[f"{p}/{split}/auc"] = r.get(f"{split}_auc")
-            m[f"{p}/{split}/logloss"] = r.get(f"{split}_logloss")
-        m[f"{p}/params"] = r["params"]
-        m[f"{p}/inference_ms"] = r["inference_ms"]
-    m["routed/routing_params"] = results["routing_params"]
-    m["routed/models_only_ms"] = results["timing_ms"]["ihas_models_only"]
-    for c in results["per_cluster"]:
+        prefixes = [names.get(r["model"], r["model"])]
+        if r["model"] == final and "final" not in prefixes:
+            prefixes.append("final")
+        for p in prefixes:
+            for split in ("val", "test"):
+                m[f"{p}/{split}/auc"] = r.get(f"{split}_auc")
+                m[f"{p}/{split}/logloss"] = r.get(f"{split}_logloss")
+            m[f"{p}/params"] = r["params"]
+            m[f"{p}/inference_ms"] = r["inference_ms"]
+    if "routing_params" in results:
+        m["routed/routing_params"] = results["routing_params"]
+        m["routed/models_only_ms"] = results["timing_ms"]["routed_models_only"]
+    for c in results.get("per_cluster", []):
         for split in ("val", "test"):
             m[f"routed/cluster_{c['cluster']}/{split}/auc"] = c[f"{split}_auc"]
             m[f"routed/cluster_{c['cluster']}/{split}_samples"] = c[f"{split}_samples"]
@@ -381,4 +459,6 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
         for r in results["recovery"]["per_cluster"]:
             m[f"recovery/cluster_{r['cluster']}/f1"] = r["f1"]
         m["recovery/min_f1"] = results["recovery"]["min_f1"]
+    if "derived_vs_truth" in results:
+        m["derive/truth_f1"] = results["derived_vs_truth"]["f1"]
     return m

@@ -26,30 +26,34 @@ dir) is retrained.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from .. import method
 from ..artifacts import is_current, make_manifest, write_manifest
-from ..data.feature_map import FeatureMap, is_complete
+from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..loggers import PrefixedLogger, build_logger, finish_loggers
 from ..modules.retrain import INITS, RetrainModule
-from ..utils import atomic_dir, read_json, seed_everything, write_json
-from .common import (
+from ..rundir import (  # noqa: F401 - check_cluster_fits, data_dir_for, load_cluster_models re-exported
     BEST,
     RETRAIN_DIR,
-    load_search,
+    check_cluster_fits,
+    data_dir_for,
+    load_arch_dir,
+    load_cluster_models,
+    load_search_model,
     make_datamodule,
     output_dir,
-    prepared_dir,
-    resolve_cluster_dir,
+    resolve_arch_dir,
     resolve_search_ckpt,
 )
+from ..training import fit_ctr  # noqa: F401 - re-exported
+from ..utils import atomic_dir, read_json, seed_everything, write_json
 
 log = logging.getLogger("ihas_lightning")
 
@@ -58,6 +62,10 @@ CONFIG_KEYS = [
     "retrain.max_epochs",
     "retrain.patience",
     "retrain.init",
+    "method.name",
+    "method.retrain_init",
+    "method.rewind_tag",
+    "method.embedding_optimizer",
     "retrain.monitor",
     "model",
     "trainer.fast_dev_run",
@@ -66,121 +74,55 @@ CONFIG_KEYS = [
 ]
 
 
-# ---- fit one CTR model to convergence (shared mechanics: ihas_lightning.training) -------------------
-def fit_ctr(
-    module: Any,
-    dm: Any,
-    cfg: DictConfig,
-    out: Path,
-    max_epochs: int,
-    patience: int | None,
-    logger: Any = None,
-    monitor_val: bool = True,
-    monitor: str = "val/logloss",
-) -> dict[str, Any]:
-    """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
-    ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
-    checkpoint, epochs run, seconds, params}."""
-    from ..training import build_trainer, selection_callbacks
-
-    callbacks: list[Any] = []
-    ckpt_cb = None
-    overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
-    if monitor_val:
-        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, save_last=False)
-    else:
-        overrides["limit_val_batches"] = 0
-    trainer = build_trainer(cfg, max_epochs, callbacks, logger, out, **overrides)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
-    fit_s = time.perf_counter() - t0
-    best = out / BEST
-    best_score = None
-    if ckpt_cb is not None and ckpt_cb.best_model_path and Path(ckpt_cb.best_model_path).is_file():
-        if Path(ckpt_cb.best_model_path).resolve() != best.resolve():
-            Path(ckpt_cb.best_model_path).replace(best)
-        best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
-        best_epoch = int(torch.load(best, map_location="cpu", weights_only=False).get("epoch", -1))
-        module = type(module).load_from_checkpoint(str(best), map_location="cpu")
-    else:  # fast_dev_run / no validation: the last weights are the result
-        trainer.save_checkpoint(str(best))
-        best_epoch = int(trainer.current_epoch)
-    val = trainer.validate(module, datamodule=dm, verbose=False) if monitor_val else [{}]
-    test = trainer.test(module, datamodule=dm, verbose=False)
-    return {
-        "best_ckpt": str(best),
-        "val_auc": _f(val[0].get("val/auc")) if val else None,
-        "val_logloss": _f(val[0].get("val/logloss")) if val else None,
-        "best_monitor_during_fit": best_score,
-        "test_auc": _f(test[0].get("test/auc")) if test else None,
-        "test_logloss": _f(test[0].get("test/logloss")) if test else None,
-        "best_epoch": best_epoch,
-        "epochs_run": int(trainer.current_epoch),
-        "fit_seconds": round(fit_s, 3),
-        "params": int(module.model.num_parameters()),
-    }
-
-
-def _f(v: Any) -> float | None:
-    return None if v is None else float(v)
-
-
 # ---- the stage ---------------------------------------------------------------------------------------
-def data_dir_for(cfg: DictConfig, cluster_info: dict[str, Any]) -> Path:
-    """The prepared dataset the clustering ran on (recorded in cluster.json), else the config's."""
-    recorded = cluster_info.get("prepared_dir")
-    if recorded and is_complete(recorded):
-        return Path(recorded)
-    return prepared_dir(cfg)
-
-
-def check_cluster_fits(cluster_dir: Path, info: dict[str, Any], fmap: FeatureMap) -> None:
-    if list(info["vocab_sizes"]) != list(fmap.vocab_sizes):
-        raise DataError(f"{cluster_dir}/cluster.json: its vocab sizes do not match the prepared dataset")
-    for s in ("train", "val", "test"):
-        n = len(info[f"assign_{s}"])
-        if n != fmap.rows(s):
-            raise DataError(
-                f"{cluster_dir}/assign_{s}.npy: {n} assignments but the prepared {s} split has {fmap.rows(s)} rows"
-            )
-
-
 def check_cfg(cfg: DictConfig) -> None:
     """Every key the retrain stage will use, checked before any work."""
     from ..schedule import check_batch_size
     from ..training import check_fit_cfg, trainer_kwargs
 
     check_fit_cfg(cfg.retrain, "retrain")
-    if str(cfg.retrain.init) not in INITS:
+    init = cfg.retrain.get("init")
+    if init is not None and str(init) not in INITS:
         raise ConfigError(
-            f"config key 'retrain.init': must be one of {list(INITS)} (got '{cfg.retrain.init}')"
+            f"config key 'retrain.init': must be one of {list(INITS)} or null (the method's) (got '{init}')"
         )
+    method.check(cfg)
     check_batch_size(cfg.model)
     trainer_kwargs(cfg)
 
 
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     """stage=retrain. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
-    from .cluster import load_cluster_dir
-
     check_cfg(cfg)
-    init = str(cfg.retrain.init)
-    cluster_dir = resolve_cluster_dir(cfg)
-    info = load_cluster_dir(cluster_dir)
+    init = method.retrain_init(cfg)
+    cluster_dir, parent_key = resolve_arch_dir(cfg)
+    info = load_arch_dir(cluster_dir)
     prepared = data_dir_for(cfg, info)
     fmap = FeatureMap.load(prepared)
     check_cluster_fits(cluster_dir, info, fmap)
-    parents: dict[str, Any] = {"cluster_dir": cluster_dir}
+    parents: dict[str, Any] = {parent_key: cluster_dir}
     searched = None
-    if init == "searched":
+    if init in ("searched", "rewind"):
         ckpt = resolve_search_ckpt(cfg, cluster_dir)
         parents["search_ckpt"] = ckpt
-        searched = load_search(ckpt, fmap)
-        if searched.embed_dim != int(info["embed_dim"]):
-            raise DataError(f"{ckpt}: embed dim {searched.embed_dim} != the clustering's {info['embed_dim']}")
+    if init == "searched":
+        searched = load_search_model(ckpt, fmap).model
+        if searched.embed_dim != int(info["embed_dim"]) or not searched.embedding.uniform:
+            raise DataError(
+                f"{ckpt}: embed dim {searched.embed_dim} != the architecture's {info['embed_dim']}"
+            )
+    elif init == "rewind":
+        tag = str(cfg.method.get("rewind_tag"))
+        snap = ckpt.parent / "snapshots" / f"{tag}.pt"
+        if not snap.is_file():
+            raise DataError(
+                f"{snap}: no snapshot {tag!r} to rewind to (method.rewind_tag; re-run stage=search)"
+            )
+        parents["snapshot"] = snap
+        searched = torch.load(snap, map_location="cpu", weights_only=True)
     out = output_dir(cfg) / RETRAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = method.model_cfg(cfg)
     k = int(info["k"])
 
     own = logger is None
@@ -206,6 +148,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             "k": k,
             "init": init,
             "cluster_dir": str(cluster_dir.resolve()),
+            "arch_source": parent_key,
             "prepared_dir": str(prepared.resolve()),
             "clusters": results,
         }
@@ -242,12 +185,23 @@ def _train_cluster(
 
     dims = [int(d) for d in info["field_dims"][c]]
     kept = info["kept_dims"][c]
-    masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
-    n = {s: int(m.sum()) for s, m in masks.items()}
+    if info.get("assign_train") is None:  # one architecture for every row (derive stage)
+        masks = None
+        n = {s: fmap.rows(s) for s in ("train", "val", "test")}
+    else:
+        masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
+        n = {s: int(m.sum()) for s, m in masks.items()}
     if n["train"] == 0:
         raise DataError(f"cluster {c} has no train samples (re-run stage=cluster with a smaller cluster.k)")
     bs = schedule.batch_size(cfg.model, n["train"])
     dm = make_datamodule(cfg, prepared, batch_size=bs, row_filter=masks)
+    row_keep = info.get("row_keep")
+    row_counts = None
+    if row_keep is not None:
+        bounds = np.cumsum([0, *fmap.vocab_sizes])
+        row_counts = [
+            int(row_keep[bounds[f] : bounds[f + 1]].sum()) if dims[f] else 0 for f in range(len(dims))
+        ]
     rate = dm.positive_rate("train")
     bias = schedule.prior_logit(rate) if cfg.model.get("output_bias", "prior") == "prior" else None
     seed_everything(int(cfg.seed) + c)
@@ -259,13 +213,25 @@ def _train_cluster(
         cluster_id=c,
         field_names=fmap.field_names,
         output_bias=bias,
+        row_counts=row_counts,
     )
-    if searched is not None:
+    if row_keep is not None:
+        keep = row_keep.clone()
+        for f in range(len(dims)):  # a dropped field keeps no rows
+            if not dims[f]:
+                keep[int(bounds[f]) : int(bounds[f + 1])] = False
+        module.set_row_keep(keep)
+    if init == "searched":
         module.init_from_searched(searched)
+    elif init == "rewind":
+        try:
+            module.init_from_snapshot(searched)
+        except ValueError as e:
+            raise DataError(f"retrain.init=rewind: {e}") from None
     log.info(
         "retrain stage: cluster %d: %d train / %d val / %d test samples (positive rate %.3f), field dims %s "
-        "(MLP in %d, %d params), batch %d",
-        c, n["train"], n["val"], n["test"], rate or 0.0, dims, sum(dims), module.model.num_parameters(), bs,
+        "(MLP in %d, %d params), batch %d, init %s",
+        c, n["train"], n["val"], n["test"], rate or 0.0, dims, sum(dims), module.model.num_parameters(), bs, init,
     )  # fmt: skip
     monitor = n["val"] > 0
     if not monitor:
@@ -294,24 +260,10 @@ def _train_cluster(
             "batch_size": bs,
             "train_positive_rate": rate,
             "init": init,
+            "parameter_counts": module.model.parameter_counts(),
             **res,
             "resumed": False,
         }
         write_json(tmp / "metrics.json", metrics)
         write_manifest(tmp, manifest)
     return metrics
-
-
-def load_cluster_models(retrain_dir: Path, k: int) -> list[RetrainModule]:
-    """The best retrained module of every cluster (one-line DataError for a missing one)."""
-    mods = []
-    for c in range(k):
-        p = retrain_dir / f"cluster_{c}" / BEST
-        if not p.is_file():
-            raise DataError(f"{p}: missing retrained model of cluster {c} (re-run stage=retrain)")
-        try:
-            m = RetrainModule.load_from_checkpoint(str(p), map_location="cpu")
-        except Exception as e:  # a corrupt / foreign checkpoint
-            raise DataError(f"{p}: not a loadable retrain checkpoint ({type(e).__name__}: {e})") from e
-        mods.append(m.eval())
-    return mods

@@ -48,7 +48,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import method
 from ..errors import ConfigError, DataError
+from ..method import check_gate_cfg  # noqa: F401 - re-exported for callers of the stage
+from ..rundir import checkpoint_epoch, load_search_model  # noqa: F401 - re-exported
 from ..utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger("ihas_lightning")
@@ -59,104 +62,26 @@ LAST = "last.ckpt"
 MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
 
 
-def check_gate_cfg(gate: DictConfig) -> None:
-    """One-line ConfigError naming the ``method.gate.<key>`` whose value is out of range."""
-    from ..models.gate import INPUT_NORMS
-
-    def num(key: str, default: float | None) -> float | None:
-        v = gate.get(key, default)
-        if v is None:
-            return None
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"config key 'method.gate.{key}': must be a number (got {v!r})") from None
-
-    rules = [
-        ("tau", 0.1, lambda v: v > 0, "must be > 0"),
-        ("lambda_reg", 1e-4, lambda v: v >= 0, "must be >= 0"),
-        ("bins", 20, lambda v: v >= 3 and v == int(v), "must be an integer >= 3"),
-        ("lr", 1e-3, lambda v: v > 0, "must be > 0"),
-        ("weight_decay", None, lambda v: v >= 0, "must be >= 0 (or null: model.weight_decay)"),
-        ("init_bias", 3.0, lambda v: v == v, "must be a number"),
-    ]
-    for key, default, ok, rule in rules:
-        v = num(key, default)
-        if v is not None and not ok(v):
-            raise ConfigError(f"config key 'method.gate.{key}': {rule} (got {gate.get(key)})")
-    norm = gate.get("input_norm", "none")
-    if norm not in INPUT_NORMS:
-        raise ConfigError(
-            f"config key 'method.gate.input_norm': must be one of {list(INPUT_NORMS)} (got {norm!r})"
-        )
-
-
-# ---- module construction / loading -------------------------------------------------------------------
+# ---- module construction ----------------------------------------------------------------------------
 def build_module(cfg: DictConfig, feature_map, output_bias: float | None = None, search_every: int = 100):
-    """``SearchModule`` for a gated method (ihas), ``CTRModule`` for ``method=base``."""
-    from ..modules.ctr import CTRModule
+    """The :class:`SearchModule` of ``cfg.method`` (Base: no selector)."""
     from ..modules.search import SearchModule
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    gated = bool(cfg.method.get("gated", False))
-    if not gated:
-        return CTRModule(
-            feature_map.vocab_sizes,
-            model,
-            eval_mode="open",
-            field_names=feature_map.field_names,
-            output_bias=output_bias,
-        )
-    gate = OmegaConf.to_container(cfg.method.gate, resolve=True)
-    pre = cfg.search.pretrain
+    pre = method.pretrain(cfg)
+    sel = method.has_selector(cfg)
+    # patience null (or no pretraining): exactly pretrain.max_epochs epochs; else the SearchSchedule
+    # callback ends the pretraining on its validation criterion
+    fixed = pre.get("patience") is None or int(pre.max_epochs) == 0
     return SearchModule(
         feature_map.vocab_sizes,
-        model,
-        gate=gate,
-        # patience null (or no pretraining): exactly pretrain.max_epochs epochs; else the
-        # SearchSchedule callback ends the pretraining on its validation criterion
-        pretrain_epochs=int(pre.max_epochs) if pre.get("patience") is None or pre.max_epochs == 0 else None,
+        method.model_cfg(cfg),
+        pretrain_epochs=int(pre.max_epochs) if (fixed or not sel) else None,
         search_every=int(search_every),
         field_names=feature_map.field_names,
         output_bias=output_bias,
-        model_lr_scale=float(cfg.search.model_lr_scale),
+        model_lr_scale=float(method.setting(cfg, "model_lr_scale")),
+        method=method.spec(cfg, int(method.setting(cfg, "max_epochs"))),
     )
-
-
-def load_search_model(ckpt_path: str | Path, feature_map=None):
-    """Load a search-stage checkpoint (SearchModule; CTRModule for a ``method=base`` run), in eval mode.
-
-    Raises a one-line DataError when the file is missing/unreadable or (given ``feature_map``) its
-    field count or vocab sizes do not fit the prepared dataset."""
-    from ..modules.ctr import CTRModule
-    from ..modules.search import SearchModule
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise DataError(f"{path}: search checkpoint not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ck["hyper_parameters"]
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a data error
-        raise DataError(f"{path}: not a readable search checkpoint ({type(e).__name__}: {e})") from e
-    vocab = [int(v) for v in hp["vocab_sizes"]]
-    if feature_map is not None:
-        fm_vocab = list(feature_map.vocab_sizes)
-        if len(vocab) != len(fm_vocab):
-            raise DataError(
-                f"{path}: the checkpoint has {len(vocab)} fields but the prepared dataset has {len(fm_vocab)}"
-            )
-        if vocab != fm_vocab:
-            bad = next(i for i, (a, b) in enumerate(zip(vocab, fm_vocab)) if a != b)
-            raise DataError(
-                f"{path}: vocab size of field {feature_map.field_names[bad]!r} is {vocab[bad]} in the "
-                f"checkpoint but {fm_vocab[bad]} in the prepared dataset"
-            )
-    cls = SearchModule if "search_every" in hp else CTRModule
-    module = cls(**hp)
-    module.load_state_dict(ck["state_dict"])
-    module.eval()
-    return module
 
 
 # ---- outputs --------------------------------------------------------------------------------------------
@@ -200,7 +125,8 @@ def check_cfg(cfg: DictConfig) -> None:
     if ob not in OUTPUT_BIAS:
         raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
     trainer_kwargs(cfg)
-    if not bool(cfg.method.get("gated", False)):
+    method.check(cfg)
+    if not method.has_selector(cfg):
         return
     check_fit_cfg(sc.pretrain, "search.pretrain", min_epochs=0)  # 0: no pretraining
     check_monitor(sc.get("search_monitor"), "search.search_monitor", MONITORS)
@@ -221,7 +147,6 @@ def check_cfg(cfg: DictConfig) -> None:
     sbs = sc.get("search_batch_size")
     if sbs is not None and (not isinstance(sbs, int) or sbs < 1):
         raise ConfigError(f"config key 'search.search_batch_size': must be >= 1 or null (got {sbs!r})")
-    check_gate_cfg(cfg.method.gate)
 
 
 def holdout_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
@@ -258,19 +183,23 @@ def search_warnings(metrics: dict[str, Any], min_gate_steps: int) -> list[str]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train the search (or Base) model and write ``search/`` outputs; returns the metrics dict."""
+    """Train the search model of ``cfg.method`` (Base: the plain model) and write ``search/`` outputs;
+    returns the metrics dict."""
     from .. import schedule
     from ..data.datamodule import IHASDataModule
+    from ..data.dataset_dir import ensure_prepared
     from ..data.feature_map import FeatureMap
     from ..loggers import build_logger, finish_loggers
-    from ..modules.search import SearchModule, SearchSchedule
+    from ..modules.search import SearchSchedule
     from ..report.figures import gate_histogram_png
     from ..training import build_trainer, selection_callbacks, throughput_callback
-    from .prepare import ensure_prepared
 
     check_cfg(cfg)
     sc = cfg.search
-    gated = bool(cfg.method.get("gated", False))
+    sel = method.has_selector(cfg)
+    update = method.arch_update(cfg)
+    bilevel = update == "bilevel"
+    name = str(cfg.method.name)
     resume = sc.get("resume")
     if resume and not Path(str(resume)).is_file():
         raise DataError(f"{resume}: checkpoint to resume from not found (search.resume)")
@@ -287,7 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fmap = FeatureMap.load(prepared)
     n_train = fmap.rows("train")
     hold = None
-    if gated and sc.gate_data == "holdout":
+    if bilevel and sc.gate_data == "holdout":
         hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
     model_rows = n_train - (int(hold.sum()) if hold is not None else 0)
     bs = schedule.batch_size(cfg.model, model_rows)
@@ -301,17 +230,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         search_batch_size=sbs,
         row_filter={"train": ~hold} if hold is not None else None,
     )
-    every = schedule.search_every(sc, schedule.batches_per_epoch(model_rows, bs)) if gated else None
+    bpe = schedule.batches_per_epoch(model_rows, bs)
+    every = method.search_every(cfg, bpe) if bilevel else None
     prior = dm.positive_rate("train")
     bias = schedule.prior_logit(prior) if cfg.model.get("output_bias", "prior") == "prior" else None
     synthetic = (prepared / "truth.json").is_file()
     module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
-    budget = {
-        "batch_size": bs,
-        "train_rows": model_rows,
-        "batches_per_epoch": schedule.batches_per_epoch(model_rows, bs),
-    }
-    if isinstance(module, SearchModule):
+    module.snapshot_dir = out / "snapshots"
+    budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
+    if sel:
+        budget["arch_update"] = update
+        budget["embedding_optimizer"] = module.model_cfg.get("embedding_optimizer", "sparse_adam")
+    if bilevel:
         if hold is not None:
             gate_dm = IHASDataModule(
                 str(prepared),
@@ -326,33 +256,34 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             module.set_search_loader(dm.search_dataloader("val"))
             budget["gate_rows"] = fmap.rows("val")
         budget.update(search_every=every, gate_data=str(sc.gate_data), search_batch_size=sbs)
-    log.info(
-        "%s: %s", "search" if gated else "base",
-        ", ".join(f"{k}={v}" for k, v in budget.items()),
-    )  # fmt: skip
+    log.info("search (%s): %s", name, ", ".join(f"{k}={v}" for k, v in budget.items()))
 
-    # Base and the pretraining: search.monitor; the bi-level search phase: search.search_monitor
-    monitor = str(sc.search_monitor) if gated else str(sc.monitor)
+    # Base and the pretraining: search.monitor; the search phase: the method's search monitor
+    monitor = str(method.setting(cfg, "search_monitor")) if sel else str(sc.monitor)
+    search_epochs = int(method.setting(cfg, "max_epochs"))
+    early_stop = bool(cfg.method.get("early_stop", True))
+    patience = method.setting(cfg, "patience") if early_stop else None
+    select_last = cfg.method.get("select", "best") == "last"
     logger = build_logger(cfg, str(cfg.get("tag") or "search"))
     try:
-        callbacks, ckpt_cb = selection_callbacks(out, monitor, sc.get("patience"))
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience)
         throughput = throughput_callback()
         callbacks.append(throughput)
-        if gated:
-            pre = sc.pretrain
+        if sel:
+            pre = method.pretrain(cfg)
             callbacks.insert(
                 0,
                 SearchSchedule(
                     pretrain_max_epochs=int(pre.max_epochs),
                     pretrain_patience=pre.get("patience"),
-                    search_max_epochs=int(sc.max_epochs),
+                    search_max_epochs=search_epochs,
                     monitor=str(sc.monitor),
                     restore_best=bool(pre.get("restore_best", True)),
                 ),
             )
-            max_epochs = int(pre.max_epochs) + int(sc.max_epochs)
+            max_epochs = int(pre.max_epochs) + search_epochs
         else:
-            max_epochs = int(sc.max_epochs)
+            max_epochs = search_epochs
         trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root)
         t0 = time.perf_counter()
         trainer.fit(
@@ -362,31 +293,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ckpt_path=str(resume) if resume else None,
         )
         fit_seconds = time.perf_counter() - t0
-        gate_steps = int(getattr(module, "gate_steps", 0))  # loading best.ckpt below restores its count
+        gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
         best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
-        if best is None or not best.is_file():
-            best = out / BEST  # no selectable validation ran: the final weights are the result
+        if select_last or best is None or not best.is_file():
+            # the method derives from its last epoch (OptFS), or no selectable validation ran
+            best = out / BEST
             trainer.save_checkpoint(best)
         if not (out / LAST).is_file():
             trainer.save_checkpoint(out / LAST)
 
         val = trainer.validate(module, dataloaders=dm.val_dataloader(), ckpt_path=str(best), verbose=False)
         test = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=str(best), verbose=False)
-        start = getattr(module, "search_start_epoch", None)
+        counts = module.model.parameter_counts()
         metrics: dict[str, Any] = {
-            "method": str(cfg.method.name),
+            "method": name,
             "dataset": str(cfg.dataset.name),
             "val/auc": _metric(val, "val/auc"),
             "val/logloss": _metric(val, "val/logloss"),
             "test/auc": _metric(test, "test/auc"),
             "test/logloss": _metric(test, "test/logloss"),
             "monitor": monitor,
-            "best_epoch": _best_epoch(best),
+            "selection": "last epoch" if select_last else f"best {monitor}",
+            "best_epoch": checkpoint_epoch(best),
             "epochs_run": int(trainer.current_epoch),
-            "pretrain_epochs": start if gated else 0,
+            "pretrain_epochs": module.search_start_epoch if sel else 0,
             "budget": {**budget, "max_epochs": max_epochs, "train_positive_rate": prior, "output_bias": bias},
             "global_step": int(trainer.global_step),
-            "global_step_note": "counts optimizer steps: 2 per training batch, 3 on gate-step batches",
+            "global_step_note": "counts optimizer steps: 2 per training batch, 3 on architecture-step batches",
             "fit_seconds": round(fit_seconds, 3),
             "train_seconds": round(throughput.seconds, 3),
             "train_samples": throughput.samples,
@@ -394,9 +327,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if throughput.seconds
             else None,
             "num_parameters": int(module.model.num_parameters()),
+            "parameter_counts": counts,
             "best_ckpt": str(best),
         }
-        if isinstance(module, SearchModule):
+        if sel:
+            metrics["arch_steps"] = gate_steps
+            metrics["selector"] = module.model.selector.statistics()
+            snaps = sorted(p.name for p in (out / "snapshots").glob("*.pt"))
+            if snaps:
+                metrics["snapshots"] = snaps
+        if module.model.gate is not None:
             metrics["gate_steps"] = gate_steps
             metrics["gate_steps_at_best"] = int(module.gate_steps)
             stats = _test_gate_statistics(module, dm, synthetic)
@@ -408,7 +348,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["open_share"] = stats["open_share"]
             metrics["open_share_per_field"] = stats["open_share_per_field"]
             title = (
-                f"gate probabilities, test split ({cfg.method.name}, lambda={cfg.method.gate.lambda_reg}, "
+                f"gate probabilities, test split ({name}, lambda={cfg.method.gate.lambda_reg}, "
                 f"polarization={'on' if cfg.method.gate.polarization else 'off'})"
             )
             gate_histogram_png(
@@ -427,8 +367,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / "metrics.json", metrics)
         _write_manifest(cfg, out, prepared, fmap, best)
         log.info(
-            "%s done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
-            "search" if gated else "base",
+            "search (%s) done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
+            name,
             metrics["best_epoch"],
             metrics["epochs_run"] + 1,
             _round(metrics["val/auc"]),
@@ -442,13 +382,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 4)
-
-
-def _best_epoch(path: Path) -> int | None:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False).get("epoch"))
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _write_manifest(cfg: DictConfig, out: Path, prepared: Path, fmap, best: Path) -> None:

@@ -1,6 +1,11 @@
-"""``stage=all``: the whole iHAS pipeline in one run dir (paper Figure 1 / Algorithm 1, end to end).
+"""``stage=all``: a method's whole pipeline in one run dir (for iHAS: paper Figure 1 / Algorithm 1).
 
-    prepare (if needed) -> Base (``stage.train_base``) -> search -> cluster -> retrain -> evaluate
+    prepare (if needed) -> Base (``stage.train_base``) -> the method's ``phases``
+
+The phases come from the method's config (``conf/method/<name>.yaml``): iHAS ``search -> cluster ->
+retrain -> evaluate``; AutoField and OptFS ``search -> derive -> retrain -> evaluate``; AdaFS and Base
+``search -> evaluate``. This orchestrator sits above the stages (which never import each other) and
+runs each by name through :func:`ihas_lightning.stages.run_stage`.
 
 Run-dir layout (every stage dir carries a ``manifest.json``: config hash + parent artifacts)::
 
@@ -30,18 +35,21 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..artifacts import is_current, make_manifest
-from ..utils import read_json, write_json
-from .common import BASE_DIR, SEARCH_DIR, output_dir
+from . import method
+from .config import load_group_option
+from .stages import stage_module
+from .utils import read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
 
 
 def base_config(cfg: DictConfig) -> DictConfig:
-    """The Base model's config: ``method=base`` (no gates), output under ``<run dir>/base``."""
+    """The Base model's config: ``method=base`` (no selector), output under ``<run dir>/base``."""
+    from .rundir import BASE_DIR, output_dir
+
     cb = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(cb):
-        cb.method = OmegaConf.create({"name": "base", "gated": False})
+        cb.method = load_group_option("method", "base")
         cb.paths.output_dir = str(output_dir(cfg) / BASE_DIR)
         cb.search.resume = None
     return cb
@@ -49,7 +57,10 @@ def base_config(cfg: DictConfig) -> DictConfig:
 
 def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
     """search.run(cfg), unless its output dir is already complete for this config (resume)."""
-    from . import search
+    from .artifacts import is_current, make_manifest
+    from .rundir import SEARCH_DIR
+
+    search = stage_module("search")
 
     out = Path(str(cfg.paths.output_dir)) / SEARCH_DIR
     expected = make_manifest("search", cfg, search.MANIFEST_KEYS, parents={"prepared_dir": prepared})
@@ -62,15 +73,13 @@ def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from ..loggers import run_scope, scope_prefix
-    from . import cluster, evaluate, retrain, search
-    from .common import prepared_dir
+    from .loggers import run_scope, scope_prefix
+    from .rundir import output_dir, prepared_dir
 
+    phases = method.phases(cfg)
     # every stage's keys are checked before any work (prepare included)
-    search.check_cfg(cfg)
-    cluster.check_cfg(cfg)
-    retrain.check_cfg(cfg)
-    evaluate.check_cfg(cfg)
+    for name in dict.fromkeys(["search", *phases]):
+        stage_module(name).check_cfg(cfg)
     out = output_dir(cfg)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
 
@@ -84,16 +93,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     with run_scope(cfg, str(cfg.tag)):
         prepared = timed("prepare", lambda: prepared_dir(cfg))
-        if bool(cfg.stage.get("train_base", True)):
+        if bool(cfg.stage.get("train_base", True)) and method.has_selector(cfg):
             cb = base_config(cfg)
             with scope_prefix("base"):
                 timed("base", lambda: run_search_or_resume(cb, prepared))
-        with scope_prefix("search"):
-            timed("search", lambda: run_search_or_resume(cfg, prepared))
-        timed("cluster", lambda: cluster.run(cfg))
-        timed("retrain", lambda: retrain.run(cfg))
-        metrics = timed("evaluate", lambda: evaluate.run(cfg))
+        metrics: dict[str, Any] = {}
+        for name in phases:
+            if name == "search":
+                with scope_prefix("search"):
+                    metrics = timed("search", lambda: run_search_or_resume(cfg, prepared))
+            else:
+                metrics = timed(name, lambda name=name: stage_module(name).run(cfg))
     status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"].values()), 3)
     write_json(out / "pipeline.json", status)
     log.info("stage=all: finished in %.1f s; results in %s", status["total_seconds"], out / "evaluate")
     return metrics
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run ``stage.name``: one stage, or ``all`` (this module)."""
+    name = str(cfg.stage.name)
+    return run(cfg) if name == "all" else stage_module(name).run(cfg)
