@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bench bench-data bench-train acceptance acceptance-real tune lint format clean
+.PHONY: help install demo test test-all bench bench-data bench-train acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments
 
 acceptance-real: install ## stage=all with the defaults on the real Criteo/Avazu samples (seeds 0-9) + synthetic seeds 5-14 -> experiments/results/acceptance_real.{json,md}
 	$(PY) -m ihas_lightning.bench.acceptance_real $(ACCEPTANCE_ARGS)
+
+baselines: install ## every method (base, ihas, adafs_soft/hard, autofield, optfs) via stage=all, seeds 0-2, synthetic + Criteo sample -> experiments/results/baselines.{json,md}
+	$(PY) -m ihas_lightning.bench.baselines $(BASELINES_ARGS)
 
 tune: install ## the gate sweeps behind the real datasets' defaults (Hydra Optuna sweeper) -> experiments/results/tune_gate_*.{json,md}
 	$(PIP) install -q -e '.[dev,tune]'

@@ -14,7 +14,9 @@ GROUPS = ["dataset", "stage", "method", "model", "trainer", "logger", "paths", "
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes(group, tmp_path):
-    options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))  # _x: partials
+    options = sorted(
+        p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_")
+    )  # _x: partials
     assert options, f"conf/{group} is empty"
     for opt in options:
         cfg = compose([f"{group}={opt}"], output_dir=tmp_path)

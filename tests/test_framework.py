@@ -262,3 +262,19 @@ def test_every_method_runs_stage_all(tmp_path, name):
         arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())
         final = res["rows"][-2]
         assert final["embedding_params"] == arch["kept_rows"] * 16
+
+
+def test_retrain_init_continue_and_rewind_through_the_stage(tmp_path):
+    """optfs with retrain.init=continue starts from the searched weights (kept rows only)."""
+    from conftest import stage_cfg_factory
+    from ihas_lightning import pipeline
+    from ihas_lightning.rundir import load_cluster_models
+
+    make = stage_cfg_factory(tmp_path)
+    cfg = make("stage=all", "method=optfs", "method.max_epochs=2", "retrain.init=continue", "retrain.max_epochs=1",
+               "stage.train_base=false")  # fmt: skip
+    pipeline.run(cfg)
+    info = json.loads((tmp_path / "run" / "retrain" / "retrain.json").read_text())
+    assert info["init"] == "continue"
+    (m,) = load_cluster_models(tmp_path / "run" / "retrain", 1)
+    assert m.model.embedding.pruned

@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 PHASES = ("search", "cluster", "derive", "retrain", "evaluate")
 OVERRIDABLE = ("search_every", "model_lr_scale", "max_epochs", "patience", "search_monitor")
-RETRAIN_INITS = ("searched", "scratch", "rewind")
+RETRAIN_INITS = ("searched", "scratch", "rewind", "continue")
 SELECTS = ("best", "last")
 
 

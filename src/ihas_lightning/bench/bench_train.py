@@ -13,6 +13,10 @@ ONE process on the same pre-generated Zipf-like batches and the same DLRM (embed
 * ``lightning_base``       ``CTRModule`` through ``lightning.Trainer`` (``method=base``);
 * ``lightning_search``     ``SearchModule`` in its bi-level phase (stochastic gates every batch,
   one gate step on a search batch every ``search_every`` = 100 batches, as in the paper).
+* ``lightning_<method>``   the same ``SearchModule`` in the search phase of each baseline, built from
+  its ``conf/method/<method>.yaml`` exactly as ``stage=search`` builds it (selector, architecture
+  update and its frequency, the method's embedding optimizer: OptFS steps the whole table with dense
+  Adam, as its pruning needs). Compared side by side with ``lightning_base`` (``x base``).
 
 Samples/s are steady state: warm-up batches are not timed; Lightning's ``fit()`` set-up is
 excluded (timed per batch by a callback). The setups run interleaved for ``--rounds`` rounds and
@@ -153,6 +157,18 @@ def lightning_run(
     model = dict(MODEL, embedding_optimizer="sparse_adam")
     if method == "base":
         module = CTRModule(vocab, model)
+    elif method != "search":
+        from .. import method as methods
+        from ..config import compose
+
+        cfg = compose([f"method={method}"], output_dir=tempfile.mkdtemp())
+        every = cfg.method.get("search_every")
+        module = SearchModule(
+            vocab, {**model, **{k: v for k, v in methods.model_cfg(cfg).items() if k == "embedding_optimizer"}},
+            pretrain_epochs=0, search_every=int(every) if isinstance(every, int) else search_every,
+            method=methods.spec(cfg, int(methods.setting(cfg, "max_epochs"))),
+        )  # fmt: skip
+        module.set_search_loader(batches[::7])
     else:
         gate = dict(GATE, lambda_reg=1e-4, polarization=True, lr=1e-3)
         module = SearchModule(vocab, model, gate, pretrain_epochs=0, search_every=search_every)
@@ -165,8 +181,8 @@ def lightning_run(
     )  # fmt: skip
     trainer.fit(module, train_dataloaders=_Batches(batches))
     out = {"samples_per_s": thr.samples_per_s, "timed_batches": thr.batches - warmup}
-    if method == "search":
-        out["gate_steps"] = module.gate_steps
+    if method != "base":
+        out["arch_steps"] = module.gate_steps
     return out
 
 
@@ -230,16 +246,23 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
         "The search stage's reference is the textbook loop for the same gated model (textbook_search).",
         "",
-        "| setup | samples/s | x textbook (base model) | x textbook (same model) |",
-        "|---|---:|---:|---:|",
+        "| setup | samples/s | x textbook (base model) | x textbook (same model) | x lightning_base |",
+        "|---|---:|---:|---:|---:|",
     ]
+    lb = t.get("lightning_base", {}).get("samples_per_s")
     for k, v in t.items():
         if k == "config":
             continue
         same = t.get(REFERENCE.get(k, "textbook_dense_adam"), {}).get("samples_per_s", base)
+        same_s = (
+            f"{v['samples_per_s'] / same:.1f}x"
+            if k in REFERENCE or not k.startswith("lightning_") or k == "lightning_base"
+            else "-"
+        )
+        lb_s = f"{v['samples_per_s'] / lb:.2f}x" if lb and k.startswith("lightning_") else "-"
         lines.append(
             f"| {k} | {v['samples_per_s']:,.0f} ({v['median_samples_per_s']:,.0f}) | "
-            f"{v['samples_per_s'] / base:.1f}x | {v['samples_per_s'] / same:.1f}x |"
+            f"{v['samples_per_s'] / base:.1f}x | {same_s} | {lb_s} |"
         )
     p = res.get("auc_parity")
     if p:
@@ -273,6 +296,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parity-rows", type=int, default=200_000)
     ap.add_argument("--data-dir", default=os.environ.get("IHAS_DATA_DIR", "data"))
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=["adafs_soft", "adafs_hard", "autofield", "optfs"],
+        help="baselines timed side by side with lightning_base (their search phase)",
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -294,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lightning_base": lambda: lightning_run(vocab, lbatches, "base", args.warmup),
         "lightning_search": lambda: lightning_run(vocab, lbatches, "search", args.warmup),
     }
+    for m in args.methods:
+        setups[f"lightning_{m}"] = lambda m=m: lightning_run(vocab, lbatches, m, args.warmup)
     # the setups are interleaved over rounds and each keeps its fastest round, so a burst of load
     # from other processes on a shared machine does not bias one setup against another
     rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in setups}

@@ -2,7 +2,7 @@
 
 * Base model:       ``DLRM(vocab_sizes)``                         (no selector)
 * iHAS search:      ``DLRM(vocab_sizes, gate=dict(tau=..))``      (the Bernoulli selector)
-* any method:       ``DLRM(vocab_sizes, selector=SomeSelector(...))``
+* any method:       ``DLRM(vocab_sizes, selector={"_target_": ..., **knobs})`` (or a Selector)
 * retrained model:  ``DLRM(vocab_sizes, field_dims=[...])``       (per-field sizes, 0 drops a field)
   and/or ``row_counts=[...]`` (row-pruned tables, see :class:`FieldEmbedding`)
 
@@ -38,7 +38,7 @@ class DLRM(nn.Module):
         dropout: float = 0.0,
         gate: dict[str, Any] | None = None,
         sparse: bool = True,
-        selector: Selector | None = None,
+        selector: Selector | dict[str, Any] | None = None,
         backbone: str = "mlp",
         row_counts: Sequence[int] | None = None,
     ):
@@ -48,10 +48,15 @@ class DLRM(nn.Module):
         dims = list(field_dims) if field_dims is not None else [self.embed_dim] * len(self.vocab_sizes)
         self.embedding = FieldEmbedding(self.vocab_sizes, dims, sparse=sparse, row_counts=row_counts)
         self.field_dims = self.embedding.dims
+        # the selector is built after the embedding (its random init comes second, as it always has)
         if gate is not None:
             if selector is not None:
                 raise ValueError("give either gate= (the Bernoulli selector) or selector=, not both")
             selector = BernoulliSelector(len(self.vocab_sizes), self.embed_dim, self.vocab_sizes, **gate)
+        elif isinstance(selector, dict):
+            from .selectors import build_selector
+
+            selector = build_selector(selector, len(self.vocab_sizes), self.embed_dim, self.vocab_sizes)
         if selector is not None and not self.embedding.uniform:
             raise ValueError("a selector needs uniform field dims")
         self.selector = selector

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
 from ..models import DLRM
-from ..models.selectors import build_selector
 from ..optim import build_embedding_optimizer, embedding_is_sparse
 
 
@@ -51,7 +50,6 @@ class CTRModule(L.LightningModule):
         self.eval_mode = eval_mode
         self.field_names = list(field_names) if field_names is not None else None
         embed_dim = int(model.get("embed_dim", 16))
-        sel = build_selector(selector, len(vocab_sizes), embed_dim, vocab_sizes) if selector else None
         self.model = DLRM(
             vocab_sizes,
             embed_dim=embed_dim,
@@ -61,7 +59,7 @@ class CTRModule(L.LightningModule):
             dropout=float(model.get("dropout", 0.0)),
             gate=gate,
             sparse=embedding_is_sparse(model.get("embedding_optimizer", "sparse_adam")),
-            selector=sel,
+            selector=dict(selector) if selector else None,
             backbone=str(model.get("backbone", "mlp")),
             row_counts=row_counts,
         )

@@ -11,6 +11,7 @@ Initialisation (``retrain.init``):
 * ``scratch``: every parameter freshly initialised.
 * ``rewind``: every weight taken from a tagged snapshot of the search (e.g. OptFS's start of search
   epoch 1: the lottery-ticket rewind), the kept rows / dims of each field and the backbone.
+* ``continue``: the same from the searched model's final weights (a fine-tune of the search model).
 
 A row-pruned model (``row_counts``: kept rows per field) holds only the kept feature values' rows
 (:class:`~ihas_lightning.models.embedding.FieldEmbedding`); its id map is filled by
@@ -30,7 +31,7 @@ import torch
 from ..models import DLRM
 from .ctr import CTRModule
 
-INITS = ("searched", "scratch", "rewind")
+INITS = ("searched", "scratch", "rewind", "continue")
 
 
 class RetrainModule(CTRModule):

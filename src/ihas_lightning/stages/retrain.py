@@ -102,7 +102,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     check_cluster_fits(cluster_dir, info, fmap)
     parents: dict[str, Any] = {parent_key: cluster_dir}
     searched = None
-    if init in ("searched", "rewind"):
+    if init in ("searched", "rewind", "continue"):
         ckpt = resolve_search_ckpt(cfg, cluster_dir)
         parents["search_ckpt"] = ckpt
     if init == "searched":
@@ -120,6 +120,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             )
         parents["snapshot"] = snap
         searched = torch.load(snap, map_location="cpu", weights_only=True)
+    elif init == "continue":
+        searched = load_search_model(ckpt, fmap).model.state_dict()
     out = output_dir(cfg) / RETRAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = method.model_cfg(cfg)
@@ -223,11 +225,11 @@ def _train_cluster(
         module.set_row_keep(keep)
     if init == "searched":
         module.init_from_searched(searched)
-    elif init == "rewind":
+    elif init in ("rewind", "continue"):
         try:
             module.init_from_snapshot(searched)
         except ValueError as e:
-            raise DataError(f"retrain.init=rewind: {e}") from None
+            raise DataError(f"retrain.init={init}: {e}") from None
     log.info(
         "retrain stage: cluster %d: %d train / %d val / %d test samples (positive rate %.3f), field dims %s "
         "(MLP in %d, %d params), batch %d, init %s",
