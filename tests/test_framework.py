@@ -278,3 +278,34 @@ def test_retrain_init_continue_and_rewind_through_the_stage(tmp_path):
     assert info["init"] == "continue"
     (m,) = load_cluster_models(tmp_path / "run" / "retrain", 1)
     assert m.model.embedding.pruned
+
+
+def test_defaults_live_in_conf_only():
+    """A selector or module built in Python takes its missing knobs from the YAML a run composes."""
+    from ihas_lightning.config import group_defaults
+    from ihas_lightning.models.selectors.adafs import AdaFSSelector
+    from ihas_lightning.models.selectors.autofield import AutoFieldSelector
+    from ihas_lightning.models.selectors.bernoulli import BernoulliSelector
+    from ihas_lightning.models.selectors.optfs import OptFSSelector
+
+    af = AutoFieldSelector(4, 2, VOCAB)
+    y = group_defaults("method", "autofield", "selector")
+    assert (af.tau_decay, af.tau_min, float(af.tau)) == (y["tau_decay"], y["tau_min"], y["tau_start"])
+    assert (
+        OptFSSelector(4, 2, VOCAB).lambda_reg == group_defaults("method", "optfs", "selector")["lambda_reg"]
+    )
+    assert AdaFSSelector(4, 2, VOCAB).k == 2  # k: null in conf/method/adafs_soft.yaml = N // 2
+    g = group_defaults("method", "ihas", "gate")
+    b = BernoulliSelector(4, 2, VOCAB)
+    assert (b.gate.tau, b.gate.bins, b.lambda_reg) == (g["tau"], g["bins"], g["lambda_reg"])
+    m = CTRModule(VOCAB, {"embed_dim": 4})
+    assert m.model_cfg["lr"] == group_defaults("model", "mlp")["lr"]
+
+
+def test_a_knob_that_does_not_fit_the_data_is_a_one_line_error(cfg_factory):
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.stages.search import run
+
+    with pytest.raises(ConfigError, match="method.selector.*12 fields") as e:
+        run(cfg_factory("stage=search", "method=autofield", "method.selector.k=13", "dataset.rows=2000"))
+    assert "\n" not in str(e.value)

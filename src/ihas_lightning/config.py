@@ -51,3 +51,19 @@ def load_group_option(group: str, name: str) -> DictConfig:
         else:
             merged = OmegaConf.merge(merged, load_group_option(group, str(entry)))
     return merged if self_seen else OmegaConf.merge(merged, node)
+
+
+def group_defaults(group: str, name: str, key: str | None = None) -> dict:
+    """The resolved values of one group option (e.g. ``model/mlp``), for code that is called without
+    Hydra: a module built in Python takes its missing keys from the same YAML file a run composes, so
+    every default lives in ``conf/`` only."""
+    ck = (group, name, key)
+    if ck not in _DEFAULTS_CACHE:
+        node = load_group_option(group, name)
+        if key is not None:
+            node = node[key]
+        _DEFAULTS_CACHE[ck] = OmegaConf.to_container(node, resolve=True)
+    return dict(_DEFAULTS_CACHE[ck])
+
+
+_DEFAULTS_CACHE: dict = {}

@@ -126,8 +126,8 @@ def check(cfg: DictConfig) -> None:
             raise _err("selector", f"cannot be resolved ({e})") from None
         if not isinstance(spec_, dict) or "_target_" not in spec_:
             raise _err("selector", "must be a block with a _target_ (or null for no selector)")
-        try:
-            build_selector(spec_, 2, 2, [3, 3])
+        try:  # a stand-in shape: the knobs' types and ranges (k against the real field count: at build)
+            build_selector(spec_, 64, 2, [3] * 64)
         except TypeError as e:
             raise _err("selector", f"{spec_['_target_']}: {e}") from None
         except ValueError as e:
@@ -155,7 +155,7 @@ def check(cfg: DictConfig) -> None:
             raise _err(
                 "embedding_optimizer", f"must be one of {list(EMBEDDING_OPTIMIZERS)} or null (got {eo!r})"
             )
-    sel = m.get("select", "best")
+    sel = m.select
     if sel not in SELECTS:
         raise _err("select", f"must be one of {list(SELECTS)} (got {sel!r})")
     for t in m.get("snapshots") or []:
@@ -188,7 +188,7 @@ def check(cfg: DictConfig) -> None:
         from .training import MONITORS, check_monitor
 
         check_monitor(m.get("search_monitor"), "method.search_monitor", MONITORS)
-    if not isinstance(m.get("early_stop", True), bool):
+    if not isinstance(m.early_stop, bool):
         raise _err("early_stop", f"must be true or false (got {m.get('early_stop')!r})")
     if m.get("pretrain") is not None:
         from .training import check_fit_cfg

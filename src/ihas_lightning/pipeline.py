@@ -93,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     with run_scope(cfg, str(cfg.tag)):
         prepared = timed("prepare", lambda: prepared_dir(cfg))
-        if bool(cfg.stage.get("train_base", True)) and method.has_selector(cfg):
+        if bool(cfg.stage.train_base) and method.has_selector(cfg):
             cb = base_config(cfg)
             with scope_prefix("base"):
                 timed("base", lambda: run_search_or_resume(cb, prepared))

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import BinaryAUROC
 
+from ..config import group_defaults
 from ..models import DLRM
 from ..optim import build_embedding_optimizer, embedding_is_sparse
 
@@ -46,21 +47,23 @@ class CTRModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.model_cfg = dict(model)
+        # keys the caller leaves out come from conf/model/<backbone>.yaml (the one home of defaults)
+        model = {**group_defaults("model", str(dict(model).get("name", "mlp"))), **dict(model)}
+        self.model_cfg = model
         self.eval_mode = eval_mode
         self.field_names = list(field_names) if field_names is not None else None
-        embed_dim = int(model.get("embed_dim", 16))
+        embed_dim = int(model["embed_dim"])
         self.model = DLRM(
             vocab_sizes,
             embed_dim=embed_dim,
             field_dims=field_dims,
-            hidden=tuple(model.get("hidden", (16, 8))),
-            batchnorm=bool(model.get("batchnorm", False)),
-            dropout=float(model.get("dropout", 0.0)),
+            hidden=tuple(model["hidden"]),
+            batchnorm=bool(model["batchnorm"]),
+            dropout=float(model["dropout"]),
             gate=gate,
-            sparse=embedding_is_sparse(model.get("embedding_optimizer", "sparse_adam")),
+            sparse=embedding_is_sparse(model["embedding_optimizer"]),
             selector=dict(selector) if selector else None,
-            backbone=str(model.get("backbone", "mlp")),
+            backbone=str(model["backbone"]),
             row_counts=row_counts,
         )
         if output_bias is not None:
@@ -73,10 +76,10 @@ class CTRModule(L.LightningModule):
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
-        lr = float(self.model_cfg.get("lr", 1e-3))
-        wd = float(self.model_cfg.get("weight_decay", 1e-6))
+        lr = float(self.model_cfg["lr"])
+        wd = float(self.model_cfg["weight_decay"])
         emb = build_embedding_optimizer(
-            self.model_cfg.get("embedding_optimizer", "sparse_adam"),
+            self.model_cfg["embedding_optimizer"],
             self.model.embedding_parameters(),
             lr,
             wd,

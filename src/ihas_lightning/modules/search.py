@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from ..config import group_defaults
 from ..models.selectors import ARCH_UPDATES
 from .ctr import CTRModule
 
@@ -292,7 +293,8 @@ class SearchModule(CTRModule):
         if gate is not None:
             if selector is not None:
                 raise ValueError("give either gate= or method.selector, not both")
-            gate = dict(gate)
+            # keys the caller leaves out come from conf/method/ihas.yaml's gate block
+            gate = {**group_defaults("method", "ihas", "gate"), **dict(gate)}
             selector = {"_target_": "ihas_lightning.models.selectors.bernoulli.BernoulliSelector"}
             selector.update({k: gate[k] for k in GATE_SELECTOR_KEYS if k in gate})
             arch_optim = {
@@ -426,7 +428,7 @@ class SearchModule(CTRModule):
         if self.selector is None or not self.model.arch_parameters():
             return [emb, dense]
         wd = self.arch_optim_cfg.get("weight_decay")
-        wd = float(self.model_cfg.get("weight_decay", 1e-6) if wd is None else wd)
+        wd = float(self.model_cfg["weight_decay"] if wd is None else wd)
         groups = self.selector.arch_param_groups(wd)
         lr = float(self.arch_optim_cfg.get("lr", 1e-3))
         kind = str(self.arch_optim_cfg.get("type", "adam"))

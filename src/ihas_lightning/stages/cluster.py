@@ -275,7 +275,7 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'cluster.batch_size': must be >= 1 (got {cfg.cluster.batch_size})")
     if int(cfg.cluster.max_passes) < 1:
         raise ConfigError(f"config key 'cluster.max_passes': must be >= 1 (got {cfg.cluster.max_passes})")
-    if cfg.cluster.get("input", "masked_embedding") not in CLUSTER_INPUTS:
+    if cfg.cluster.input not in CLUSTER_INPUTS:
         raise ConfigError(
             f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
         )
@@ -310,7 +310,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     def batches(split: str):
         return lambda: (x for x, _ in iter_split(dm, split, bs))
 
-    cinput = str(cfg.cluster.get("input", "masked_embedding"))
+    cinput = str(cfg.cluster.input)
     torch.manual_seed(int(cfg.seed))
     with torch.no_grad():
         res = cluster_model(

@@ -192,7 +192,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     from ..report.tables import RESULT_COLUMNS, print_results, result_rows, results_markdown
 
     check_cfg(cfg)
-    repeats = int(cfg.evaluate.get("timing_repeats", 3))
+    repeats = int(cfg.evaluate.timing_repeats)
     name = str(cfg.method.name)
     is_base = not method.has_selector(cfg)
     retrain_dir = arch_dir = ainfo = None

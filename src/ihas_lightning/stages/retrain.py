@@ -205,7 +205,7 @@ def _train_cluster(
             int(row_keep[bounds[f] : bounds[f + 1]].sum()) if dims[f] else 0 for f in range(len(dims))
         ]
     rate = dm.positive_rate("train")
-    bias = schedule.prior_logit(rate) if cfg.model.get("output_bias", "prior") == "prior" else None
+    bias = schedule.prior_logit(rate) if cfg.model.output_bias == "prior" else None
     seed_everything(int(cfg.seed) + c)
     module = RetrainModule(
         fmap.vocab_sizes,
@@ -251,7 +251,7 @@ def _train_cluster(
             patience=cfg.retrain.get("patience"),
             logger=sub,
             monitor_val=monitor,
-            monitor=str(cfg.retrain.get("monitor", "val/logloss")),
+            monitor=str(cfg.retrain.monitor),
         )
         res["best_ckpt"] = str((cdir / BEST).resolve())
         metrics = {

@@ -121,7 +121,7 @@ def check_cfg(cfg: DictConfig) -> None:
     sc = cfg.search
     check_fit_cfg(sc, "search")
     schedule.check_batch_size(cfg.model)
-    ob = cfg.model.get("output_bias", "prior")
+    ob = cfg.model.output_bias
     if ob not in OUTPUT_BIAS:
         raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
     trainer_kwargs(cfg)
@@ -233,14 +233,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bpe = schedule.batches_per_epoch(model_rows, bs)
     every = method.search_every(cfg, bpe) if bilevel else None
     prior = dm.positive_rate("train")
-    bias = schedule.prior_logit(prior) if cfg.model.get("output_bias", "prior") == "prior" else None
+    bias = schedule.prior_logit(prior) if cfg.model.output_bias == "prior" else None
     synthetic = (prepared / "truth.json").is_file()
-    module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
+    try:
+        module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
+    except ValueError as e:  # a knob that does not fit this dataset (e.g. k > its field count)
+        raise ConfigError(
+            f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {fmap.num_fields} fields)"
+        ) from None
     module.snapshot_dir = out / "snapshots"
     budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
     if sel:
         budget["arch_update"] = update
-        budget["embedding_optimizer"] = module.model_cfg.get("embedding_optimizer", "sparse_adam")
+        budget["embedding_optimizer"] = module.model_cfg["embedding_optimizer"]
     if bilevel:
         if hold is not None:
             gate_dm = IHASDataModule(
@@ -261,9 +266,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Base and the pretraining: search.monitor; the search phase: the method's search monitor
     monitor = str(method.setting(cfg, "search_monitor")) if sel else str(sc.monitor)
     search_epochs = int(method.setting(cfg, "max_epochs"))
-    early_stop = bool(cfg.method.get("early_stop", True))
+    early_stop = bool(cfg.method.early_stop)
     patience = method.setting(cfg, "patience") if early_stop else None
-    select_last = cfg.method.get("select", "best") == "last"
+    select_last = cfg.method.select == "last"
     logger = build_logger(cfg, str(cfg.get("tag") or "search"))
     try:
         callbacks, ckpt_cb = selection_callbacks(out, monitor, patience)

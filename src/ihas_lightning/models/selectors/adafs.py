@@ -26,18 +26,21 @@ from .base import Selector
 
 class AdaFSSelector(Selector):
     default_arch_update = "bilevel"
+    defaults_from = ("adafs_soft", "selector")
 
     def __init__(
         self,
         num_fields: int,
         embed_dim: int,
         vocab_sizes: Sequence[int],
-        hard: bool = False,
+        hard: bool | None = None,
         k: int | None = None,
-        dropout: float = 0.2,
-        batchnorm: bool = True,
+        dropout: float | None = None,
+        batchnorm: bool | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
+        kn = self.knobs(hard=hard, k=k, dropout=dropout, batchnorm=batchnorm)
+        hard, k, dropout, batchnorm = kn["hard"], kn["k"], kn["dropout"], kn["batchnorm"]
         n, d = self.num_fields, self.embed_dim
         self.hard = bool(hard)
         self.k = n // 2 if k is None else int(k)

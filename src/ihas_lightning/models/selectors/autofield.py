@@ -27,19 +27,28 @@ from .base import Arch, Selector
 
 class AutoFieldSelector(Selector):
     default_arch_update = "bilevel"
+    defaults_from = ("autofield", "selector")
 
     def __init__(
         self,
         num_fields: int,
         embed_dim: int,
         vocab_sizes: Sequence[int],
-        tau_start: float = 1.0,
-        tau_min: float = 0.01,
-        tau_decay: float = 5e-5,
+        tau_start: float | None = None,
+        tau_min: float | None = None,
+        tau_decay: float | None = None,
         k: int | None = None,
-        alpha_init: float = 0.5,
+        alpha_init: float | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
+        kn = self.knobs(tau_start=tau_start, tau_min=tau_min, tau_decay=tau_decay, k=k, alpha_init=alpha_init)
+        tau_start, tau_min, tau_decay, k, alpha_init = (
+            kn["tau_start"],
+            kn["tau_min"],
+            kn["tau_decay"],
+            kn["k"],
+            kn["alpha_init"],
+        )
         n = self.num_fields
         self.k = n // 2 if k is None else int(k)
         if not 1 <= self.k <= n:

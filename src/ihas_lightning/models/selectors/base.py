@@ -50,6 +50,10 @@ class Arch:
 class Selector(nn.Module):
     #: the architecture update a method uses unless its config says otherwise
     default_arch_update = "none"
+    #: where the knobs' defaults live: (method config, block), e.g. ("autofield", "selector") =
+    #: ``conf/method/autofield.yaml``'s ``selector`` block; a knob passed as None takes that value,
+    #: so a selector built in Python and one built by a run share one set of defaults
+    defaults_from: tuple[str, str] | None = None
     #: the gate reads a detached embedding (the two levels of a bi-level search stay disjoint)
     detach_input = False
 
@@ -60,6 +64,15 @@ class Selector(nn.Module):
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         if len(self.vocab_sizes) != self.num_fields:
             raise ValueError(f"{len(self.vocab_sizes)} vocab sizes for {self.num_fields} fields")
+
+    def knobs(self, **given: Any) -> dict[str, Any]:
+        """``given`` with every None replaced by the value in :attr:`defaults_from` (which may be null)."""
+        if self.defaults_from is None:
+            return given
+        from ...config import group_defaults
+
+        d = group_defaults("method", *self.defaults_from)
+        return {k: (d.get(k) if v is None else v) for k, v in given.items()}
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, e: torch.Tensor, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -28,21 +28,40 @@ GATE_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm")
 class BernoulliSelector(Selector):
     default_arch_update = "bilevel"
     detach_input = True
+    defaults_from = ("ihas", "gate")
 
     def __init__(
         self,
         num_fields: int,
         embed_dim: int,
         vocab_sizes: Sequence[int],
-        tau: float = 0.1,
-        instance_wise: bool = True,
-        bins: int = 20,
-        init_bias: float = 3.0,
-        input_norm: str = "none",
-        lambda_reg: float = 1e-4,
-        polarization: bool = True,
+        tau: float | None = None,
+        instance_wise: bool | None = None,
+        bins: int | None = None,
+        init_bias: float | None = None,
+        input_norm: str | None = None,
+        lambda_reg: float | None = None,
+        polarization: bool | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
+        kn = self.knobs(
+            tau=tau,
+            instance_wise=instance_wise,
+            bins=bins,
+            init_bias=init_bias,
+            input_norm=input_norm,
+            lambda_reg=lambda_reg,
+            polarization=polarization,
+        )
+        tau, instance_wise, bins, init_bias, input_norm, lambda_reg, polarization = (
+            kn["tau"],
+            kn["instance_wise"],
+            kn["bins"],
+            kn["init_bias"],
+            kn["input_norm"],
+            kn["lambda_reg"],
+            kn["polarization"],
+        )
         self.gate = BernoulliGate(
             num_fields * embed_dim,
             tau=tau,

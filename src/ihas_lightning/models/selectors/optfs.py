@@ -24,17 +24,20 @@ from .base import Arch, Selector
 
 class OptFSSelector(Selector):
     default_arch_update = "joint"
+    defaults_from = ("optfs", "selector")
 
     def __init__(
         self,
         num_fields: int,
         embed_dim: int,
         vocab_sizes: Sequence[int],
-        mask_init: float = 0.5,
-        final_temp: float = 200.0,
-        lambda_reg: float = 1e-8,
+        mask_init: float | None = None,
+        final_temp: float | None = None,
+        lambda_reg: float | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
+        kn = self.knobs(mask_init=mask_init, final_temp=final_temp, lambda_reg=lambda_reg)
+        mask_init, final_temp, lambda_reg = kn["mask_init"], kn["final_temp"], kn["lambda_reg"]
         self.mask_init = float(mask_init)
         self.final_temp = float(final_temp)
         self.lambda_reg = float(lambda_reg)
