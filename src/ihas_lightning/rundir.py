@@ -55,32 +55,29 @@ def resolve_search_ckpt(cfg: DictConfig, cluster_dir: Path | None = None) -> Pat
     return p
 
 
-def resolve_cluster_dir(cfg: DictConfig, retrain_dir: Path | None = None) -> Path:
-    p = _given(cfg.cluster.get("dir"))
-    key = "cluster.dir"
+def _resolve_stage_dir(cfg: DictConfig, stage: str, marker: str, retrain_dir: Path | None) -> Path:
+    """``<stage>.dir`` if set, else the one recorded by ``retrain_dir``'s manifest, else this run's
+    ``<stage>/``; a one-line DataError when it holds no ``marker`` file."""
+    node = cfg.get(stage)
+    p = _given(node.get("dir")) if node is not None else None
+    key = f"{stage}.dir"
     if p is None and retrain_dir is not None:
-        p = parent_path(retrain_dir, "cluster_dir")
-        key = f"{retrain_dir}/manifest.json parents.cluster_dir"
+        p = parent_path(retrain_dir, f"{stage}_dir")
+        key = f"{retrain_dir}/manifest.json parents.{stage}_dir"
     if p is None:
-        p = output_dir(cfg) / CLUSTER_DIR
-        key = "cluster.dir (default: this run's cluster/)"
-    if not (p / "cluster.json").is_file():
-        raise DataError(f"{p}: no cluster.json ({key}); run stage=cluster first or set cluster.dir=PATH")
+        p = output_dir(cfg) / stage
+        key = f"{stage}.dir (default: this run's {stage}/)"
+    if not (p / marker).is_file():
+        raise DataError(f"{p}: no {marker} ({key}); run stage={stage} first or set {stage}.dir=PATH")
     return p
+
+
+def resolve_cluster_dir(cfg: DictConfig, retrain_dir: Path | None = None) -> Path:
+    return _resolve_stage_dir(cfg, CLUSTER_DIR, "cluster.json", retrain_dir)
 
 
 def resolve_derive_dir(cfg: DictConfig, retrain_dir: Path | None = None) -> Path:
-    p = _given(cfg.derive.get("dir")) if cfg.get("derive") is not None else None
-    key = "derive.dir"
-    if p is None and retrain_dir is not None:
-        p = parent_path(retrain_dir, "derive_dir")
-        key = f"{retrain_dir}/manifest.json parents.derive_dir"
-    if p is None:
-        p = output_dir(cfg) / DERIVE_DIR
-        key = "derive.dir (default: this run's derive/)"
-    if not (p / "arch.json").is_file():
-        raise DataError(f"{p}: no arch.json ({key}); run stage=derive first or set derive.dir=PATH")
-    return p
+    return _resolve_stage_dir(cfg, DERIVE_DIR, "arch.json", retrain_dir)
 
 
 def resolve_arch_dir(cfg: DictConfig, retrain_dir: Path | None = None) -> tuple[Path, str]:
