@@ -20,6 +20,7 @@ STAGES = {
     "derive": "ihas_lightning.stages.derive",
     "retrain": "ihas_lightning.stages.retrain",
     "evaluate": "ihas_lightning.stages.evaluate",
+    "report": "ihas_lightning.stages.report",
 }
 
 
