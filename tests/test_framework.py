@@ -232,13 +232,17 @@ def test_dlrm_gate_and_selector_are_exclusive():
 
 
 # ---- every method through stage=all ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs"])
+PEP_TINY = ["method.max_epochs=2", "method.selector.s_init=-4.0", "method.selector.budgets=[0.9]",
+            "method.selector.retrain_budget=0.9"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep"])
 def test_every_method_runs_stage_all(tmp_path, name):
     from conftest import stage_cfg_factory
     from ihas_lightning import pipeline
 
     make = stage_cfg_factory(tmp_path)
-    extra = ["method.max_epochs=2"] if name == "optfs" else []
+    extra = {"optfs": ["method.max_epochs=2"], "pep": PEP_TINY}.get(name, [])
     pipeline.run(make("stage=all", f"method={name}", *extra))
     res = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
     rows = [r["model"] for r in res["rows"]]
@@ -249,6 +253,7 @@ def test_every_method_runs_stage_all(tmp_path, name):
         "adafs_hard": ["Base", "AdaFS-hard"],
         "autofield": ["Base", "AutoField (search)", "AutoField"],
         "optfs": ["Base", "OptFS (search)", "OptFS"],
+        "pep": ["Base", "PEP (search)", "PEP"],
     }[name]
     assert rows == [*expect, "Constant"]
     assert all(r["inference_ms"] is not None and r["params"] > 0 for r in res["rows"][:-1])
@@ -257,6 +262,22 @@ def test_every_method_runs_stage_all(tmp_path, name):
         assert len(arch["kept_fields"]) == 6  # N // 2 of the 12 synthetic fields
         assert res["rows"][-2]["embedding_params"] < res["rows"][0]["embedding_params"]
         assert "derived_vs_truth" in res
+    if name == "pep":
+        assert (tmp_path / "run" / "search" / "snapshots" / "budget_0.9.pt").is_file()
+        arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())
+        assert (
+            res["rows"][-2]["embedding_params"]
+            == arch["kept_entries"]
+            <= 0.9 * res["rows"][0]["embedding_params"]
+        )
+    if name == "pep":
+        assert (tmp_path / "run" / "search" / "snapshots" / "budget_0.9.pt").is_file()
+        arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())
+        assert (
+            res["rows"][-2]["embedding_params"]
+            == arch["kept_entries"]
+            <= 0.9 * res["rows"][0]["embedding_params"]
+        )
     if name == "optfs":
         assert (tmp_path / "run" / "search" / "snapshots" / "epoch_1.pt").is_file()
         arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())
@@ -308,4 +329,15 @@ def test_a_knob_that_does_not_fit_the_data_is_a_one_line_error(cfg_factory):
 
     with pytest.raises(ConfigError, match="method.selector.*12 fields") as e:
         run(cfg_factory("stage=search", "method=autofield", "method.selector.k=13", "dataset.rows=2000"))
+    assert "\n" not in str(e.value)
+
+
+def test_pep_that_never_reaches_its_budget_is_a_one_line_error(tmp_path):
+    from conftest import stage_cfg_factory
+    from ihas_lightning import pipeline
+    from ihas_lightning.errors import DataError
+
+    make = stage_cfg_factory(tmp_path)
+    with pytest.raises(DataError, match="never reached the budget") as e:
+        pipeline.run(make("stage=all", "method=pep", "stage.train_base=false", "method.max_epochs=1"))
     assert "\n" not in str(e.value)

@@ -14,7 +14,6 @@ from ihas_lightning.report.table2 import summarize
 TINY = ["dataset.rows=4000", "search.max_epochs=1", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
         "search.search_every=2", "retrain.max_epochs=1", "cluster.min_cluster_size=50", "model.batch_size=512",
         "method.max_epochs=2"]  # fmt: skip
-METHODS = ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs"]
 
 
 def _cli(*args, tmp_path):
@@ -25,26 +24,44 @@ def _cli(*args, tmp_path):
     )  # fmt: skip
 
 
+PEP_TINY = """defaults:
+  - pep
+  - _self_
+# PEP with a budget that 4k rows x 2 epochs reach (the test's only change to the method)
+selector:
+  s_init: -4.0
+  budgets: [0.9]
+  retrain_budget: 0.9
+"""
+
+
 def test_table2_multirun_of_every_method_writes_the_report(tmp_path):
     sweep = tmp_path / "sweep"
+    extra = tmp_path / "extra_conf"
+    (extra / "method").mkdir(parents=True)
+    (extra / "method" / "pep_tiny.yaml").write_text(PEP_TINY)
+    methods = ",".join(["base", "ihas", "pep_tiny", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep"])
     r = _cli("-m", "experiment=table2", "dataset=synthetic", *TINY, "seed=0", f"hydra.sweep.dir={sweep}",
-             tmp_path=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+             f"hydra.searchpath=[file://{extra}]", f"method={methods}", tmp_path=tmp_path)  # fmt: skip
+    # the plain pep job cannot reach its budgets on 4k rows: listed as failed, the sweep goes on, exit 2
+    assert r.returncode == 2, r.stderr[-3000:]
     rep = json.loads((sweep / "report" / "report.json").read_text())
     summary = rep["datasets"]["synthetic"]["summary"]
     assert [s["method"] for s in summary] == [
         "base",
         "ihas",
+        "pep",
         "autofield",
         "adafs_soft",
         "adafs_hard",
         "optfs",
     ]
     md = (sweep / "report" / "table2_synthetic.md").read_text()
-    assert "| iHAS | 1 |" in md and "AUC - iHAS" in md
-    assert (sweep / "report" / "table2_synthetic.csv").read_text().count("\n") == 1 + len(METHODS)
+    assert "| iHAS | 1 |" in md and "| PEP | 1 |" in md and "AUC - iHAS" in md
+    assert (sweep / "report" / "table2_synthetic.csv").read_text().count("\n") == 1 + len(summary)
     assert (sweep / "report" / "figure4_synthetic.png").stat().st_size > 1000
-    assert rep["missing"] == []
+    (failed,) = rep["missing"]
+    assert failed["method"] == "pep" and "never reached the budget" in failed["reason"]
 
     # a failed job is listed by name, never dropped silently
     victim = next(p for p in sweep.iterdir() if (p / ".hydra").is_dir() and "method=optfs" in

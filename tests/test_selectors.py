@@ -294,3 +294,74 @@ def test_state_dict_round_trip(cls):
     stats = sel.statistics()
     assert isinstance(stats, dict)
     json.dumps(stats)
+
+
+# ---- PEP ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ttype", ["feature_dim", "feature", "field_dim", "field", "dimension", "global"])
+def test_pep_forward_equals_the_full_table_threshold_then_lookup(ttype):
+    from ihas_lightning.models.selectors.pep import PEPSelector
+
+    torch.manual_seed(0)
+    sel = PEPSelector(N, D, VOCAB, threshold_type=ttype, s_init=-4.0, budgets=[0.5])
+    with torch.no_grad():
+        sel.s.normal_(-4.0, 1.0)
+    table = torch.randn(sum(VOCAB), D) * 0.05
+    x = torch.stack([torch.randint(0, v, (9,)) for v in VOCAB], 1)
+    rows = x + torch.tensor([0, *VOCAB[:-1]]).cumsum(0)
+    e = table[rows].reshape(9, -1)
+    out, _ = sel(e, x, "stochastic")
+    # brute force: threshold the whole table (the authors' forward), then look the rows up
+    field_of = [f for f, v in enumerate(VOCAB) for _ in range(v)]
+    full = torch.empty_like(table)
+    for r in range(table.shape[0]):
+        for j in range(D):
+            pick = {"feature_dim": (r, j), "feature": (r, 0), "field_dim": (field_of[r], j),
+                    "field": (field_of[r], 0), "dimension": (0, j), "global": (0, 0)}[ttype]  # fmt: skip
+            s = sel.s[pick]
+            v = table[r, j]
+            full[r, j] = torch.sign(v) * torch.relu(v.abs() - torch.sigmoid(s))
+    assert torch.allclose(out, full[rows].reshape(9, -1), atol=1e-7)
+    assert sel.count_nonzero(table) == int((full != 0).sum())
+
+
+def test_pep_requests_one_snapshot_per_budget_in_order_and_then_stops():
+    from ihas_lightning.models import DLRM
+    from ihas_lightning.models.selectors.pep import PEPSelector
+
+    torch.manual_seed(0)
+    sel = PEPSelector(N, D, VOCAB, s_init=-20.0, budgets=[0.5, 0.2, 20], check_every=1)
+    model = DLRM(VOCAB, embed_dim=D, selector=sel)
+    total = sum(VOCAB) * D  # 63 entries: budgets 32, 20 (absolute) and 13
+    assert [sel.budget_entries(b) for b in sel.budgets] == [32, 20, 13] and sel.retrain_budget == 0.2
+    seen = []
+    for level in (-20.0, -4.6, -4.0, -3.0, 5.0):  # raise the threshold step by step
+        with torch.no_grad():
+            sel.s.fill_(level)
+        tags = sel.snapshot_requests(model)
+        nnz = sel.count_nonzero(model.embedding.tables[0].weight)
+        for t in tags:
+            b = float(t.split("_")[1])
+            assert nnz <= sel.budget_entries(b) <= total
+        seen += tags
+    assert len(seen) == 3 and len(set(seen)) == 3 and sel.search_done()
+    assert sel.snapshot_requests(model) == []  # every budget saved: nothing more
+
+
+def test_entry_masked_table_trains_and_serves_only_kept_entries():
+    from ihas_lightning.models.embedding import FieldEmbedding
+
+    torch.manual_seed(0)
+    emb = FieldEmbedding(VOCAB, D, sparse=False, entry_masked=True)
+    mask = torch.rand(sum(VOCAB), D) > 0.7
+    emb.set_entry_mask(mask)
+    w = emb.tables[0].weight
+    assert torch.all(w[~mask] == 0) and emb.embedding_entries() == int(mask.sum())
+    x = torch.stack([torch.randint(0, v, (32,)) for v in VOCAB], 1)
+    emb.train()
+    emb(x).sum().backward()
+    assert torch.all(w.grad[~mask] == 0)  # a masked entry gets no gradient
+    with torch.no_grad():
+        w.add_(1.0)  # even if something moved the masked entries, eval materialises the mask
+    emb.eval()
+    rows = x + torch.tensor([0, *VOCAB[:-1]]).cumsum(0)
+    assert torch.equal(emb(x), (w * mask)[rows].reshape(32, -1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,6 +35,16 @@ def main(cfg: DictConfig) -> float | None:
         metrics = run_stage(cfg)
     except IHASError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if _in_multirun():
+            # one failed job must not end the sweep: record why (the report lists it by name) and go on;
+            # the Table 2 callback exits with status 2 at the end when a job failed
+            try:
+                out = Path(str(cfg.paths.output_dir))
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "error.txt").write_text(f"error: {e}\n")
+            except Exception:  # noqa: BLE001 - the error line above is what matters
+                pass
+            return None
         sys.exit(2)
     # a scalar for Hydra sweepers (optuna etc.): a VALIDATION AUC (never test: hyperparameters are
     # chosen on validation) -- the method's final model for stage=all/evaluate, the stage's model otherwise
@@ -41,6 +52,16 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(metrics, dict) and key in metrics:
             return float(metrics[key])
     return None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under Hydra (a test calling main's body)
+        return False
 
 
 if __name__ == "__main__":

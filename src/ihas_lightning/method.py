@@ -97,7 +97,31 @@ def model_cfg(cfg: DictConfig) -> dict[str, Any]:
     eo = cfg.method.get("embedding_optimizer")
     if eo is not None:
         model["embedding_optimizer"] = str(eo)
+    wd = cfg.method.get("model_weight_decay")
+    if wd is not None:
+        model["weight_decay"] = float(wd)
     return model
+
+
+def budget_from(cfg: DictConfig) -> int | None:
+    """The embedding-parameter count of the final model in the run dir ``method.budget_from`` (PEP at
+    iHAS's size); None when unset. A one-line DataError when the run dir has no results."""
+    import json
+    from pathlib import Path
+
+    from .errors import DataError
+
+    d = cfg.method.get("budget_from")
+    if d in (None, "", "null"):
+        return None
+    res = Path(str(d)).expanduser() / "evaluate" / "results.json"
+    if not res.is_file():
+        raise DataError(f"{res}: no evaluate/results.json in method.budget_from (run stage=all there first)")
+    r = json.loads(res.read_text())
+    final = next((x for x in r["rows"] if x["model"] == r.get("final_row", "iHAS")), None)
+    if final is None or not final.get("embedding_params"):
+        raise DataError(f"{res}: no final row with embedding_params (method.budget_from)")
+    return int(final["embedding_params"])
 
 
 def _err(key: str, msg: str) -> ConfigError:
@@ -181,6 +205,9 @@ def check(cfg: DictConfig) -> None:
             and (not isinstance(v, int) or isinstance(v, bool) or v < lo)
         ):
             raise _err(key, f"must be an integer >= {lo} or null (= search.{key}) (got {v!r})")
+    v = m.get("model_weight_decay")
+    if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+        raise _err("model_weight_decay", f"must be >= 0 or null (= model.weight_decay) (got {v!r})")
     v = m.get("model_lr_scale")
     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
         raise _err("model_lr_scale", f"must be > 0 or null (got {v!r})")

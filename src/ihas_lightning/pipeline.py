@@ -81,6 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for name in dict.fromkeys(["search", *phases]):
         stage_module(name).check_cfg(cfg)
     out = output_dir(cfg)
+    (out / "error.txt").unlink(missing_ok=True)  # a previous failure of this run dir (multirun jobs)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
 
     def timed(name: str, fn):

@@ -220,6 +220,13 @@ def load_derive_dir(derive_dir: Path) -> dict[str, Any]:
         info["row_keep"] = torch.from_numpy(np.load(f).astype(bool))
     else:
         info["row_keep"] = None
+    em = info.get("entry_mask_file")
+    info["entry_mask"] = None
+    if em:
+        f = derive_dir / em
+        if not f.is_file():
+            raise DataError(f"{f}: missing entry mask (re-run stage=derive)")
+        info["entry_mask"] = torch.from_numpy(np.load(f).astype(bool))
     for s in ("train", "val", "test"):
         info[f"assign_{s}"] = None  # every row
     return info
@@ -230,6 +237,7 @@ def load_arch_dir(path: Path) -> dict[str, Any]:
     if (path / "cluster.json").is_file():
         info = load_cluster_dir(path)
         info.setdefault("row_keep", None)
+        info.setdefault("entry_mask", None)
         return info
     return load_derive_dir(path)
 

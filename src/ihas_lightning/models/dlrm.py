@@ -41,12 +41,15 @@ class DLRM(nn.Module):
         selector: Selector | dict[str, Any] | None = None,
         backbone: str = "mlp",
         row_counts: Sequence[int] | None = None,
+        entry_masked: bool = False,
     ):
         super().__init__()
         self.vocab_sizes = [int(v) for v in vocab_sizes]
         self.embed_dim = int(embed_dim)
         dims = list(field_dims) if field_dims is not None else [self.embed_dim] * len(self.vocab_sizes)
-        self.embedding = FieldEmbedding(self.vocab_sizes, dims, sparse=sparse, row_counts=row_counts)
+        self.embedding = FieldEmbedding(
+            self.vocab_sizes, dims, sparse=sparse, row_counts=row_counts, entry_masked=entry_masked
+        )
         self.field_dims = self.embedding.dims
         # the selector is built after the embedding (its random init comes second, as it always has)
         if gate is not None:

@@ -10,6 +10,11 @@ Row pruning (``row_counts``): a table may hold only the kept rows of each field 
 one shared all-zero padding row. A persistent buffer ``remap_<g>`` maps each original id to its
 compact row (a pruned id to the zero row); :meth:`set_row_keep` fills it from a keep mask. The
 parameters are then kept rows x dims; the map is reported separately (:meth:`index_entries`).
+
+Entry masks (``entry_masked``, PEP): a persistent bool buffer ``entry_mask_<g>`` of each table's shape;
+in training the looked-up rows are multiplied by their mask rows (a masked entry gets no gradient), and
+switching to eval materialises the mask once (``weight *= mask``), so inference is a plain lookup.
+The parameters are then the kept entries (stored densely).
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ class FieldEmbedding(nn.Module):
         dims: int | Sequence[int] = 16,
         sparse: bool = True,
         row_counts: Sequence[int] | None = None,
+        entry_masked: bool = False,
     ):
         super().__init__()
+        self.entry_masked = bool(entry_masked)
         vocab_sizes = [int(v) for v in vocab_sizes]
         if isinstance(dims, int):
             dims = [dims] * len(vocab_sizes)
@@ -70,6 +77,9 @@ class FieldEmbedding(nn.Module):
             self.register_buffer(f"fields_{g}", torch.tensor(fields, dtype=torch.long), persistent=False)
             self.register_buffer(f"offsets_{g}", torch.tensor(offsets, dtype=torch.long), persistent=False)
             group_cols.append([c for i in fields for c in range(col_start[i], col_start[i] + d)])
+            if self.entry_masked:
+                shape = self.tables[-1].weight.shape
+                self.register_buffer(f"entry_mask_{g}", torch.ones(shape, dtype=torch.bool))
         flat = [c for cols in group_cols for c in cols]
         inverse = [0] * len(flat)
         for pos, c in enumerate(flat):
@@ -88,6 +98,31 @@ class FieldEmbedding(nn.Module):
     @property
     def pruned(self) -> bool:
         return self.row_counts is not None
+
+    @torch.no_grad()
+    def set_entry_mask(self, mask: torch.Tensor) -> None:
+        """The kept entries [sum(vocab), d] (bool) of a uniform, unpruned table; applied at once."""
+        if not self.entry_masked or len(self.tables) != 1 or self.pruned:
+            raise RuntimeError("set_entry_mask needs a uniform table built with entry_masked=True")
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        if tuple(mask.shape) != tuple(self.tables[0].weight.shape):
+            raise ValueError(
+                f"entry mask of shape {tuple(mask.shape)} for a table of {tuple(self.tables[0].weight.shape)}"
+            )
+        self.entry_mask_0.copy_(mask)
+        self.tables[0].weight.mul_(mask.to(self.tables[0].weight.dtype))
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Zero the masked entries in the weights (idempotent), so a forward needs no mask."""
+        for g, t in enumerate(self.tables):
+            if self.entry_masked:
+                t.weight.mul_(getattr(self, f"entry_mask_{g}").to(t.weight.dtype))
+
+    def train(self, mode: bool = True):
+        if not mode and self.entry_masked:
+            self.materialize()
+        return super().train(mode)
 
     @torch.no_grad()
     def set_row_keep(self, row_keep: torch.Tensor) -> None:
@@ -124,7 +159,10 @@ class FieldEmbedding(nn.Module):
         return sum(getattr(self, f"remap_{g}").numel() for g in range(len(self.tables))) if self.pruned else 0
 
     def embedding_entries(self) -> int:
-        """Stored embedding values: kept rows x dims (the zero padding row excluded)."""
+        """Stored embedding values: kept rows x dims (the zero padding row excluded); with entry masks,
+        the kept entries."""
+        if self.entry_masked:
+            return sum(int(getattr(self, f"entry_mask_{g}").sum()) for g in range(len(self.tables)))
         n = 0
         for t in self.tables:
             rows = t.num_embeddings - (1 if t.padding_idx is not None else 0)
@@ -154,7 +192,10 @@ class FieldEmbedding(nn.Module):
             idx = ids.long() + offsets
             if self.row_counts is not None:
                 idx = getattr(self, f"remap_{g}")[idx]
-            parts.append(table(idx).flatten(1))
+            rows = table(idx)
+            if self.entry_masked and self.training:
+                rows = rows * getattr(self, f"entry_mask_{g}")[idx]
+            parts.append(rows.flatten(1))
         if not parts:
             return x.new_zeros((x.shape[0], 0), dtype=torch.float32)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -43,6 +43,7 @@ class CTRModule(L.LightningModule):
         output_bias: float | None = None,
         selector: dict[str, Any] | None = None,
         row_counts: Sequence[int] | None = None,
+        entry_masked: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +66,7 @@ class CTRModule(L.LightningModule):
             selector=dict(selector) if selector else None,
             backbone=str(model["backbone"]),
             row_counts=row_counts,
+            entry_masked=entry_masked,
         )
         if output_bias is not None:
             # start at the base rate (the log-odds of the train split's positive rate), as well-kept

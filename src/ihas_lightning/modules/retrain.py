@@ -45,6 +45,7 @@ class RetrainModule(CTRModule):
         field_names: Sequence[str] | None = None,
         output_bias: float | None = None,
         row_counts: Sequence[int] | None = None,
+        entry_masked: bool = False,
     ):
         super().__init__(
             vocab_sizes,
@@ -54,6 +55,7 @@ class RetrainModule(CTRModule):
             field_names=field_names,
             output_bias=output_bias,
             row_counts=row_counts,
+            entry_masked=entry_masked,
         )
         self.save_hyperparameters()
         self.cluster_id = int(cluster_id)
@@ -65,6 +67,9 @@ class RetrainModule(CTRModule):
 
     def set_row_keep(self, row_keep: torch.Tensor) -> None:
         self.model.embedding.set_row_keep(row_keep)
+
+    def set_entry_mask(self, mask: torch.Tensor) -> None:
+        self.model.embedding.set_entry_mask(mask)
 
     @torch.no_grad()
     def init_from_searched(self, searched: DLRM) -> None:

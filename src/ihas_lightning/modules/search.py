@@ -312,7 +312,9 @@ class SearchModule(CTRModule):
             selector=selector,
         )
         # CTRModule's own hparams (field_dims, eval_mode, selector, row_counts) are not arguments here
-        self.save_hyperparameters(ignore=["field_dims", "eval_mode", "selector", "row_counts"])
+        self.save_hyperparameters(
+            ignore=["field_dims", "eval_mode", "selector", "row_counts", "entry_masked"]
+        )
         sel = self.model.selector
         self.arch_update = str(
             method.get("arch_update") or (sel.default_arch_update if sel is not None else "none")
@@ -375,9 +377,10 @@ class SearchModule(CTRModule):
             self._search_iter = iter(self._search_source)
             return next(self._search_iter)
 
-    def save_snapshot(self, tag: str) -> None:
-        """Every parameter and buffer of the model, as ``<snapshot_dir>/<tag>.pt`` (atomic)."""
-        if self.snapshot_dir is None or tag not in self.snapshots:
+    def save_snapshot(self, tag: str, requested: bool = False) -> None:
+        """Every parameter and buffer of the model, as ``<snapshot_dir>/<tag>.pt`` (atomic): the tags of
+        ``method.snapshots``, and those the selector requests (``requested``)."""
+        if self.snapshot_dir is None or (tag not in self.snapshots and not requested):
             return
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         final = self.snapshot_dir / f"{tag}.pt"
@@ -389,6 +392,14 @@ class SearchModule(CTRModule):
     def on_train_start(self) -> None:
         if self.global_step == 0:
             self.save_snapshot("init")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.selector is None or self.in_pretrain():
+            return
+        for tag in self.selector.snapshot_requests(self.model):
+            self.save_snapshot(tag, requested=True)
+        if self.selector.search_done():
+            self.trainer.should_stop = True
 
     def on_train_epoch_start(self) -> None:
         self.eval_mode = "open" if self.in_pretrain() or self.selector is None else "deterministic"

@@ -4,6 +4,7 @@ paper's comparison is one command. It reads the sweep dir like ``stage=report`` 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,7 @@ class Table2Report(Callback):
             print((root / "report" / f"table2_{ds}.md").read_text(), flush=True)
         for m in rep["missing"]:
             log.warning("table2: missing run %s: %s", m["job"], m["reason"])
+        if rep["missing"]:
+            print(f"error: {len(rep['missing'])} of the multirun's jobs failed or are missing (listed in "
+                  f"{root / 'report'}); the report covers the others", file=sys.stderr, flush=True)  # fmt: skip
+            sys.exit(2)

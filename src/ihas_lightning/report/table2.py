@@ -52,6 +52,10 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         base = {"job": str(job), "method": method, "display": display, "dataset": dataset, "seed": seed,
                 "overrides": overrides}  # fmt: skip
         res = job / "evaluate" / "results.json"
+        err = job / "error.txt"
+        if err.is_file():  # written by a job that failed inside a multirun
+            missing.append({**base, "reason": f"failed: {err.read_text().strip()}"})
+            continue
         if not res.is_file():
             missing.append(
                 {**base, "reason": "no evaluate/results.json (the job failed or is still running)"}

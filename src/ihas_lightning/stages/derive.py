@@ -1,12 +1,14 @@
 """``stage=derive``: the final architecture of a field- or value-level method, from its search checkpoint.
 
 The selector of the searched model says what survives (:meth:`Selector.derive`): AutoField the top-K
-fields by their "select" logit, OptFS the feature values whose gate logit is > 0. The result is
+fields by their "select" logit, OptFS the feature values whose gate logit is > 0, PEP the embedding
+entries of its budget's snapshot (``search/snapshots/budget_<b>.pt``) above their threshold. The result is
 written in the shape the retrain stage reads (one architecture, trained on every row, no routing):
 
     derive/arch.json      fields kept (dims per field), kept rows per field, the scores the choice
                           was made on, and on synthetic data the choice against truth.json
     derive/row_keep.npy   [sum(vocab)] bool, field-major (value-level methods only)
+    derive/entry_mask.npy [sum(vocab), d] bool (entry-level methods: PEP)
     derive/manifest.json  written last (the dir is built in a temporary sibling and renamed)
 
 iHAS derives by per-sample thresholds + K-Means (``stage=cluster``); AdaFS derives nothing (its
@@ -78,7 +80,11 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     sel = module.model.selector
     if sel is None:
         raise DataError(f"{ckpt}: a Base checkpoint has no selector, so there is no architecture to derive")
-    arch = sel.derive()
+    snaps = {q.stem: q for q in sorted((ckpt.parent / "snapshots").glob("*.pt"))}
+    try:
+        arch = sel.derive(snapshots=snaps)
+    except ValueError as e:  # e.g. PEP never reached the budget to retrain
+        raise DataError(f"{ckpt}: {e}") from None
     if arch is None:
         raise ConfigError(
             f"config key 'method.phases': {type(sel).__name__} derives no smaller architecture (it ships at "
@@ -111,17 +117,32 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         kept_share = [per_field[f] / fmap.vocab_sizes[f] for f in range(n)]
         info.update(row_keep_file="row_keep.npy", kept_rows_per_field=per_field,
                     kept_rows=int(rk.sum()), kept_rows_share=float(rk.mean()))  # fmt: skip
+    em = None
+    if arch.entry_mask is not None:
+        em = np.asarray(arch.entry_mask.cpu().numpy(), dtype=bool)
+        if em.shape != (sum(fmap.vocab_sizes), d):
+            raise DataError(
+                f"{ckpt}: entry mask of shape {em.shape} for a {sum(fmap.vocab_sizes)} x {d} table"
+            )
+        bounds = np.cumsum([0, *fmap.vocab_sizes])
+        per_field = [int(em[bounds[f] : bounds[f + 1]].sum()) for f in range(n)]
+        kept_share = [per_field[f] / (fmap.vocab_sizes[f] * d) for f in range(n)]
+        info.update(entry_mask_file="entry_mask.npy", kept_entries_per_field=per_field,
+                    kept_entries=int(em.sum()), kept_entries_share=float(em.mean()))  # fmt: skip
     truth = prepared / "truth.json"
     if truth.is_file():
         info["truth"] = truth_report(read_json(truth), names, field_keep, kept_share)
     with atomic_dir(out, overwrite=True) as tmp:
         if arch.row_keep is not None:
             np.save(tmp / "row_keep.npy", rk)
+        if em is not None:
+            np.save(tmp / "entry_mask.npy", em)
         write_json(tmp / "arch.json", info)
         write_manifest(tmp, manifest)
     log.info(
         "derive stage (%s): keeps %d of %d fields%s -> %s", cfg.method.name, sum(field_keep), n,
-        f", {info['kept_rows']:,} of {sum(fmap.vocab_sizes):,} feature values" if "kept_rows" in info else "",
+        f", {info['kept_rows']:,} of {sum(fmap.vocab_sizes):,} feature values" if "kept_rows" in info else
+        f", {info['kept_entries']:,} of {sum(fmap.vocab_sizes) * d:,} embedding entries" if "kept_entries" in info else "",
         out / "arch.json",
     )  # fmt: skip
     return _metrics(info)
@@ -131,6 +152,8 @@ def _metrics(info: dict[str, Any]) -> dict[str, Any]:
     m: dict[str, Any] = {"derive/kept_fields": len(info["kept_fields"])}
     if "kept_rows_share" in info:
         m["derive/kept_rows_share"] = info["kept_rows_share"]
+    if "kept_entries_share" in info:
+        m["derive/kept_entries_share"] = info["kept_entries_share"]
     if "truth" in info:
         m["derive/truth_f1"] = info["truth"]["f1"]
     return m

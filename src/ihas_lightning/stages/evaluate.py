@@ -249,6 +249,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             if single.embedding.pruned:
                 rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
                 note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
+            if single.embedding.entry_masked:
+                note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
             entries.append((final_row, lambda x: single(x, "open"), single, note))
     final = entries[-1][0]
 

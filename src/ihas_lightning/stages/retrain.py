@@ -216,6 +216,7 @@ def _train_cluster(
         field_names=fmap.field_names,
         output_bias=bias,
         row_counts=row_counts,
+        entry_masked=info.get("entry_mask") is not None,
     )
     if row_keep is not None:
         keep = row_keep.clone()
@@ -230,6 +231,8 @@ def _train_cluster(
             module.init_from_snapshot(searched)
         except ValueError as e:
             raise DataError(f"retrain.init={init}: {e}") from None
+    if info.get("entry_mask") is not None:  # PEP: V <- V_init * M, the mask fixed for the whole retrain
+        module.set_entry_mask(info["entry_mask"])
     log.info(
         "retrain stage: cluster %d: %d train / %d val / %d test samples (positive rate %.3f), field dims %s "
         "(MLP in %d, %d params), batch %d, init %s",

@@ -44,6 +44,8 @@ class Arch:
 
     field_keep: list[bool] | None = None
     row_keep: torch.Tensor | None = None
+    #: [|V|, d] bool: the embedding entries that survive (PEP)
+    entry_mask: torch.Tensor | None = None
     scores: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,9 +107,19 @@ class Selector(nn.Module):
     def on_search_epoch_start(self, search_epoch: int, max_search_epochs: int) -> None:
         """Advance per-epoch schedules (``search_epoch`` counts from 0 at the first search epoch)."""
 
+    def snapshot_requests(self, model: nn.Module) -> list[str]:
+        """Tags of snapshots to take now, after a search-phase training step (PEP: each parameter
+        budget the pruned table reaches). ``model`` is the whole model (the selector may read its tables)."""
+        return []
+
+    def search_done(self) -> bool:
+        """True when the search has nothing left to do (PEP: every budget reached); the fit then stops."""
+        return False
+
     # ---- derivation --------------------------------------------------------------------------------
     def derive(self, **kw: Any) -> Arch | None:
-        """The final architecture, or None when the selector itself ships at inference."""
+        """The final architecture, or None when the selector itself ships at inference. ``kw`` may hold
+        ``snapshots`` ({tag: state dict path}) for a selector that derives from a snapshot."""
         return None
 
     def statistics(self) -> dict[str, Any]:
