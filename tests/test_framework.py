@@ -236,13 +236,17 @@ PEP_TINY = ["method.max_epochs=2", "method.selector.s_init=-4.0", "method.select
             "method.selector.retrain_budget=0.9"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep"])
+@pytest.mark.parametrize(
+    "name", ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep", "optembed"]
+)
 def test_every_method_runs_stage_all(tmp_path, name):
     from conftest import stage_cfg_factory
     from ihas_lightning import pipeline
 
     make = stage_cfg_factory(tmp_path)
-    extra = {"optfs": ["method.max_epochs=2"], "pep": PEP_TINY}.get(name, [])
+    extra = {"optfs": ["method.max_epochs=2"], "pep": PEP_TINY,
+             "optembed": ["method.selector.population=4", "method.selector.generations=2",
+                          "retrain.init=rewind"]}.get(name, [])  # fmt: skip
     pipeline.run(make("stage=all", f"method={name}", *extra))
     res = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
     rows = [r["model"] for r in res["rows"]]
@@ -254,6 +258,7 @@ def test_every_method_runs_stage_all(tmp_path, name):
         "autofield": ["Base", "AutoField (search)", "AutoField"],
         "optfs": ["Base", "OptFS (search)", "OptFS"],
         "pep": ["Base", "PEP (search)", "PEP"],
+        "optembed": ["Base", "OptEmbed (supernet)", "OptEmbed"],
     }[name]
     assert rows == [*expect, "Constant"]
     assert all(r["inference_ms"] is not None and r["params"] > 0 for r in res["rows"][:-1])
@@ -278,6 +283,13 @@ def test_every_method_runs_stage_all(tmp_path, name):
             == arch["kept_entries"]
             <= 0.9 * res["rows"][0]["embedding_params"]
         )
+    if name == "optembed":
+        arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())
+        dims = arch["field_dims"][0]
+        assert all(1 <= c <= 16 for c in dims) and len(arch["scores"]["history"]) == 2
+        final = res["rows"][-2]
+        kept = arch["kept_rows_per_field"]
+        assert final["embedding_params"] == sum(k * c for k, c in zip(kept, dims))
     if name == "optfs":
         assert (tmp_path / "run" / "search" / "snapshots" / "epoch_1.pt").is_file()
         arch = json.loads((tmp_path / "run" / "derive" / "arch.json").read_text())

@@ -40,7 +40,9 @@ def test_table2_multirun_of_every_method_writes_the_report(tmp_path):
     extra = tmp_path / "extra_conf"
     (extra / "method").mkdir(parents=True)
     (extra / "method" / "pep_tiny.yaml").write_text(PEP_TINY)
-    methods = ",".join(["base", "ihas", "pep_tiny", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep"])
+    methods = ",".join(
+        ["base", "ihas", "pep_tiny", "autofield", "optembed", "adafs_soft", "adafs_hard", "optfs", "pep"]
+    )
     r = _cli("-m", "experiment=table2", "dataset=synthetic", *TINY, "seed=0", f"hydra.sweep.dir={sweep}",
              f"hydra.searchpath=[file://{extra}]", f"method={methods}", tmp_path=tmp_path)  # fmt: skip
     # the plain pep job cannot reach its budgets on 4k rows: listed as failed, the sweep goes on, exit 2
@@ -48,14 +50,8 @@ def test_table2_multirun_of_every_method_writes_the_report(tmp_path):
     rep = json.loads((sweep / "report" / "report.json").read_text())
     summary = rep["datasets"]["synthetic"]["summary"]
     assert [s["method"] for s in summary] == [
-        "base",
-        "ihas",
-        "pep",
-        "autofield",
-        "adafs_soft",
-        "adafs_hard",
-        "optfs",
-    ]
+        "base", "ihas", "pep", "autofield", "optembed", "adafs_soft", "adafs_hard", "optfs"
+    ]  # fmt: skip
     md = (sweep / "report" / "table2_synthetic.md").read_text()
     assert "| iHAS | 1 |" in md and "| PEP | 1 |" in md and "AUC - iHAS" in md
     assert (sweep / "report" / "table2_synthetic.csv").read_text().count("\n") == 1 + len(summary)

@@ -365,3 +365,61 @@ def test_entry_masked_table_trains_and_serves_only_kept_entries():
     emb.eval()
     rows = x + torch.tensor([0, *VOCAB[:-1]]).cumsum(0)
     assert torch.equal(emb(x), (w * mask)[rows].reshape(32, -1))
+
+
+# ---- OptEmbed -----------------------------------------------------------------------------------------
+def test_optembed_surrogate_gradient_is_the_authors_piecewise_function():
+    from ihas_lightning.models.selectors.optembed import surrogate_step
+
+    u = torch.tensor([-1.5, -0.7, -0.3, 0.0, 0.2, 0.4, 0.9, 1.2], requires_grad=True)
+    h = surrogate_step(u)
+    assert h.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    h.sum().backward()
+    want = [0.0, 0.4, 2 - 4 * 0.3, 2.0, 2 - 4 * 0.2, 2 - 4 * 0.4, 0.4, 0.0]
+    assert torch.allclose(u.grad, torch.tensor(want))
+
+
+def test_optembed_forward_masks_rows_and_keeps_prefix_dims():
+    from ihas_lightning.models.selectors.optembed import OptEmbedSelector
+
+    torch.manual_seed(0)
+    sel = OptEmbedSelector(N, D, VOCAB, t_init=0.5)
+    e = torch.randn(B, N * D) * 0.3
+    x = torch.zeros(B, N, dtype=torch.long)
+    e3 = e.view(B, N, D)
+    keep = (e3.abs().sum(-1) > 0.5).float()
+    out, aux = sel(e, x, "deterministic")
+    assert torch.equal(out.view(B, N, D), e3 * keep.unsqueeze(-1)) and torch.equal(aux["row_mask"], keep)
+    sel.eval_dims = [1, 3, 2, 1, 3]
+    out = sel(e, x, "deterministic")[0].view(B, N, D)
+    for f, c in enumerate(sel.eval_dims):  # brute force: field f keeps its first c dims
+        assert torch.equal(out[:, f, :c], (e3 * keep.unsqueeze(-1))[:, f, :c]) and torch.all(
+            out[:, f, c:] == 0
+        )
+    sel.eval_dims = None
+    out = sel(e, x, "stochastic")[0].view(B, N, D)
+    for b in range(B):
+        for f in range(N):
+            if keep[b, f]:
+                nz = (out[b, f] != 0).int().tolist()
+                k = sum(nz)
+                assert 1 <= k <= D and nz == [1] * k + [0] * (D - k)  # a prefix of a random size
+
+
+def test_optembed_evolution_finds_the_best_candidate_and_scores_each_once():
+    from ihas_lightning.models.selectors.optembed import OptEmbedSelector
+
+    sel = OptEmbedSelector(6, 4, [3] * 6, population=10, generations=15, mutation_prob=0.3, seed=1)
+    target = [4, 1, 3, 2, 4, 1]
+    calls = []
+
+    def evaluate():
+        calls.append(tuple(sel.eval_dims))
+        return -sum(abs(a - b) for a, b in zip(sel.eval_dims, target))
+
+    best, score, info = sel.evolve(evaluate)
+    assert score == max(-sum(abs(a - b) for a, b in zip(c, target)) for c in calls)  # the best ever scored
+    assert score >= -2 and best == list(best) and len(calls) == len(set(calls)) == info["scored_candidates"]
+    assert sel.eval_dims is None  # the supernet is left as it was
+    hist = [h["best"] for h in info["history"]]
+    assert hist == sorted(hist)

@@ -189,7 +189,7 @@ def check(cfg: DictConfig) -> None:
     ri = m.get("retrain_init")
     if ri is not None and ri not in RETRAIN_INITS:
         raise _err("retrain_init", f"must be one of {list(RETRAIN_INITS)} (got {ri!r})")
-    if retrain_init(cfg) == "rewind":
+    if "retrain" in phases(cfg) and retrain_init(cfg) == "rewind":
         tag = m.get("rewind_tag")
         if tag is None or str(tag) not in [str(t) for t in (m.get("snapshots") or [])]:
             raise _err(

@@ -100,6 +100,13 @@ class RetrainModule(CTRModule):
             start += vocab[f]
         own = self.model.backbone.state_dict()
         src = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        first = next((k for k, v in own.items() if k.endswith("weight") and v.dim() == 2), None)
+        if first is not None and first in src and src[first].shape[1] != own[first].shape[1]:
+            # a narrower model: its first layer reads the kept dims only, so take their columns
+            d = table.shape[1]
+            cols = [f * d + j for f, kept in enumerate(self.kept_dims) for j in kept]
+            if src[first].shape[1] == len(vocab) * d and len(cols) == own[first].shape[1]:
+                src[first] = src[first][:, torch.tensor(cols, dtype=torch.long)]
         bad = [k for k, v in own.items() if k not in src or src[k].shape != v.shape]
         if bad:
             raise ValueError(

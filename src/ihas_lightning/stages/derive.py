@@ -18,6 +18,7 @@ controller ships at inference): for those, stage=derive is a one-line error.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,8 +82,11 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     if sel is None:
         raise DataError(f"{ckpt}: a Base checkpoint has no selector, so there is no architecture to derive")
     snaps = {q.stem: q for q in sorted((ckpt.parent / "snapshots").glob("*.pt"))}
+    evaluate = _val_auc(cfg, prepared, module)
     try:
-        arch = sel.derive(snapshots=snaps)
+        with _progress(f"derive ({cfg.method.name})") as progress:
+            arch = sel.derive(snapshots=snaps, evaluate=evaluate, table=module.model.embedding.tables[0].weight,
+                              progress=progress)  # fmt: skip
     except ValueError as e:  # e.g. PEP never reached the budget to retrain
         raise DataError(f"{ckpt}: {e}") from None
     if arch is None:
@@ -93,14 +97,15 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     n, d = sel.num_fields, sel.embed_dim
     names = list(fmap.field_names)
     field_keep = [bool(k) for k in (arch.field_keep if arch.field_keep is not None else [True] * n)]
+    dims = [int(c) if k else 0 for c, k in zip(arch.field_dims or [d] * n, field_keep)]
     info: dict[str, Any] = {
         "method": str(cfg.method.name),
         "k": 1,
         "embed_dim": d,
         "vocab_sizes": list(fmap.vocab_sizes),
         "field_names": names,
-        "field_dims": [[d if k else 0 for k in field_keep]],
-        "kept_dims": [[list(range(d)) if k else [] for k in field_keep]],
+        "field_dims": [dims],
+        "kept_dims": [[list(range(c)) for c in dims]],
         "kept_fields": [nm for nm, k in zip(names, field_keep) if k],
         "scores": arch.scores,
         "prepared_dir": str(prepared.resolve()),
@@ -160,3 +165,55 @@ def _metrics(info: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["run", "check_cfg", "truth_report"]
+
+
+def _val_auc(cfg: DictConfig, prepared: Path, module: Any):
+    """A scorer for derive steps that search on validation: the AUC of the search model (its selector's
+    current state, deterministic mode) over the whole validation split, batches held in memory."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from ..rundir import make_datamodule
+
+    state: dict[str, Any] = {}
+
+    def evaluate() -> float:
+        if "batches" not in state:
+            bs = int(cfg.evaluate.batch_size)
+            dm = make_datamodule(cfg, prepared, batch_size=bs)
+            xs, ys = [], []
+            for b in dm.split_dataloader("val", shuffle=False, batch_size=bs):
+                xs.append(torch.as_tensor(b[0]).clone())
+                ys.append(torch.as_tensor(b[1]).clone())
+            state["batches"], state["y"] = xs, torch.cat(ys).numpy()
+        model = module.model.eval()
+        with torch.inference_mode():
+            p = torch.cat([torch.sigmoid(model(x, "deterministic")) for x in state["batches"]]).numpy()
+        return float(roc_auc_score(state["y"], p))
+
+    return evaluate
+
+
+class _progress:
+    """A rich progress bar for derive steps that report (generation, best score)."""
+
+    def __init__(self, title: str):
+        self.title = title
+
+    def __enter__(self):
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task(self.title, total=None)
+
+        def report(step: int, best: float) -> None:
+            self.bar.update(
+                self.task, completed=step + 1, description=f"{self.title}: best val AUC {best:.4f}"
+            )
+
+        return report
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False

@@ -246,6 +246,9 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             single = modules[0].model.eval()
             kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
             note = f"{len(kept)}/{len(single.field_dims)} fields"
+            full = len(single.field_dims) * int(ainfo["embed_dim"])
+            if sum(single.field_dims) != len(kept) * int(ainfo["embed_dim"]):
+                note += f", {sum(single.field_dims)}/{full} dims"
             if single.embedding.pruned:
                 rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
                 note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"

@@ -46,6 +46,8 @@ class Arch:
     row_keep: torch.Tensor | None = None
     #: [|V|, d] bool: the embedding entries that survive (PEP)
     entry_mask: torch.Tensor | None = None
+    #: [N] ints: each field's embedding size, its first dims kept (OptEmbed)
+    field_dims: list[int] | None = None
     scores: dict[str, Any] = field(default_factory=dict)
 
 
