@@ -1,6 +1,15 @@
-"""``SearchModule``: the searching stage of iHAS (paper section 3.5.1, Algorithm 1).
+"""``SearchModule``: the search stage of every method (Base included), driven by the method's config.
 
-The model is the DLRM with a :class:`~ihas_lightning.models.gate.BernoulliGate` between the
+What the module does for any selector: an optional pretraining with the selector bypassed; then the
+architecture update the method declares -- ``none`` (Base), ``joint`` (every optimizer on every
+training batch, BCE + the selector's regularizer: OptFS, PEP, OptEmbed) or ``bilevel`` (below: iHAS,
+AdaFS, AutoField); the selector's schedules (``on_train_step`` / ``on_search_epoch_start``, never
+advanced by evaluation); tagged snapshots of every parameter and buffer (``method.snapshots``, and
+the tags the selector requests, e.g. PEP's budgets); and the validation objective
+``{split}/objective`` = logloss + the selector's regularizer. The rest of this docstring describes
+the bi-level schedule as iHAS uses it (paper section 3.5.1, Algorithm 1).
+
+For iHAS the model is the DLRM with a :class:`~ihas_lightning.models.gate.BernoulliGate` between the
 embedding layer V and the MLP theta_b. Training is bi-level and manual
 (``automatic_optimization = False``); the optimizers are CTRModule's two model optimizers
 (embedding tables: ``model.embedding_optimizer``; MLP: Adam lr 1e-3, wd 1e-6) plus the gate's own
