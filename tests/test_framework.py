@@ -353,3 +353,16 @@ def test_pep_that_never_reaches_its_budget_is_a_one_line_error(tmp_path):
     with pytest.raises(DataError, match="never reached the budget") as e:
         pipeline.run(make("stage=all", "method=pep", "stage.train_base=false", "method.max_epochs=1"))
     assert "\n" not in str(e.value)
+
+
+def test_pep_budget_from_an_ihas_run_dir_becomes_the_retrained_budget(tmp_path):
+    from ihas_lightning import method
+    from ihas_lightning.config import compose
+
+    run = tmp_path / "ihas_run" / "evaluate"
+    run.mkdir(parents=True)
+    rows = [{"model": "Base", "embedding_params": 100}, {"model": "iHAS", "embedding_params": 1234}]
+    (run / "results.json").write_text(json.dumps({"final_row": "iHAS", "rows": rows}))
+    cfg = compose(["method=pep", f"method.budget_from={run.parent}"], output_dir=tmp_path / "o")
+    sel = method.spec(cfg, 5)["selector"]
+    assert sel["budgets"][-1] == 1234 and sel["retrain_budget"] == 1234

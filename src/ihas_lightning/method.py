@@ -78,11 +78,14 @@ def retrain_init(cfg: DictConfig) -> str:
 def spec(cfg: DictConfig, search_epochs: int) -> dict[str, Any]:
     """What the search module needs of the method (plain, resolved; saved in its hyperparameters)."""
     m = cfg.method
+    selector = OmegaConf.to_container(m.selector, resolve=True) if m.get("selector") is not None else None
+    extra = budget_from(cfg)
+    if selector is not None and extra is not None:  # PEP at the size of another run's final model
+        selector["budgets"] = [*selector.get("budgets", []), extra]
+        selector["retrain_budget"] = extra
     out: dict[str, Any] = {
         "name": str(m.name),
-        "selector": OmegaConf.to_container(m.selector, resolve=True)
-        if m.get("selector") is not None
-        else None,
+        "selector": selector,
         "arch_update": m.get("arch_update"),
         "arch_optim": OmegaConf.to_container(m.arch_optim, resolve=True) if m.get("arch_optim") else {},
         "snapshots": list(m.get("snapshots") or []),

@@ -80,13 +80,16 @@ def _order(method: str) -> tuple[int, str]:
 
 def summarize(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
     """One record per method (of one dataset): means, stds, paired differences from ``reference``."""
-    by: dict[str, list[dict[str, Any]]] = {}
+    # one row per method *variant*: runs of one method with another display name (e.g. PEP at iHAS's
+    # size, `method.display="PEP (iHAS size)"`) get their own row
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        by.setdefault(r["method"], []).append(r)
-    ref = {r["seed"]: r for r in by.get(reference, [])}
+        by.setdefault((r["method"], r["display"]), []).append(r)
+    ref = {r["seed"]: r for (m, _), rs in by.items() if m == reference for r in rs}
     out = []
-    for method in sorted(by, key=_order):
-        rs = by[method]
+    for key in sorted(by, key=lambda k: (*_order(k[0]), k[1])):
+        rs = by[key]
+        method = key[0]
         rec: dict[str, Any] = {"method": method, "display": rs[0]["display"], "row": rs[0]["row"],
                                "seeds": sorted(r["seed"] for r in rs)}  # fmt: skip
         for k in (
