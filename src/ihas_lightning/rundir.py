@@ -122,6 +122,15 @@ def iter_split(dm: Any, split: str, batch_size: int) -> Iterator[tuple[torch.Ten
         yield torch.as_tensor(x), torch.as_tensor(y)
 
 
+def split_batches(dm: Any, split: str, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A whole split held in memory for repeated passes: (x batches in file order, all labels)."""
+    xs, ys = [], []
+    for x, y in iter_split(dm, split, batch_size):
+        xs.append(x.clone())  # the loader may reuse its buffers
+        ys.append(y.clone())
+    return xs, torch.cat(ys) if ys else torch.zeros(0)
+
+
 def split_tensors(dm: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = dm.split_arrays(split)
     return torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y, dtype=np.float32))

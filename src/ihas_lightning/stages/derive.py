@@ -173,19 +173,15 @@ def _val_auc(cfg: DictConfig, prepared: Path, module: Any):
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from ..rundir import make_datamodule
+    from ..rundir import make_datamodule, split_batches
 
     state: dict[str, Any] = {}
 
     def evaluate() -> float:
         if "batches" not in state:
             bs = int(cfg.evaluate.batch_size)
-            dm = make_datamodule(cfg, prepared, batch_size=bs)
-            xs, ys = [], []
-            for b in dm.split_dataloader("val", shuffle=False, batch_size=bs):
-                xs.append(torch.as_tensor(b[0]).clone())
-                ys.append(torch.as_tensor(b[1]).clone())
-            state["batches"], state["y"] = xs, torch.cat(ys).numpy()
+            xs, y = split_batches(make_datamodule(cfg, prepared, batch_size=bs), "val", bs)
+            state["batches"], state["y"] = xs, y.numpy()
         model = module.model.eval()
         with torch.inference_mode():
             p = torch.cat([torch.sigmoid(model(x, "deterministic")) for x in state["batches"]]).numpy()

@@ -61,6 +61,7 @@ from ..rundir import (
     resolve_arch_dir,
     resolve_retrain_dir,
     resolve_search_ckpt,
+    split_batches,
 )
 from ..utils import read_json, write_json
 
@@ -131,14 +132,6 @@ def evaluate_warnings(rows: list[dict[str, Any]], final: str = "iHAS") -> list[s
                 f"{final} loses to Base on validation: logloss {i['val_logloss']:.4f} vs {b['val_logloss']:.4f}"
             )
     return out
-
-
-def _split_batches(dm: Any, split: str, bs: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    xs, ys = [], []
-    for batch in dm.split_dataloader(split, shuffle=False, batch_size=bs):
-        xs.append(torch.as_tensor(batch[0]).clone())
-        ys.append(torch.as_tensor(batch[1]).clone())
-    return xs, torch.cat(ys) if ys else torch.zeros(0)
 
 
 @torch.inference_mode()
@@ -259,7 +252,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
 
     bs = int(cfg.evaluate.batch_size)
     dm = make_datamodule(cfg, prepared, batch_size=bs)
-    data = {s: _split_batches(dm, s, bs) for s in SPLITS}
+    data = {s: split_batches(dm, s, bs) for s in SPLITS}
     xs, y = data["test"]
     n_test = len(y)
     prior = fmap.splits.get("train", {}).get("pos_rate")
