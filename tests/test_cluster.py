@@ -211,3 +211,18 @@ def test_cluster_stage_on_masks_routes_like_the_stage(searched, tmp_path):
     assert float(c.min()) >= 0.0 and float(c.max()) <= 1.0  # centroids of 0/1 masks
     with pytest.raises(ConfigError, match="'cluster.input'"):
         cluster.run(make("stage=cluster", "cluster.input=raw", out=tmp_path / "bad"))
+
+
+def test_dims_heatmap_puts_many_fields_on_rows(tmp_path):
+    """Figure 5 stays readable with Criteo's 39 fields: fields become rows (a tall image)."""
+    from PIL import Image
+
+    from ihas_lightning.report.heatmap import dims_heatmap
+
+    names = [f"C{i}" for i in range(39)]
+    tall = dims_heatmap([[i % 17 for i in range(39)], [16] * 39], names, tmp_path / "tall.png", sizes=[5, 6])
+    wide = dims_heatmap([[1, 2, 3], [4, 5, 6]], names[:3], tmp_path / "wide.png")
+    w, h = Image.open(tall).size
+    assert h > w
+    w, h = Image.open(wide).size
+    assert w > h

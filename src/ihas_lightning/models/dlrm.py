@@ -42,6 +42,8 @@ class DLRM(nn.Module):
         backbone: str = "mlp",
         row_counts: Sequence[int] | None = None,
         entry_masked: bool = False,
+        positions: Sequence[Sequence[int]] | None = None,
+        backbone_args: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.vocab_sizes = [int(v) for v in vocab_sizes]
@@ -65,8 +67,20 @@ class DLRM(nn.Module):
         self.selector = selector
         self.backbone_name = backbone
         # a model whose every field was dropped still predicts: the backbone's bias only (input width 0)
+        # ``positions``: the original dim index of each kept dim per field (a retrained model's kept
+        # dims), so pairwise inner products equal those of the masked full model
+        self.positions = [list(map(int, p)) for p in positions] if positions is not None else None
         self.backbone = build_backbone(
-            backbone, list(self.field_dims), hidden=tuple(hidden), batchnorm=batchnorm, dropout=dropout
+            backbone,
+            list(self.field_dims),
+            vocab_sizes=self.vocab_sizes,
+            embed_dim=self.embed_dim,
+            positions=self.positions,
+            sparse=sparse,
+            hidden=tuple(hidden),
+            batchnorm=batchnorm,
+            dropout=dropout,
+            **dict(backbone_args or {}),
         )
 
     # ---- structure ---------------------------------------------------------------------------------
@@ -84,8 +98,12 @@ class DLRM(nn.Module):
         """iHAS's Bernoulli gate when the selector is one, else None."""
         return self.selector.gate if isinstance(self.selector, BernoulliSelector) else None
 
+    def backbone_tables(self) -> list[nn.Parameter]:
+        """Per-id tables a backbone adds (e.g. FM's first-order weights): trained like the embedding."""
+        return [m.weight for m in self.backbone.modules() if isinstance(m, nn.Embedding)]
+
     def embedding_parameters(self) -> list[nn.Parameter]:
-        return list(self.embedding.parameters())
+        return list(self.embedding.parameters()) + self.backbone_tables()
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return self.selector.arch_parameters() if self.selector is not None else []
@@ -111,7 +129,7 @@ class DLRM(nn.Module):
         """(logits [B], the selector's aux dict) in ``mode`` (open | stochastic | deterministic)."""
         e = self.embed(x)
         h, aux = self.select(e, x, mode)
-        return self.backbone(h), aux
+        return self.backbone(h, x), aux
 
     def forward(self, x: torch.Tensor, mode: str = "open") -> torch.Tensor:
         """Logits [B]. ``mode`` is the selector mode (ignored without a selector)."""
@@ -145,11 +163,12 @@ class DLRM(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Embedding values (kept rows x dims), the selector's parameters (arch + model-side), the
-        backbone's, and the index entries of a row-pruned table, counted from the model as built."""
+        backbone's (its per-id tables, e.g. first-order weights, count as embedding), and the index entries of a row-pruned table, counted from the model as built."""
         sel = sum(p.numel() for p in self.selector.parameters()) if self.selector is not None else 0
+        tables = sum(p.numel() for p in self.backbone_tables())
         return {
-            "embedding": self.embedding.embedding_entries(),
+            "embedding": self.embedding.embedding_entries() + tables,
             "selector": sel,
-            "dense": sum(p.numel() for p in self.backbone.parameters()),
+            "dense": sum(p.numel() for p in self.backbone.parameters()) - tables,
             "index": self.embedding.index_entries(),
         }

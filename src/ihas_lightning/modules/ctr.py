@@ -44,6 +44,7 @@ class CTRModule(L.LightningModule):
         selector: dict[str, Any] | None = None,
         row_counts: Sequence[int] | None = None,
         entry_masked: bool = False,
+        positions: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +68,8 @@ class CTRModule(L.LightningModule):
             backbone=str(model["backbone"]),
             row_counts=row_counts,
             entry_masked=entry_masked,
+            positions=positions,
+            backbone_args=dict(model.get("backbone_args") or {}),
         )
         if output_bias is not None:
             # start at the base rate (the log-odds of the train split's positive rate), as well-kept

@@ -56,6 +56,8 @@ class RetrainModule(CTRModule):
             output_bias=output_bias,
             row_counts=row_counts,
             entry_masked=entry_masked,
+            # each kept dim at its original position (pairwise interactions of FM-style backbones)
+            positions=[list(map(int, k)) for k in kept_dims] if kept_dims is not None else None,
         )
         self.save_hyperparameters()
         self.cluster_id = int(cluster_id)
@@ -100,7 +102,12 @@ class RetrainModule(CTRModule):
             start += vocab[f]
         own = self.model.backbone.state_dict()
         src = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        first = next((k for k, v in own.items() if k.endswith("weight") and v.dim() == 2), None)
+        tables = {
+            n + ".weight" for n, m in self.model.backbone.named_modules() if isinstance(m, torch.nn.Embedding)
+        }
+        first = next(
+            (k for k, v in own.items() if k.endswith("weight") and v.dim() == 2 and k not in tables), None
+        )
         if first is not None and first in src and src[first].shape[1] != own[first].shape[1]:
             # a narrower model: its first layer reads the kept dims only, so take their columns
             d = table.shape[1]
