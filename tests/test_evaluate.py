@@ -37,3 +37,31 @@ def test_warnings_name_untrained_models_and_an_ihas_loss():
     assert not any("iHAS loses" in s for s in w)  # Base is worse here
     w = evaluate_warnings([_row("Base", 0.72, 0.47), _row("iHAS", 0.70, 0.48), const])
     assert len(w) == 2 and all("iHAS loses to Base on validation" in s for s in w)
+
+
+def test_case_study_matrix_equals_a_loop_over_models_and_clusters():
+    """Figure 6: model i on the test samples of cluster j, against a direct computation."""
+    import torch
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from ihas_lightning.stages.evaluate import case_study
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randint(0, 5, (40, 3), generator=g) for _ in range(2)]
+    y = torch.randint(0, 2, (80,), generator=g).float()
+    clusters = torch.randint(0, 3, (80,), generator=g)
+    w = [torch.randn(3, generator=g) for _ in range(3)]
+    models = [lambda x, mode, w=w_: x.float() @ w for w_ in w]
+    cs = case_study(models, xs, y, clusters)
+    x = torch.cat(xs)
+    for i in range(3):
+        for j in range(3):
+            sel = clusters == j
+            p = torch.sigmoid(x[sel].float() @ w[i]).double().numpy()
+            assert abs(cs["auc"][i][j] - roc_auc_score(y[sel].numpy(), p)) < 1e-9
+            assert abs(cs["logloss"][i][j] - log_loss(y[sel].numpy(), p, labels=[0, 1])) < 1e-6
+    for j, c in enumerate(cs["per_cluster"]):
+        others = [cs["auc"][i][j] for i in range(3) if i != j]
+        assert abs(c["own_minus_others_auc"] - (cs["auc"][j][j] - sum(others) / 2)) < 1e-12
+        assert c["own_is_best_auc"] == (cs["auc"][j][j] >= max(others))
+    assert cs["samples"] == [int((clusters == j).sum()) for j in range(3)]

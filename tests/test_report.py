@@ -94,3 +94,59 @@ def test_paired_differences_from_ihas_match_a_hand_computation():
     assert d["ci"] == pytest.approx([d["mean"] - half, d["mean"] + half])
     assert d["verdict"] == "lose" and s["pep"]["test_logloss_minus_ihas"]["verdict"] == "lose"
     assert "test_auc_minus_ihas" not in s["ihas"]
+
+
+def test_table4_multirun_writes_the_ablation_table_and_figures(tmp_path):
+    sweep = tmp_path / "t4"
+    r = _cli("-m", "experiment=table4", "dataset=synthetic", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}",
+             tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = sweep / "report"
+    md = (out / "table4_synthetic.md").read_text()
+    for row in ("| Base |", "| iHAS-1 |", "| iHAS-2 |", "| iHAS-3 |", "| iHAS-4 |", "| iHAS |"):
+        assert row in md
+    assert "(iii) polarization helps" in md and "(v) own-cluster model better" in md
+    for fig in ("figure3", "figure5", "figure6"):
+        assert (out / f"{fig}_synthetic.png").stat().st_size > 1000
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["datasets"]["synthetic"]["kinds"] == ["table4"] and not rep["missing"]
+    claims = rep["datasets"]["synthetic"]["table4"]["claims"]
+    assert claims["ii_ihas1_vs_ihas2"]["seeds"] == [0, 1]
+
+
+def test_table3_multirun_transfers_each_source_once(tmp_path):
+    sweep = tmp_path / "t3"
+    r = _cli("-m", "experiment=table3", "dataset=synthetic", *TINY, "seed=0", "backbone=fm,deepfm",
+             f"hydra.sweep.dir={sweep}", tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (sweep / "sources").iterdir()) == ["adafs_soft-seed0", "ihas-seed0"]
+    md = (sweep / "report" / "table3_synthetic.md").read_text()
+    for b in ("fm", "deepfm"):
+        for label in ("original", "AdaFS-soft", "iHAS"):
+            assert f"| {b} | {label} | 1 |" in md
+    assert "(i) deepfm gains from iHAS" in md
+
+
+def test_paired_comparison_and_own_cluster_claim():
+    from ihas_lightning.report.ablation import own_cluster, paired
+
+    a = {0: {"test_auc": 0.80, "test_logloss": 0.40}, 1: {"test_auc": 0.82, "test_logloss": 0.41},
+         2: {"test_auc": 0.81, "test_logloss": 0.39}}  # fmt: skip
+    b = {s: {"test_auc": v["test_auc"] - 0.019 - 0.001 * s, "test_logloss": v["test_logloss"] + 0.01}
+         for s, v in a.items()}  # fmt: skip
+    c = paired(a, b)
+    assert c["test_auc"]["mean"] == pytest.approx(0.02) and c["test_auc"]["verdict"] == "better"
+    assert c["test_logloss"]["mean"] == pytest.approx(-0.01) and c["test_logloss"]["verdict"] == "better"
+    wide = {
+        s: {"test_auc": v["test_auc"] - 0.01 * (s + 1), "test_logloss": v["test_logloss"]}
+        for s, v in a.items()
+    }
+    assert paired(a, wide)["test_auc"]["verdict"] == "tie"  # +0.01..+0.03 over 3 seeds: the CI holds 0
+    assert paired(b, a)["test_auc"]["verdict"] == "worse"
+    cs = {"per_cluster": [{"own_minus_others_auc": 0.01, "own_minus_others_logloss": -0.02,
+                           "own_is_best_auc": True, "own_is_best_logloss": True},
+                          {"own_minus_others_auc": -0.03, "own_minus_others_logloss": 0.0,
+                           "own_is_best_auc": False, "own_is_best_logloss": True}]}  # fmt: skip
+    o = own_cluster([{"case_study": cs}, {"case_study": cs}])
+    assert o["own_minus_others_auc"]["mean"] == pytest.approx(-0.01)
+    assert o["own_best_share_auc"] == 0.5 and o["own_best_share_logloss"] == 1.0

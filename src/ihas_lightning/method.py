@@ -27,7 +27,9 @@ def setting(cfg: DictConfig, key: str) -> Any:
 
 
 def pretrain(cfg: DictConfig) -> DictConfig:
-    """The pretraining block (``method.pretrain``, else ``search.pretrain``)."""
+    """The pretraining block (``method.pretrain``, else ``search.pretrain``); none under transfer."""
+    if transferring(cfg):
+        return OmegaConf.create({"max_epochs": 0, "patience": None})
     p = cfg.method.get("pretrain")
     return cfg.search.pretrain if p is None else p
 
@@ -36,9 +38,35 @@ def has_selector(cfg: DictConfig) -> bool:
     return cfg.method.get("selector") is not None
 
 
+# ---- transfer (paper RQ2): another run's frozen selector with this run's backbone ------------------------
+def transfer_dir(cfg: DictConfig):
+    """``transfer.from`` as a Path (None when unset)."""
+    from pathlib import Path
+
+    t = cfg.get("transfer") or {}
+    d = t.get("from")
+    return None if d in (None, "", "null") else Path(str(d)).expanduser()
+
+
+def transferring(cfg: DictConfig) -> bool:
+    """This run reuses a frozen selector (``transfer.from`` set and the method has a selector)."""
+    return has_selector(cfg) and transfer_dir(cfg) is not None
+
+
+def transfer_ckpt(cfg: DictConfig):
+    """The source search checkpoint ``<transfer.from>/search/best.ckpt``."""
+    d = transfer_dir(cfg)
+    return None if d is None else d / "search" / "best.ckpt"
+
+
+def skips_search(cfg: DictConfig) -> bool:
+    """Under transfer a method that retrains skips its search: cluster / derive read the source's."""
+    return transferring(cfg) and "retrain" in _phases(cfg)
+
+
 def arch_update(cfg: DictConfig) -> str:
     """none | joint | bilevel: the method's, else its selector's default (none without a selector)."""
-    if not has_selector(cfg):
+    if not has_selector(cfg) or transferring(cfg):
         return "none"
     au = cfg.method.get("arch_update")
     if au is not None:
@@ -59,8 +87,21 @@ def search_every(cfg: DictConfig, batches_per_epoch: int) -> int:
     return int(v)
 
 
-def phases(cfg: DictConfig) -> list[str]:
+def _phases(cfg: DictConfig) -> list[str]:
     return [str(p) for p in (cfg.method.get("phases") or ["search", "evaluate"])]
+
+
+def phases(cfg: DictConfig) -> list[str]:
+    """The stages stage=all runs for this method (without the search under a retraining transfer)."""
+    ph = _phases(cfg)
+    return [p for p in ph if p != "search"] if skips_search(cfg) else ph
+
+
+def cluster_k(cfg: DictConfig) -> int:
+    """Clusters of the cluster stage: ``method.cluster_k`` (iHAS-2: 1, one model on all samples), else
+    ``cluster.k``."""
+    k = cfg.method.get("cluster_k")
+    return int(cfg.cluster.k if k is None else k)
 
 
 def row_name(cfg: DictConfig, which: str) -> str | None:
@@ -90,6 +131,8 @@ def spec(cfg: DictConfig, search_epochs: int) -> dict[str, Any]:
         "arch_optim": OmegaConf.to_container(m.arch_optim, resolve=True) if m.get("arch_optim") else {},
         "snapshots": list(m.get("snapshots") or []),
         "search_epochs": int(search_epochs),
+        # transfer: the selector is loaded from another run and frozen (no architecture update)
+        "frozen_selector": transferring(cfg),
     }
     return out
 
@@ -138,10 +181,10 @@ def check(cfg: DictConfig) -> None:
     m = cfg.method
     if not m.get("name"):
         raise _err("name", "missing")
-    for p in phases(cfg):
+    for p in _phases(cfg):
         if p not in PHASES:
             raise _err("phases", f"unknown phase {p!r} (choose from {list(PHASES)})")
-    if phases(cfg)[0] != "search":
+    if _phases(cfg)[0] != "search":
         raise _err("phases", "must start with search")
     target = str((m.get("selector") or {}).get("_target_", ""))
     if m.get("gate") is not None and target.endswith("BernoulliSelector"):
@@ -192,6 +235,11 @@ def check(cfg: DictConfig) -> None:
     ri = m.get("retrain_init")
     if ri is not None and ri not in RETRAIN_INITS:
         raise _err("retrain_init", f"must be one of {list(RETRAIN_INITS)} (got {ri!r})")
+    if transferring(cfg) and "retrain" in _phases(cfg) and retrain_init(cfg) in ("rewind", "continue"):
+        raise ConfigError(
+            f"config key 'retrain.init': {retrain_init(cfg)} reuses the source's backbone, which transfer.from "
+            "replaces; use retrain.init=searched or scratch"
+        )
     if "retrain" in phases(cfg) and retrain_init(cfg) == "rewind":
         tag = m.get("rewind_tag")
         if tag is None or str(tag) not in [str(t) for t in (m.get("snapshots") or [])]:
@@ -224,6 +272,31 @@ def check(cfg: DictConfig) -> None:
         from .training import check_fit_cfg
 
         check_fit_cfg(m.pretrain, "method.pretrain", min_epochs=0)
+    check_transfer(cfg)
+
+
+def check_transfer(cfg: DictConfig) -> None:
+    """``transfer.*`` (when a selector is transferred): the source exists, or will be searched."""
+    from .errors import DataError
+    from .models.backbones import BACKBONES
+
+    if not transferring(cfg):
+        return
+    t = cfg.transfer
+    if not isinstance(t.get("search_if_missing"), bool):
+        raise ConfigError(
+            f"config key 'transfer.search_if_missing': must be true or false (got {t.get('search_if_missing')!r})"
+        )
+    if t.get("source_backbone") not in BACKBONES:
+        raise ConfigError(
+            f"config key 'transfer.source_backbone': must be one of {sorted(BACKBONES)} (got {t.get('source_backbone')!r})"
+        )
+    ck = transfer_ckpt(cfg)
+    if not t.search_if_missing and not ck.is_file():
+        raise DataError(
+            f"{ck}: no search checkpoint in transfer.from (run stage=all there first, or set "
+            "transfer.search_if_missing=true)"
+        )
 
 
 def check_gate_cfg(gate: DictConfig) -> None:

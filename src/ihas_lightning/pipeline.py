@@ -63,13 +63,47 @@ def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
     search = stage_module("search")
 
     out = Path(str(cfg.paths.output_dir)) / SEARCH_DIR
-    expected = make_manifest("search", cfg, search.MANIFEST_KEYS, parents={"prepared_dir": prepared})
+    expected = make_manifest(
+        "search", cfg, search.MANIFEST_KEYS, parents=search.manifest_parents(cfg, prepared)
+    )
     if not cfg.search.get("resume") and is_current(out, expected, [search.BEST, "metrics.json"]):
         log.info("stage=all: %s is up to date (same config hash); skipping (resume)", out)
         m = read_json(out / "metrics.json")
         m["resumed"] = True
         return m
     return search.run(cfg)
+
+
+def transfer_source(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
+    """Transfer: the source search in ``transfer.from``. Used as it is when it holds a complete search
+    (its manifest); else, with ``transfer.search_if_missing``, the method's search is run there with
+    ``transfer.source_backbone`` (a Table 3 sweep's first job of a (method, seed) does it, the others
+    reuse it)."""
+    from .errors import DataError
+
+    src = method.transfer_dir(cfg)
+    done = (src / "search" / "manifest.json").is_file() and method.transfer_ckpt(cfg).is_file()
+    if done:
+        log.info("stage=all: transfer from %s (its search is complete)", src)
+        return {"source": str(src), "searched": False}
+    if not bool(cfg.transfer.search_if_missing):
+        raise DataError(
+            f"{src}/search: no complete search to transfer from (no manifest.json); run stage=all there"
+        )
+    cs = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cs):
+        cs.paths.output_dir = str(src)
+        cs.model.backbone = str(cfg.transfer.source_backbone)
+        cs.model.backbone_args = {}
+        cs.transfer["from"] = None
+        cs.search.resume = None
+    src.mkdir(parents=True, exist_ok=True)
+    log.info("stage=all: searching the transfer source in %s (backbone %s)", src, cs.model.backbone)
+    from .loggers import scope_prefix
+
+    with scope_prefix("transfer_source"):
+        run_search_or_resume(cs, prepared)
+    return {"source": str(src), "searched": True}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -98,6 +132,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cb = base_config(cfg)
             with scope_prefix("base"):
                 timed("base", lambda: run_search_or_resume(cb, prepared))
+        if method.transferring(cfg):
+            timed("transfer_source", lambda: transfer_source(cfg, prepared))
         metrics: dict[str, Any] = {}
         for name in phases:
             if name == "search":

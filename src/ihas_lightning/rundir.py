@@ -40,8 +40,12 @@ def _given(value: Any) -> Path | None:
 
 def resolve_search_ckpt(cfg: DictConfig, cluster_dir: Path | None = None) -> Path:
     """``search.ckpt`` if set, else the one recorded by ``cluster_dir``'s manifest, else this run's."""
+    from . import method
+
     p = _given(cfg.search.get("ckpt"))
     key = "search.ckpt"
+    if p is None and method.skips_search(cfg):
+        p, key = method.transfer_ckpt(cfg), "transfer.from"
     if p is None and cluster_dir is not None:
         p = parent_path(cluster_dir, "search_ckpt")
         key = f"{cluster_dir}/manifest.json parents.search_ckpt"

@@ -330,9 +330,13 @@ class SearchModule(CTRModule):
         )
         if self.arch_update not in ARCH_UPDATES:
             raise ValueError(f"arch_update must be one of {ARCH_UPDATES}, got {self.arch_update!r}")
-        if sel is None:
+        self.frozen_selector = bool(method.get("frozen_selector")) and sel is not None
+        if sel is None or self.frozen_selector:
+            # no selector, or a transferred one (frozen): no architecture update, no pretraining
             self.arch_update = "none"
             pretrain_epochs = 0
+        if self.frozen_selector:
+            sel.freeze()
         if (pretrain_epochs is not None and pretrain_epochs < 0) or search_every < 1 or model_lr_scale <= 0:
             raise ValueError("pretrain_epochs must be >= 0, search_every >= 1 and model_lr_scale > 0")
         # first epoch of the search phase; None = still pretraining until a SearchSchedule
@@ -352,6 +356,20 @@ class SearchModule(CTRModule):
         self.last_gate_summary: dict[str, dict[str, Any]] = {}
         self.gate_steps = 0
         self._reg_sum: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def load_transfer(self, source: torch.nn.Module) -> list[str]:
+        """Transfer: copy the source search model's embedding tables and selector (this model's own
+        backbone stays fresh). Their shapes must match (same vocabulary and embed_dim); returns the
+        keys copied."""
+        own = self.model.state_dict()
+        src = {k: v for k, v in source.state_dict().items() if k.startswith(("embedding.", "selector."))}
+        bad = [k for k, v in src.items() if k not in own or own[k].shape != v.shape]
+        missing = [k for k in own if k.startswith(("embedding.", "selector.")) and k not in src]
+        if bad or missing:
+            raise ValueError(f"the source model does not fit this one ({(bad or missing)[0]})")
+        self.model.load_state_dict(src, strict=False)
+        return sorted(src)
 
     # ---- phase / data plumbing ---------------------------------------------------------------
     @property
@@ -445,7 +463,7 @@ class SearchModule(CTRModule):
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         emb, dense = super().configure_optimizers()
-        if self.selector is None or not self.model.arch_parameters():
+        if self.selector is None or self.frozen_selector or not self.model.arch_parameters():
             return [emb, dense]
         wd = self.arch_optim_cfg.get("weight_decay")
         wd = float(self.model_cfg["weight_decay"] if wd is None else wd)

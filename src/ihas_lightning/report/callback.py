@@ -1,5 +1,6 @@
-"""A Hydra callback that writes Table 2 / Figure 4 when a multirun ends (``experiment=table2``), so the
-paper's comparison is one command. It reads the sweep dir like ``stage=report`` does."""
+"""A Hydra callback that writes the report when a multirun ends (``experiment=table2|table3|table4``),
+so each of the paper's tables is one command. It reads the sweep dir like ``stage=report`` does
+(``report.table`` picks the table; auto by default)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger("ihas_lightning")
 
 
-class Table2Report(Callback):
+class MultirunReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ..loggers import build_logger, finish_loggers
-        from .table2 import write_report
+        from .build import write_reports
 
         root = Path(str(config.hydra.sweep.dir))
         logger = None
@@ -28,16 +29,22 @@ class Table2Report(Callback):
                 cfg.paths.output_dir = str(root)
             logger = build_logger(cfg, f"report-{root.name}")
         try:
-            rep = write_report(root, logger=logger)
+            kind = str(OmegaConf.select(config, "report.table", default="auto"))
+            rep = write_reports(root, logger=logger, kind=kind)
         finally:
             if logger is not None:
                 finish_loggers()
-        for ds in rep["datasets"]:
-            log.info("table2: %s", root / "report" / f"table2_{ds}.md")
-            print((root / "report" / f"table2_{ds}.md").read_text(), flush=True)
+        for name in rep["files"]:
+            if name.endswith(".md"):
+                log.info("report: %s", root / "report" / name)
+                print((root / "report" / name).read_text(), flush=True)
         for m in rep["missing"]:
-            log.warning("table2: missing run %s: %s", m["job"], m["reason"])
+            log.warning("report: missing run %s: %s", m["job"], m["reason"])
         if rep["missing"]:
             print(f"error: {len(rep['missing'])} of the multirun's jobs failed or are missing (listed in "
                   f"{root / 'report'}); the report covers the others", file=sys.stderr, flush=True)  # fmt: skip
             sys.exit(2)
+
+
+#: the name experiment=table2 has always used
+Table2Report = MultirunReport

@@ -42,6 +42,10 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             display = str(OmegaConf.select(cfg, "method.display", default=None) or method)
             dataset = str(OmegaConf.select(cfg, "dataset.name", default="?"))
             seed = OmegaConf.select(cfg, "seed", default=None)
+            backbone = str(
+                OmegaConf.select(cfg, "model.backbone", default="mlp", throw_on_resolution_failure=False)
+            )
+            transfer = OmegaConf.select(cfg, "transfer.from", default=None, throw_on_resolution_failure=False)
         except Exception as e:  # noqa: BLE001 - an unreadable job config is a missing run
             missing.append({"job": str(job), "reason": f"unreadable .hydra/config.yaml ({e})"})
             continue
@@ -50,6 +54,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         ov = job / ".hydra" / "overrides.yaml"
         overrides = [str(x) for x in OmegaConf.load(ov)] if ov.is_file() else []
         base = {"job": str(job), "method": method, "display": display, "dataset": dataset, "seed": seed,
+                "backbone": backbone, "transfer_from": None if transfer in (None, "") else str(transfer),
                 "overrides": overrides}  # fmt: skip
         res = job / "evaluate" / "results.json"
         err = job / "error.txt"
@@ -62,13 +67,26 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             )
             continue
         r = json.loads(res.read_text())
+        # what the run actually used (resolved; a job's saved config may hold interpolations)
+        base["backbone"] = str(r.get("backbone") or backbone)
+        base["transfer_from"] = r.get("transfer_from")
         final = next((x for x in r["rows"] if x["model"] == r.get("final_row")), None)
         if final is None:
             missing.append({**base, "reason": "results.json has no final row"})
             continue
         pipe = job / "pipeline.json"
         wall = json.loads(pipe.read_text()).get("total_seconds") if pipe.is_file() else None
-        ok.append({**base, "row": final["model"], "wall_seconds": wall,
+        extra: dict[str, Any] = {
+            # every row of the run (e.g. iHAS-1, the search row of an iHAS run, for Table 4)
+            "rows": {x["model"]: {k: x.get(k) for k in ("test_auc", "test_logloss", "embedding_params",
+                                                        "dense_params", "inference_ms")} for x in r["rows"]},
+            "case_study": r.get("case_study"),
+            "has_case_study": (job / "evaluate" / "figure6_case_study.png").is_file(),
+        }  # fmt: skip
+        sm = job / "search" / "metrics.json"
+        if sm.is_file():
+            extra["p_hist"] = (json.loads(sm.read_text()).get("gate") or {}).get("p_hist")
+        ok.append({**base, **extra, "row": final["model"], "wall_seconds": wall,
                    **{k: final.get(k) for k in ("test_auc", "test_logloss", "val_auc", "val_logloss", "params",
                                                  "embedding_params", "dense_params", "inference_ms")}})  # fmt: skip
     return ok, missing
@@ -181,31 +199,27 @@ def figure4(dataset: str, summary: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def write_table2(ds: str, runs: list[dict[str, Any]], missing: list[dict[str, Any]], root: Path, out: Path,
+                 logger: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Table 2 and Figure 4 of one dataset's runs into ``out``."""
+    summary = summarize(runs)
+    (out / f"table2_{ds}.md").write_text(markdown(ds, summary, missing, root))
+    with open(out / f"table2_{ds}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(rows(summary))
+    fig = figure4(ds, summary, out / f"figure4_{ds}.png") if summary else None
+    if logger is not None:
+        from ..loggers import log_image, log_table
+
+        log_table(logger, f"table2/{ds}", COLUMNS, rows(summary))
+        if fig is not None:
+            log_image(logger, f"figure4/{ds}", fig)
+    return {"summary": summary, "runs": runs, "files": [f"table2_{ds}.md"]}
+
+
 def write_report(root: Path, out: Path | None = None, logger: Any = None) -> dict[str, Any]:
-    """Collect the runs under ``root`` and write the tables and figures (``out`` default root/report)."""
-    from ..utils import write_json
+    """Collect the runs under ``root`` and write Table 2 / Figure 4 (``out`` default root/report)."""
+    from .build import write_reports
 
-    root = Path(root)
-    out = Path(out) if out is not None else root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    ok, missing = collect(root)
-    datasets = sorted({r["dataset"] for r in ok} | {m["dataset"] for m in missing if "dataset" in m})
-    report: dict[str, Any] = {"root": str(root), "datasets": {}, "missing": missing}
-    for ds in datasets:
-        summary = summarize([r for r in ok if r["dataset"] == ds])
-        miss = [m for m in missing if m.get("dataset") == ds]
-        (out / f"table2_{ds}.md").write_text(markdown(ds, summary, miss, root))
-        with open(out / f"table2_{ds}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(COLUMNS)
-            w.writerows(rows(summary))
-        fig = figure4(ds, summary, out / f"figure4_{ds}.png") if summary else None
-        report["datasets"][ds] = {"summary": summary, "runs": [r for r in ok if r["dataset"] == ds]}
-        if logger is not None:
-            from ..loggers import log_image, log_table
-
-            log_table(logger, f"table2/{ds}", COLUMNS, rows(summary))
-            if fig is not None:
-                log_image(logger, f"figure4/{ds}", fig)
-    write_json(out / "report.json", report)
-    return report
+    return write_reports(root, out, logger=logger, kind="table2")

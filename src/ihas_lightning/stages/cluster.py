@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from .. import method
 from ..artifacts import is_current, make_manifest, write_manifest
 from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
@@ -62,6 +63,7 @@ log = logging.getLogger("ihas_lightning")
 CONFIG_KEYS = [
     "seed",
     "cluster.k",
+    "method.cluster_k",
     "cluster.batch_size",
     "cluster.max_passes",
     "cluster.min_cluster_size",
@@ -269,8 +271,10 @@ def planted_recovery(
 
 # ---- the stage ---------------------------------------------------------------------------------------
 def check_cfg(cfg: DictConfig) -> None:
-    if int(cfg.cluster.k) < 1:
-        raise ConfigError(f"config key 'cluster.k': must be >= 1 (got {cfg.cluster.k})")
+    k = cfg.method.get("cluster_k")
+    key, k = ("method.cluster_k", k) if k is not None else ("cluster.k", cfg.cluster.k)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"config key '{key}': must be an integer >= 1 (got {k!r})")
     if int(cfg.cluster.batch_size) < 1:
         raise ConfigError(f"config key 'cluster.batch_size': must be >= 1 (got {cfg.cluster.batch_size})")
     if int(cfg.cluster.max_passes) < 1:
@@ -316,7 +320,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         res = cluster_model(
             model,
             batches("train"),
-            k=int(cfg.cluster.k),
+            k=method.cluster_k(cfg),
             passes=int(cfg.cluster.max_passes),
             batch_size=bs,
             seed=int(cfg.seed),
@@ -334,7 +338,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     sizes = {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()}
     names = fmap.field_names
     info: dict[str, Any] = {
-        "k_requested": int(cfg.cluster.k),
+        "k_requested": method.cluster_k(cfg),
         "input": cinput,
         "k": int(k),
         "kmeans_ids": res["kmeans_ids"],

@@ -213,7 +213,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
         search_row = method.row_name(cfg, "search") or name
         note = "search model" if retrain_dir is not None else "selector at inference"
-        entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
+        if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
+            entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
     routed = None
     modules: list[Any] = []
     k = 0
@@ -227,7 +228,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                     f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
                 )
         final_row = method.row_name(cfg, "final") or name
-        if ainfo.get("centroids") is not None:
+        if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
             if search.gate is None:
                 raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
             routed = RoutedModel(
@@ -310,6 +311,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                 params=int(modules[c].model.num_parameters()),
             )
             per_cluster.append(entry)
+    case = case_study([m.model for m in modules], xs, data["test"][1], clusters["test"]) if routed else None
     rows: list[dict[str, Any]] = []
     for row, fn, model, note in entries:
         (va, vl), (ta, tl) = metrics_of["val"][row], metrics_of["test"][row]
@@ -344,6 +346,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         "method": name,
         "display": str(cfg.method.get("display") or name),
         "final_row": final,
+        "backbone": str(cfg.model.backbone),
+        "transfer_from": str(method.transfer_dir(cfg)) if method.transferring(cfg) else None,
         "row_keys": keys,
         "test_rows": n_test,
         "val_rows": len(data["val"][1]),
@@ -373,6 +377,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             routing_agrees_with_cluster_stage=agree,
         )
         results["timing_ms"].update(ihas=timing[final], ihas_models_only=timing["routed_models_only"])
+    if case is not None:
+        results["case_study"] = case
     if ainfo is not None and "recovery" in ainfo:
         results["recovery"] = ainfo["recovery"]
     if ainfo is not None and "truth" in ainfo:
@@ -385,6 +391,11 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(results_markdown(results))
+    if case is not None:
+        from ..report.figures import case_study_png
+
+        case_study_png(case, out / "figure6_case_study.png",
+                       f"Figure 6: each cluster's model on every cluster's test samples ({cfg.dataset.name})")  # fmt: skip
     parents: dict[str, Any] = {"search_ckpt": search_ckpt}
     if retrain_dir is not None:
         parents.update(retrain_dir=retrain_dir, arch_dir=arch_dir)
@@ -401,6 +412,10 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         if logger is not None:
             logger.log_metrics({k_: float(v) for k_, v in metrics.items() if v is not None})
             log_table(logger, "evaluate/results", RESULT_COLUMNS, result_rows(results))
+            if case is not None:
+                from ..loggers import log_image
+
+                log_image(logger, "evaluate/figure6_case_study", out / "figure6_case_study.png")
             if "recovery" in results:
                 from ..report.tables import RECOVERY_COLUMNS, recovery_rows
 
@@ -409,6 +424,43 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         if own:
             finish_loggers()
     return metrics
+
+
+def case_study(
+    models: list[Any], xs: list[torch.Tensor], y: torch.Tensor, clusters: torch.Tensor
+) -> dict[str, Any]:
+    """Paper Figure 6 as a matrix: model i (rows) on the test samples routed to cluster j (columns),
+    AUC and logloss; per column, the own model's advantage over the mean of the other models (the
+    paper's claim: a sample does better in its own cluster's model)."""
+    k = len(models)
+    auc = [[None] * k for _ in range(k)]
+    ll = [[None] * k for _ in range(k)]
+    samples = [int((clusters == j).sum()) for j in range(k)]
+    for i, m in enumerate(models):
+        lg = predict(lambda x, m=m: m(x, "open"), xs)
+        for j in range(k):
+            sel = clusters == j
+            auc[i][j], ll[i][j] = auc_logloss(lg[sel], y[sel])
+    own: list[dict[str, Any]] = []
+    for j in range(k):
+        others = [i for i in range(k) if i != j]
+        entry: dict[str, Any] = {"cluster": j, "samples": samples[j]}
+        for key, mat in (("auc", auc), ("logloss", ll)):
+            vals = [mat[i][j] for i in others if mat[i][j] is not None]
+            entry[f"own_{key}"] = mat[j][j]
+            entry[f"others_mean_{key}"] = sum(vals) / len(vals) if vals else None
+            entry[f"own_minus_others_{key}"] = (
+                mat[j][j] - entry[f"others_mean_{key}"] if vals and mat[j][j] is not None else None
+            )
+        entry["own_is_best_auc"] = all(
+            auc[j][j] is not None and (auc[i][j] is None or auc[j][j] >= auc[i][j]) for i in others
+        )
+        entry["own_is_best_logloss"] = all(
+            ll[j][j] is not None and (ll[i][j] is None or ll[j][j] <= ll[i][j]) for i in others
+        )
+        own.append(entry)
+    return {"auc": auc, "logloss": ll, "samples": samples, "per_cluster": own,
+            "note": "rows: the cluster whose model predicts; columns: the cluster whose test samples are scored"}  # fmt: skip
 
 
 @torch.inference_mode()

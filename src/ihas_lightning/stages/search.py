@@ -113,6 +113,48 @@ GATE_DATA = ("holdout", "val")
 OUTPUT_BIAS = ("prior", "zero")
 
 
+def manifest_parents(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
+    """What a search output depends on besides its config: the data, and a transferred selector's source."""
+    parents: dict[str, Any] = {"prepared_dir": prepared}
+    if method.transferring(cfg):
+        parents["transfer_ckpt"] = method.transfer_ckpt(cfg)
+    return parents
+
+
+def _load_transfer(cfg: DictConfig, module, fmap) -> dict[str, Any]:
+    """Transfer: the source search's embedding tables and (frozen) selector into ``module``."""
+
+    ckpt = method.transfer_ckpt(cfg)
+    source = load_search_model(ckpt, fmap)  # one-line DataError when it does not fit the data
+    want = str(cfg.method.selector._target_)
+    got = str(((source.hparams.get("method") or {}).get("selector") or {}).get("_target_"))
+    if got != want:
+        raise DataError(f"{ckpt}: its selector is {got}, not this method's {want} (transfer.from)")
+    try:
+        keys = module.load_transfer(source.model)
+    except ValueError as e:
+        raise DataError(f"{ckpt}: {e} (transfer.from)") from None
+    log.info("search: transfer from %s (%d tensors: embedding + frozen selector); backbone %s trained fresh",
+             ckpt, len(keys), cfg.model.backbone)  # fmt: skip
+    return {"from": str(ckpt.resolve()), "source_backbone": source.model.backbone_name}
+
+
+def check_backbone(model: DictConfig) -> None:
+    """``model.backbone`` names a registered backbone and ``model.backbone_args`` are its knobs
+    (built once on a stand-in shape)."""
+    from ..models.backbones import BACKBONES, build_backbone
+
+    name = model.get("backbone")
+    if name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': must be one of {sorted(BACKBONES)} (got {name!r})")
+    args = model.get("backbone_args") or {}
+    try:
+        args = dict(OmegaConf.to_container(args, resolve=True)) if not isinstance(args, dict) else dict(args)
+        build_backbone(str(name), [2, 2], vocab_sizes=[3, 3], embed_dim=2, hidden=(2,), **args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'model.backbone_args': {name}: {e}") from None
+
+
 def check_cfg(cfg: DictConfig) -> None:
     """Every key the search stage (and the Base fit) will use, checked before any work."""
     from .. import schedule
@@ -125,6 +167,7 @@ def check_cfg(cfg: DictConfig) -> None:
     if ob not in OUTPUT_BIAS:
         raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
     trainer_kwargs(cfg)
+    check_backbone(cfg.model)
     method.check(cfg)
     if not method.has_selector(cfg):
         return
@@ -241,6 +284,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {fmap.num_fields} fields)"
         ) from None
+    transfer = None
+    if method.transferring(cfg):
+        transfer = _load_transfer(cfg, module, fmap)
     module.snapshot_dir = out / "snapshots"
     budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
     if sel:
@@ -312,6 +358,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         counts = module.model.parameter_counts()
         metrics: dict[str, Any] = {
             "method": name,
+            "backbone": str(cfg.model.backbone),
+            "transfer": transfer,
             "dataset": str(cfg.dataset.name),
             "val/auc": _metric(val, "val/auc"),
             "val/logloss": _metric(val, "val/logloss"),
@@ -396,7 +444,7 @@ def _write_manifest(cfg: DictConfig, out: Path, prepared: Path, fmap, best: Path
         "search",
         cfg,
         MANIFEST_KEYS,
-        parents={"prepared_dir": prepared},
+        parents=manifest_parents(cfg, prepared),
         extra={
             "resolved_config_hash": stable_hash(OmegaConf.to_container(cfg, resolve=True)),
             "prepared_dir": str(prepared.resolve()),

@@ -69,6 +69,19 @@ class Selector(nn.Module):
         if len(self.vocab_sizes) != self.num_fields:
             raise ValueError(f"{len(self.vocab_sizes)} vocab sizes for {self.num_fields} fields")
 
+    #: transfer: loaded from another run and frozen (no gradient; always in eval mode)
+    frozen = False
+
+    def freeze(self) -> Selector:
+        """Freeze every parameter (architecture and model-side) and keep dropout / BatchNorm in eval
+        mode: the selector of another run reused as is (paper RQ2, ``transfer.from``)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(mode and not self.frozen)
+
     def knobs(self, **given: Any) -> dict[str, Any]:
         """``given`` with every None replaced by the value in :attr:`defaults_from` (which may be null)."""
         if self.defaults_from is None:
