@@ -168,3 +168,27 @@ def test_every_backbone_runs_a_model_with_every_field_dropped():
     for name in BACKBONES:
         m = DLRM(VOCAB, embed_dim=D, field_dims=[0] * 4, backbone=name, hidden=(4,))
         assert m(_ids()).shape == (6,)
+
+
+@pytest.mark.parametrize("method", ["ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep", "optembed"])
+def test_every_selector_with_every_backbone_trains_in_every_mode(method):
+    """Selectors x backbones: any method's search model can use any backbone."""
+    from omegaconf import OmegaConf
+
+    from ihas_lightning.config import load_group_option
+
+    node = load_group_option("method", method)
+    if method == "ihas":  # its selector block interpolates method.gate.*
+        node = OmegaConf.create({"method": node}).method
+    spec = OmegaConf.to_container(node.selector, resolve=True)
+    if "k" in spec:
+        spec["k"] = 2
+    x, y = _ids(32), torch.randint(0, 2, (32,)).float()
+    for name in BACKBONES:
+        torch.manual_seed(0)
+        m = DLRM(VOCAB, embed_dim=D, backbone=name, hidden=(8,), selector=dict(spec))
+        for mode in ("open", "stochastic", "deterministic"):
+            out = m(x, mode)
+            assert out.shape == (32,) and torch.isfinite(out).all(), (method, name, mode)
+        torch.nn.functional.binary_cross_entropy_with_logits(m(x, "stochastic"), y).backward()
+        assert any(p.grad is not None for p in m.backbone.parameters()), (method, name)

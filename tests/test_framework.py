@@ -64,8 +64,8 @@ class ScaledMLP(MLPBackbone):
         super().__init__(field_dims, **kw)
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, h):
-        return super().forward(h) * self.scale
+    def forward(self, h, x=None):
+        return super().forward(h, x) * self.scale
 
 
 def test_a_parameter_added_by_a_backbone_is_trained(monkeypatch):
