@@ -170,7 +170,9 @@ def test_every_backbone_runs_a_model_with_every_field_dropped():
         assert m(_ids()).shape == (6,)
 
 
-@pytest.mark.parametrize("method", ["ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep", "optembed"])
+@pytest.mark.parametrize(
+    "method", ["ihas", "adafs_soft", "adafs_hard", "autofield", "optfs", "pep", "optembed"]
+)
 def test_every_selector_with_every_backbone_trains_in_every_mode(method):
     """Selectors x backbones: any method's search model can use any backbone."""
     from omegaconf import OmegaConf
