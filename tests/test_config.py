@@ -115,3 +115,33 @@ def test_bad_method_keys_are_one_line_errors_before_any_work(tmp_path, override,
     assert len(err) == 1 and f"'{key}'" in err[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "synthetic-2000-7").exists()  # checked before prepare
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C during training (Lightning's graceful shutdown turns it into sys.exit(1)): one line on
+    stderr naming the run dir, exit 130, and the line in the run's log file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "ihas_lightning", "stage=all", "logger=none", "dataset.rows=20000",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}", "trainer.enable_progress_bar=false"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "base" / "search").is_dir():  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"interrupted (Ctrl-C); outputs of finished stages are kept in {run}")
+    )
+    assert "interrupted (Ctrl-C)" in (run / "__main__.log").read_text()
