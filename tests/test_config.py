@@ -145,3 +145,32 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         .startswith(f"interrupted (Ctrl-C); outputs of finished stages are kept in {run}")
     )
     assert "interrupted (Ctrl-C)" in (run / "__main__.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.embed_dim=0", "model.embed_dim"), ("model.lr=-1", "model.lr"), ("seed=abc", "seed"),
+     ("model.hidden=[0]", "model.hidden"), ("model.dropout=2", "model.dropout"),
+     ("model.weight_decay=-1", "model.weight_decay")],
+)  # fmt: skip
+def test_common_keys_are_checked_before_prepare(cfg_factory, tmp_path, override, key):
+    from ihas_lightning import pipeline
+    from ihas_lightning.errors import ConfigError
+
+    cfg = cfg_factory("stage=all", override)
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        pipeline.run_stage(cfg)
+    assert not (tmp_path / "data").exists()  # nothing prepared
+
+
+def test_cluster_k_is_checked_against_the_train_rows_before_training(cfg_factory, tmp_path):
+    from ihas_lightning import pipeline
+    from ihas_lightning.errors import ConfigError
+
+    cfg = cfg_factory("stage=all", "dataset.rows=3000", "cluster.k=5000")
+    with pytest.raises(
+        ConfigError,
+        match="'cluster.k': 5000 clusters need at least 5000 training rows; the train split has 2,400",
+    ):
+        pipeline.run_stage(cfg)
+    assert not (tmp_path / "run" / "base").exists()  # no training started

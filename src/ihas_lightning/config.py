@@ -8,8 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-# conf/ sits at the repository root (src/ihas_lightning/../../conf); IHAS_CONF_DIR overrides it.
-CONFIG_DIR = Path(os.environ.get("IHAS_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
+# conf/ sits at the repository root; the package reaches it as ihas_lightning/conf (a link in the
+# repository, real files in an installed wheel). IHAS_CONF_DIR overrides it.
+CONFIG_DIR = Path(os.environ.get("IHAS_CONF_DIR", Path(__file__).resolve().parent / "conf"))
 
 _UID = f"{os.getpid():x}{secrets.token_hex(2)}"
 

@@ -128,6 +128,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     with run_scope(cfg, str(cfg.tag)):
         prepared = timed("prepare", lambda: prepared_dir(cfg))
+        from .data.feature_map import FeatureMap
+        from .validate import check_against_data
+
+        check_against_data(cfg, FeatureMap.load(prepared), phases)
         if bool(cfg.stage.train_base) and method.has_selector(cfg):
             cb = base_config(cfg)
             with scope_prefix("base"):
@@ -149,5 +153,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage.name``: one stage, or ``all`` (this module)."""
+    from .validate import check_common
+
+    check_common(cfg)
     name = str(cfg.stage.name)
     return run(cfg) if name == "all" else stage_module(name).run(cfg)

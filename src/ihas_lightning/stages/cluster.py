@@ -100,7 +100,9 @@ def fit_kmeans(
                 buf = []
             km.partial_fit(arr)
     if not hasattr(km, "cluster_centers_"):
-        raise DataError(f"cluster.k={k} clusters need at least {k} train samples, got {buffered}")
+        raise DataError(
+            f"cluster.k={k} clusters need at least {k} train samples, got {buffered // max(1, passes)}"
+        )
     return km.cluster_centers_.astype(np.float32)
 
 

@@ -1,0 +1,104 @@
+"""Thin Hydra entry point: ``python -m ihas_lightning stage=<name> dataset=<name> ...``.
+
+It only composes the config and hands it to the stage named by ``stage.name``; user errors
+(:class:`~ihas_lightning.errors.IHASError`) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+_SIGINT = {"seen": False}
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: remember it (Lightning turns it into ``sys.exit(1)``) and raise KeyboardInterrupt."""
+    _SIGINT["seen"] = True
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # before the heavy imports: a Ctrl-C while importing is one line too
+    signal.signal(signal.SIGINT, _on_sigint)
+
+import hydra  # noqa: E402 - after the SIGINT handler
+from omegaconf import DictConfig  # noqa: E402 - after the SIGINT handler
+
+from .config import CONFIG_DIR, register_resolvers  # noqa: E402 - after the SIGINT handler
+from .errors import IHASError  # noqa: E402 - after the SIGINT handler
+
+register_resolvers()
+log = logging.getLogger("ihas_lightning")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        from .pipeline import run_stage
+
+        if cfg.stage.name != "prepare":  # prepare never pays for importing Lightning
+            import lightning  # noqa: F401
+
+            # `import lightning` adds its own console handler; Hydra's root handlers (console + the
+            # run dir's log file) already receive those records, so every line would print twice
+            logging.getLogger("lightning").handlers.clear()
+        metrics = run_stage(cfg)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning turns Ctrl-C inside fit() into sys.exit(1) after its graceful shutdown
+        if not (isinstance(e, KeyboardInterrupt) or _SIGINT["seen"]):
+            raise
+        msg = (f"interrupted (Ctrl-C); outputs of finished stages are kept in {cfg.paths.output_dir}: re-run "
+               "the same command with paths.output_dir=<that dir> to resume")  # fmt: skip
+        print(msg, file=sys.stderr, flush=True)
+        _to_log_file(msg)
+        sys.exit(130)
+    except IHASError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _to_log_file(f"error: {e}")  # also in the run dir's log file (stderr already has it)
+        if _in_multirun():
+            # one failed job must not end the sweep: record why (the report lists it by name) and go on;
+            # the Table 2 callback exits with status 2 at the end when a job failed
+            try:
+                out = Path(str(cfg.paths.output_dir))
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "error.txt").write_text(f"error: {e}\n")
+            except Exception:  # noqa: BLE001 - the error line above is what matters
+                pass
+            return None
+        sys.exit(2)
+    # a scalar for Hydra sweepers (optuna etc.): a VALIDATION AUC (never test: hyperparameters are
+    # chosen on validation) -- the method's final model for stage=all/evaluate, the stage's model otherwise
+    for key in ("final/val/auc", "routed/val/auc", "val/auc"):
+        if isinstance(metrics, dict) and key in metrics:
+            return float(metrics[key])
+    return None
+
+
+def _to_log_file(message: str) -> None:
+    """Write ``message`` to the run's log file(s) only (Hydra's file handler), not the console."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not under Hydra (a test calling main's body)
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    try:
+        main()
+    except KeyboardInterrupt:  # before a run dir exists (composing the config, importing)
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Benchmarks: preprocessing, loader and training throughput (results in experiments/results/)."""

@@ -1,0 +1,375 @@
+"""Training-throughput benchmark: our Lightning stages vs the textbook dense-Adam loop (``make bench-train``).
+
+Part 1, throughput on a Criteo-scale vocabulary (39 fields, ~1M ids x 16 dims, batch 2048), all in
+ONE process on the same pre-generated Zipf-like batches and the same DLRM (embedding + MLP (16, 8)):
+
+* ``textbook_dense_adam``  plain torch loop, ``nn.Embedding`` dense gradients + one
+  ``torch.optim.Adam`` over all parameters (the loop of the paper / pytorch-fm / FuxiCTR);
+* ``textbook_search``      the same loop for the search model (same gated DLRM): stochastic gates
+  every batch, one dense-Adam model optimizer, and a gate Adam step on a search batch every
+  ``search_every`` = 100 batches; the reference for ``lightning_search`` ("same model");
+* ``fused_dense_adam``     the same with ``Adam(fused=True)``;
+* ``plain_sparse_adam``    plain torch loop with our sparse gradients + :class:`RowwiseAdam`;
+* ``lightning_base``       ``CTRModule`` through ``lightning.Trainer`` (``method=base``);
+* ``lightning_search``     ``SearchModule`` in its bi-level phase (stochastic gates every batch,
+  one gate step on a search batch every ``search_every`` = 100 batches, as in the paper).
+* ``lightning_<method>``   the same ``SearchModule`` in the search phase of each baseline, built from
+  its ``conf/method/<method>.yaml`` exactly as ``stage=search`` builds it (selector, architecture
+  update and its frequency, the method's embedding optimizer: OptFS steps the whole table with dense
+  Adam, as its pruning needs). Compared side by side with ``lightning_base`` (``x base``).
+
+Samples/s are steady state: warm-up batches are not timed; Lightning's ``fit()`` set-up is
+excluded (timed per batch by a callback). The setups run interleaved for ``--rounds`` rounds and
+each reports its fastest round (and the median): on a shared 2-core machine a burst of load from
+another process otherwise decides the ranking (with 2 OpenMP threads a busy core can slow large
+elementwise ops tenfold). ``--threads`` pins torch's thread count.
+
+Part 2, AUC parity: the Base model trained with ``sparse_adam`` vs ``dense_adam`` on the planted
+synthetic dataset for a few seeds (same data order per seed); we report the mean val AUC of each
+and their mean difference (target: within 0.001).
+
+Writes ``experiments/results/bench_train.json`` and ``.md``. Runtime: a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import DLRM
+from ..optim import build_embedding_optimizer
+
+RESULTS = Path(
+    os.environ.get("IHAS_RESULTS_DIR", Path(__file__).resolve().parents[3] / "experiments" / "results")
+)
+MODEL = {"embed_dim": 16, "hidden": [16, 8], "lr": 1e-3, "weight_decay": 1e-6, "batch_size": 2048}
+
+
+def criteo_like_vocab(total: int = 1_000_000, fields: int = 39, seed: int = 0) -> list[int]:
+    """39 vocab sizes summing to ~``total``, log-uniformly spread like Criteo's (a few huge fields)."""
+    rng = np.random.default_rng(seed)
+    w = np.exp(rng.uniform(np.log(10), np.log(total), fields))
+    sizes = np.maximum(4, (w / w.sum() * total).astype(int))
+    return [int(s) for s in sizes]
+
+
+def make_batches(
+    vocab: list[int], n: int, batch: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of Zipf-like ids (int32 [B, F]) and labels from a hidden logistic model."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(vocab, dtype=torch.float64)
+    out = []
+    for _ in range(n):
+        u = torch.rand(batch, len(vocab), generator=g, dtype=torch.float64)
+        ids = (v.pow(u) - 1).long().clamp_max_(v.long() - 1).int()  # log-uniform ranks ~ Zipf(1)
+        logit = ((ids[:, :3].long() * 2654435761) % 997).float().div(997).sub(0.5).sum(1) * 2 - 1
+        y = (torch.rand(batch, generator=g) < torch.sigmoid(logit)).float()
+        out.append((ids, y))
+    return out
+
+
+GATE = {"tau": 0.1, "instance_wise": True, "bins": 20, "init_bias": 3.0}
+
+
+def plain_loop(vocab: list[int], batches, kind: str, warmup: int, search_every: int = 100) -> dict[str, Any]:
+    """A plain torch training loop; ``kind``: textbook (one dense Adam), fused, sparse (ours), or
+    textbook_search (the textbook loop for the gated search model, with its gate steps)."""
+    from ..models import gate_regularizer
+
+    torch.manual_seed(0)
+    search = kind == "textbook_search"
+    model = DLRM(vocab, 16, hidden=(16, 8), sparse=(kind == "sparse"), gate=GATE if search else None)
+    gate_opt = torch.optim.Adam(model.gate_parameters(), lr=1e-3, weight_decay=1e-6) if search else None
+    if search:
+        opts = [
+            torch.optim.Adam(
+                model.embedding_parameters() + model.dense_parameters(), lr=1e-3, weight_decay=1e-6
+            )
+        ]
+    elif kind == "sparse":
+        opts = [
+            build_embedding_optimizer("sparse_adam", model.embedding_parameters(), 1e-3, 1e-6),
+            torch.optim.Adam(model.dense_parameters(), lr=1e-3, weight_decay=1e-6),
+        ]
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-6, fused=(kind == "fused"))]
+    secs, samples = 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        t0 = time.perf_counter()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(model(x, "stochastic" if search else "open"), y)
+        loss.backward()
+        for o in opts:
+            o.step()
+        if search and i % search_every == 0:  # the gate step on a search batch (here: the batch 7 ahead)
+            xs, ys = batches[(i + 7) % len(batches)]
+            gate_opt.zero_grad(set_to_none=True)
+            logits, _, p = model.forward_with_gate(xs, "stochastic")
+            (F.binary_cross_entropy_with_logits(logits, ys) + gate_regularizer(p, 1e-4)).backward()
+            gate_opt.step()
+        if i >= warmup:
+            secs += time.perf_counter() - t0
+            samples += len(y)
+    return {
+        "samples_per_s": samples / secs,
+        "timed_batches": len(batches) - warmup,
+        "final_loss": float(loss),
+    }
+
+
+class _Batches:
+    """A re-iterable over ready batches (a plain list would be read by Lightning as several loaders)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def lightning_run(
+    vocab: list[int], batches, method: str, warmup: int, search_every: int = 100
+) -> dict[str, Any]:
+    import lightning as L
+
+    from ..modules.ctr import CTRModule
+    from ..modules.search import SearchModule
+    from ..training import throughput_callback
+
+    torch.manual_seed(0)
+    model = dict(MODEL, embedding_optimizer="sparse_adam")
+    if method == "base":
+        module = CTRModule(vocab, model)
+    elif method != "search":
+        from .. import method as methods
+        from ..config import compose
+
+        cfg = compose([f"method={method}"], output_dir=tempfile.mkdtemp())
+        every = cfg.method.get("search_every")
+        module = SearchModule(
+            vocab, {**model, **{k: v for k, v in methods.model_cfg(cfg).items() if k == "embedding_optimizer"}},
+            pretrain_epochs=0, search_every=int(every) if isinstance(every, int) else search_every,
+            method=methods.spec(cfg, int(methods.setting(cfg, "max_epochs"))),
+        )  # fmt: skip
+        module.set_search_loader(batches[::7])
+    else:
+        gate = dict(GATE, lambda_reg=1e-4, polarization=True, lr=1e-3)
+        module = SearchModule(vocab, model, gate, pretrain_epochs=0, search_every=search_every)
+        module.set_search_loader(batches[::7])
+    thr = throughput_callback(skip_batches=warmup)
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[thr],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=_Batches(batches))
+    out = {"samples_per_s": thr.samples_per_s, "timed_batches": thr.batches - warmup}
+    if method != "base":
+        out["arch_steps"] = module.gate_steps
+    return out
+
+
+def auc_parity(seeds: list[int], epochs: int, rows: int, data_dir: str) -> dict[str, Any]:
+    """Base model, sparse_adam vs dense_adam, on the planted synthetic dataset: val/test AUC per seed."""
+    from ..config import compose
+    from ..stages.search import run
+
+    per: dict[str, list[dict[str, float]]] = {"sparse_adam": [], "dense_adam": []}
+    for seed in seeds:
+        for opt in per:
+            with tempfile.TemporaryDirectory() as out:
+                cfg = compose(
+                    [
+                        "method=base",
+                        "logger=none",
+                        f"seed={seed}",
+                        f"search.max_epochs={epochs}",
+                        "search.patience=null",
+                        "model.batch_size=2048",
+                        f"model.embedding_optimizer={opt}",
+                        f"dataset.rows={rows}",
+                        f"paths.data_dir={data_dir}",
+                        "trainer.enable_progress_bar=false",
+                        "prepare.progress=false",
+                    ],  # fmt: skip
+                    output_dir=out,
+                )
+                m = run(cfg)
+            per[opt].append({"seed": seed, "val_auc": m["val/auc"], "test_auc": m["test/auc"],
+                             "samples_per_s": m["samples_per_s"]})  # fmt: skip
+    mean = {k: float(np.mean([r["val_auc"] for r in v])) for k, v in per.items()}
+    diffs = [a["val_auc"] - b["val_auc"] for a, b in zip(per["sparse_adam"], per["dense_adam"])]
+    return {
+        "dataset": f"synthetic rows={rows}",
+        "epochs": epochs,
+        "seeds": seeds,
+        "runs": per,
+        "mean_val_auc": mean,
+        "mean_val_auc_diff_sparse_minus_dense": float(np.mean(diffs)),
+        "within_0.001": bool(abs(float(np.mean(diffs))) <= 0.001),
+    }
+
+
+# the textbook loop for the same model as each setup
+REFERENCE = {"lightning_search": "textbook_search", "textbook_search": "textbook_search"}
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    t = res["throughput"]
+    base = t["textbook_dense_adam"]["samples_per_s"]
+    lines = [
+        "# bench_train: training throughput and AUC parity",
+        "",
+        f"Machine: {res['machine']['cpus']} CPUs, torch {res['machine']['torch']}, "
+        f"{res['machine']['threads']} threads. Vocabulary: {t['config']['fields']} fields, "
+        f"{t['config']['total_ids']:,} ids x 16 dims, batch {t['config']['batch']}.",
+        "",
+        f"Samples/s: fastest of {t['config']['rounds']} interleaved rounds (median in brackets); "
+        "the machine is shared, see load_average_at_end in the JSON.",
+        "",
+        "The search stage's reference is the textbook loop for the same gated model (textbook_search).",
+        "",
+        "| setup | samples/s | x textbook (base model) | x textbook (same model) | x lightning_base |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lb = t.get("lightning_base", {}).get("samples_per_s")
+    for k, v in t.items():
+        if k == "config":
+            continue
+        same = t.get(REFERENCE.get(k, "textbook_dense_adam"), {}).get("samples_per_s", base)
+        same_s = (
+            f"{v['samples_per_s'] / same:.1f}x"
+            if k in REFERENCE or not k.startswith("lightning_") or k == "lightning_base"
+            else "-"
+        )
+        lb_s = f"{v['samples_per_s'] / lb:.2f}x" if lb and k.startswith("lightning_") else "-"
+        lines.append(
+            f"| {k} | {v['samples_per_s']:,.0f} ({v['median_samples_per_s']:,.0f}) | "
+            f"{v['samples_per_s'] / base:.1f}x | {same_s} | {lb_s} |"
+        )
+    p = res.get("auc_parity")
+    if p:
+        lines += [
+            "",
+            f"AUC parity (Base model, {p['dataset']}, {p['epochs']} epochs, seeds {p['seeds']}):",
+            "",
+            "| embedding optimizer | mean val AUC |",
+            "|---|---:|",
+        ]
+        lines += [f"| {k} | {v:.4f} |" for k, v in p["mean_val_auc"].items()]
+        lines += [
+            "",
+            f"Mean difference (sparse - dense): {p['mean_val_auc_diff_sparse_minus_dense']:+.5f} "
+            f"(within 0.001: {p['within_0.001']}).",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--total-ids", type=int, default=1_000_000)
+    ap.add_argument("--batches", type=int, default=25, help="batches per round for the dense-Adam loops")
+    ap.add_argument("--lightning-batches", type=int, default=150, help="batches per round, sparse runs")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--parity-epochs", type=int, default=8)
+    ap.add_argument("--parity-rows", type=int, default=200_000)
+    ap.add_argument("--data-dir", default=os.environ.get("IHAS_DATA_DIR", "data"))
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument(
+        "--methods",
+        nargs="*",
+        default=["adafs_soft", "adafs_hard", "autofield", "optfs"],
+        help="baselines timed side by side with lightning_base (their search phase)",
+    )
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab = criteo_like_vocab(args.total_ids)
+    batch = MODEL["batch_size"]
+    t0 = time.perf_counter()
+    data = make_batches(vocab, max(args.batches, args.lightning_batches), batch)
+    plain, lbatches = data[: args.batches], data[: args.lightning_batches]
+    setups = {
+        "textbook_dense_adam": lambda: plain_loop(vocab, plain, "textbook", args.warmup),
+        "textbook_search": lambda: plain_loop(vocab, plain, "textbook_search", args.warmup),
+        "fused_dense_adam": lambda: plain_loop(vocab, plain, "fused", args.warmup),
+        "plain_sparse_adam": lambda: plain_loop(vocab, lbatches, "sparse", args.warmup),
+        "lightning_base": lambda: lightning_run(vocab, lbatches, "base", args.warmup),
+        "lightning_search": lambda: lightning_run(vocab, lbatches, "search", args.warmup),
+    }
+    for m in args.methods:
+        setups[f"lightning_{m}"] = lambda m=m: lightning_run(vocab, lbatches, m, args.warmup)
+    # the setups are interleaved over rounds and each keeps its fastest round, so a burst of load
+    # from other processes on a shared machine does not bias one setup against another
+    rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in setups}
+    for r in range(args.rounds):
+        for name, fn in setups.items():
+            rounds[name].append(fn())
+            print(f"round {r} {name}: {rounds[name][-1]['samples_per_s']:,.0f} samples/s", flush=True)
+    thr: dict[str, Any] = {"config": {"fields": len(vocab), "total_ids": sum(vocab), "batch": batch,
+                                      "rounds": args.rounds, "statistic": "fastest round"}}  # fmt: skip
+    for name, rs in rounds.items():
+        sps = [x["samples_per_s"] for x in rs]
+        thr[name] = {**rs[int(np.argmax(sps))], "samples_per_s": max(sps), "median_samples_per_s": float(np.median(sps)),
+                     "rounds_samples_per_s": sps}  # fmt: skip
+    base = thr["textbook_dense_adam"]["samples_per_s"]
+    for k, v in thr.items():
+        if k != "config":
+            v["speedup_vs_textbook"] = v["samples_per_s"] / base
+            v["speedup_vs_textbook_same_model"] = (
+                v["samples_per_s"] / thr[REFERENCE.get(k, "textbook_dense_adam")]["samples_per_s"]
+            )
+    res: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_end": list(os.getloadavg()),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "throughput": thr,
+    }
+    if not args.skip_parity:
+        res["auc_parity"] = auc_parity(
+            list(range(args.seeds)), args.parity_epochs, args.parity_rows, args.data_dir
+        )
+        print("parity", json.dumps(res["auc_parity"]["mean_val_auc"]), flush=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..utils import write_json
+
+    write_json(out / "bench_train.json", res)
+    (out / "bench_train.md").write_text(to_markdown(res))
+    print(to_markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

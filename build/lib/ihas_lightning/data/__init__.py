@@ -1,0 +1,1 @@
+"""Data: raw Criteo/Avazu -> Parquet (prepare), the planted synthetic dataset, the DataModule."""

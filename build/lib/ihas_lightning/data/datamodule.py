@@ -1,0 +1,649 @@
+"""``IHASDataModule``: prepared Parquet splits -> whole batches ``(x int32 [B, F], y float32 [B])``.
+
+Every stage of iHAS (the searching stage's bi-level model/gate steps, the clustering stage's pass over
+the gate masks, the per-cluster retraining and the evaluation) reads its data through this module.
+
+Batches are built whole, never row by row: the datasets are ``IterableDataset`` s that yield ready
+``(x, y)`` tuples and are wrapped in ``DataLoader(batch_size=None)`` (as TorchRec does); there is no
+per-row ``__getitem__`` + collate anywhere. Two modes:
+
+``in_memory``
+    each split is read once (row group by row group) into one contiguous ``int32 [N, F]`` tensor and
+    a ``float32 [N]`` label tensor. Training batches gather the rows ``perm[i:i + B]`` (``np.take``)
+    of a permutation seeded by ``(seed, epoch)``; evaluation batches are ordered slices.
+``streaming``
+    the Parquet row groups are the shards; only a few of them are in memory at a time. For training
+    the row-group order is permuted per epoch and rows are mixed in a shuffle buffer of
+    ``shuffle_buffer_batches`` batches; evaluation reads in file order.
+``auto`` (default) picks ``in_memory`` when all three splits (``rows * (F + 1) * 4`` bytes) fit in
+``memory_budget_gb``, else ``streaming``.
+
+Sharding (both modes, see :func:`rank_plan`). An epoch has a *virtual row order*: the permutation
+(in-memory train), the permuted row groups (streaming train) or file order (evaluation). Rank ``r``
+of ``W`` takes the contiguous range ``[r * N // W, (r + 1) * N // W)`` of it, so ranks differ by at
+most one row, and EVERY rank yields the same number of batches ``ceil(ceil(N / W) / B)``: a rank
+with fewer rows makes its last batch (rarely the last two) smaller, never empty. Equal counts keep
+DDP's collectives in step; every row is yielded exactly once per epoch. Within a rank the batch
+slots are split into contiguous blocks across the DataLoader workers (``get_worker_info()``), so the
+per-rank batch count does not depend on ``num_workers``. With ``drop_last`` every rank instead
+yields ``(N // W) // B`` full batches and the remainder is dropped. The rank and world size come
+from ``torch.distributed`` when it is initialised, else the attached Trainer, else ``(0, 1)``; the
+``rank`` / ``world_size`` arguments override all of these (tests simulate ranks with them).
+
+Epochs: the train loader sets its dataset's epoch each time it is iterated, from the attached
+Trainer's ``current_epoch`` or, standalone, from a counter (``set_epoch`` sets it). Workers are not
+persistent, so the epoch reaches them.
+
+``row_filter`` (per-cluster retraining): ``{split: bool mask | int index array}`` over that split's
+rows in FILE order keeps only those rows, in file order (duplicate indices are ignored). It applies
+to every reader of the split (loaders, :meth:`split_arrays`, :meth:`extra_column`); in streaming
+mode each row group keeps the selected rows of its own row range.
+
+Other readers: :meth:`search_dataloader` (an endless stream of shuffled batches of one split for the
+gate step), :meth:`split_dataloader` (one pass in file order on this process: the cluster assignments are
+computed in file order), :meth:`split_arrays`, :meth:`extra_column` (e.g. the synthetic
+``_group``) and :meth:`positive_rate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..errors import ConfigError, DataError
+from .feature_map import FEATURE_MAP, LABEL, SPLITS, FeatureMap
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+MODES = ("auto", "in_memory", "streaming")
+# stream ids keep the random streams of the loaders apart
+TRAIN_STREAM, SEARCH_STREAM, SPLIT_STREAM = 1, 2, 3
+
+
+# ---- the sharding plan -------------------------------------------------------------------------
+def rank_plan(
+    n: int, world: int, rank: int, batch_size: int, drop_last: bool = False
+) -> tuple[int, np.ndarray]:
+    """``(start, sizes)``: rank ``rank``'s first row in the epoch's virtual order and its batch sizes.
+
+    Ranks get contiguous ranges whose lengths differ by at most one; every rank gets the same number
+    of batches (``ceil(ceil(n / world) / batch_size)``): full batches, then the shortfall of a rank
+    with fewer rows taken off its last batch(es), each kept >= 1 row. ``sum(sizes)`` is the rank's
+    row count, so each row is in exactly one batch. With ``drop_last``: ``(n // world) // batch_size``
+    full batches per rank."""
+    bounds = (np.arange(world + 1, dtype=np.int64) * n) // world
+    start, rows = int(bounds[rank]), int(bounds[rank + 1] - bounds[rank])
+    if drop_last:
+        return start, np.full((n // world) // batch_size, batch_size, dtype=np.int64)
+    max_rows = -(-n // world)
+    nb = -(-max_rows // batch_size)
+    if rows < nb:
+        raise ConfigError(
+            f"IHASDataModule: {n} rows cannot be split into equal batch counts over {world} ranks with "
+            f"batch_size={batch_size} (a rank would get an empty batch); use fewer ranks or a larger batch"
+        )
+    sizes = np.full(nb, batch_size, dtype=np.int64)
+    excess = nb * batch_size - rows
+    i = nb - 1
+    while excess > 0:  # at most two iterations: ranks differ by <= 1 row
+        take = min(excess, int(sizes[i]) - 1)
+        sizes[i] -= take
+        excess -= take
+        i -= 1
+    return start, sizes
+
+
+def worker_plan(start: int, sizes: np.ndarray, worker: int, num_workers: int) -> tuple[int, np.ndarray]:
+    """A worker's contiguous block of its rank's batch slots: ``(first row, sizes)``."""
+    cut = (np.arange(num_workers + 1, dtype=np.int64) * len(sizes)) // num_workers
+    a, b = int(cut[worker]), int(cut[worker + 1])
+    return start + int(sizes[:a].sum()), sizes[a:b]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def table_to_tensors(table: Any, fields: list[str]) -> Batch:
+    """A pyarrow table of the prepared format -> ``(x int32 [n, F] contiguous, y float32 [n])``."""
+    x = np.empty((table.num_rows, len(fields)), dtype=np.int32)
+    for j, name in enumerate(fields):
+        x[:, j] = table.column(name).to_numpy()
+    y = table.column(LABEL).to_numpy().astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class _BatchDataset(IterableDataset):
+    """Common part of both modes: sharding, epochs, endless cycling (for the search stream)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int,
+        world: int,
+        drop_last: bool,
+        stream: int,
+        infinite: bool = False,
+    ):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.stream, self.infinite = stream, infinite
+        self.epoch = 0
+        self.start, self.sizes = rank_plan(n, world, rank, batch_size, drop_last)
+        if infinite and len(self.sizes) == 0:
+            raise DataError("IHASDataModule: the search split has no rows for this rank; it cannot cycle")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (all workers together)."""
+        if self.infinite:
+            raise TypeError("an endless search stream has no length")
+        return len(self.sizes)
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker, num_workers = _worker()
+        in_worker = get_worker_info() is not None
+        cycle = 0
+        while True:
+            for bx, by in self.iter_shard(self.epoch, worker, num_workers, cycle=cycle):
+                # a view would ship its whole base storage (the split / the shuffle pool) to the main process
+                if in_worker and bx._base is not None:
+                    bx, by = bx.clone(), by.clone()
+                yield bx, by
+            if not self.infinite:
+                return
+            cycle += 1
+
+    def iter_shard(
+        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
+    ) -> Iterator[Batch]:
+        """The batches of (this rank, ``worker`` of ``num_workers``) in ``epoch`` (pass ``cycle`` of
+        an endless stream)."""
+        raise NotImplementedError
+
+
+class InMemoryBatches(_BatchDataset):
+    """Batches sliced out of one contiguous ``int32 [N, F]`` tensor (see the module docstring)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, **kw: Any):
+        super().__init__(n=len(y), **kw)
+        self.x, self.y = x, y
+
+    def iter_shard(
+        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
+    ) -> Iterator[Batch]:
+        pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
+        x, y = self.x, self.y
+        if self.shuffle:
+            # numpy's single-threaded take: torch's index_select splits a 2048-row gather over the
+            # intra-op threads and stalls badly when the cores are busy (10x slower under load)
+            xn, yn = x.numpy(), y.numpy()
+            order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
+            for s in sizes.tolist():
+                idx = order[pos : pos + s]
+                pos += s
+                yield torch.from_numpy(xn.take(idx, axis=0)), torch.from_numpy(yn.take(idx))
+        else:
+            for s in sizes.tolist():
+                yield x[pos : pos + s], y[pos : pos + s]
+                pos += s
+
+
+class StreamingBatches(_BatchDataset):
+    """Batches read row group by row group from one Parquet split (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        fields: list[str],
+        rg_rows: np.ndarray,
+        kept: list[np.ndarray] | None,
+        buffer_batches: int,
+        **kw: Any,
+    ):
+        self.path, self.fields = Path(path), list(fields)
+        self.rg_rows = np.asarray(rg_rows, dtype=np.int64)
+        self.kept = kept  # per row group: kept local row indices (row_filter), or None = all rows
+        self.counts = self.rg_rows if kept is None else np.array([len(k) for k in kept], dtype=np.int64)
+        self.buffer_batches = buffer_batches
+        self._pf: pq.ParquetFile | None = None
+        super().__init__(n=int(self.counts.sum()), **kw)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_pf"] = None  # each worker opens its own file handle
+        return state
+
+    def row_group_order(self, epoch: int, cycle: int = 0) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.rg_rows))
+        return np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(
+            len(self.rg_rows)
+        )
+
+    def pieces(self, epoch: int, start: int, stop: int, cycle: int = 0) -> list[tuple[int, int, int]]:
+        """``(row group, lo, hi)``: the rows ``[start, stop)`` of the epoch's virtual order, where
+        ``lo:hi`` index the kept rows of that row group."""
+        order = self.row_group_order(epoch, cycle)
+        cum = np.concatenate([[0], np.cumsum(self.counts[order])])
+        out = []
+        i = max(int(np.searchsorted(cum, start, side="right")) - 1, 0)
+        while i < len(order) and cum[i] < stop:
+            lo, hi = max(start - cum[i], 0), min(stop, cum[i + 1]) - cum[i]
+            if hi > lo:
+                out.append((int(order[i]), int(lo), int(hi)))
+            i += 1
+        return out
+
+    def _read_table(self, rg: int, lo: int, hi: int) -> Any:
+        if self._pf is None:
+            self._pf = pq.ParquetFile(self.path)
+        table = self._pf.read_row_group(rg, columns=self.fields + [LABEL])
+        if self.kept is None:
+            return table.slice(lo, hi - lo) if lo > 0 or hi < table.num_rows else table
+        return table.take(self.kept[rg][lo:hi])
+
+    def read_piece(self, rg: int, lo: int, hi: int) -> Batch:
+        """The kept rows ``lo:hi`` of row group ``rg`` as fresh tensors."""
+        return table_to_tensors(self._read_table(rg, lo, hi), self.fields)
+
+    def iter_shard(
+        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
+    ) -> Iterator[Batch]:
+        pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
+        if len(sizes) == 0:
+            return
+        pieces = self.pieces(epoch, pos, pos + int(sizes.sum()), cycle)
+        if self.shuffle:
+            yield from self._shuffled(
+                pieces, sizes.tolist(), _seed(self.seed, self.stream, epoch, cycle, self.rank, worker)
+            )
+        else:
+            yield from self._ordered(pieces, sizes.tolist())
+
+    def _ordered(self, pieces: list[tuple[int, int, int]], sizes: list[int]) -> Iterator[Batch]:
+        """File order: slices of each freshly read piece; a batch straddling two pieces is joined."""
+        k = 0
+        carry: Batch | None = None
+        for rg, lo, hi in pieces:
+            cx, cy = self.read_piece(rg, lo, hi)
+            i = 0
+            if carry is not None:
+                need = sizes[k] - len(carry[1])
+                if need > len(cy):
+                    carry = (torch.cat([carry[0], cx]), torch.cat([carry[1], cy]))
+                    continue
+                yield torch.cat([carry[0], cx[:need]]), torch.cat([carry[1], cy[:need]])
+                carry, i, k = None, need, k + 1
+            while k < len(sizes) and i + sizes[k] <= len(cy):
+                yield cx[i : i + sizes[k]], cy[i : i + sizes[k]]
+                i, k = i + sizes[k], k + 1
+            if i < len(cy):
+                carry = (cx[i:], cy[i:])
+        if k != len(sizes) or carry is not None:  # pragma: no cover - the plan guarantees this
+            raise RuntimeError(f"streaming shard of {self.path} does not match its batch plan")
+
+    def _shuffled(self, pieces: list[tuple[int, int, int]], sizes: list[int], seed: int) -> Iterator[Batch]:
+        """The shuffle buffer: each piece is read into one reused buffer behind the ``cap`` rows kept
+        back from the previous pieces; a permutation of both yields the batches (fresh arrays, by
+        ``np.take``) and leaves ``cap`` random rows behind to mix with the next piece."""
+        rng = np.random.default_rng(seed)
+        cap = self.buffer_batches * self.batch_size
+        # kept-back rows: fewer than cap + one batch; then the widest piece
+        room = cap + self.batch_size + max(hi - lo for _, lo, hi in pieces)
+        bxn = np.empty((room, len(self.fields)), dtype=np.int32)
+        byn = np.empty(room, dtype=np.float32)
+        k, held = 0, 0
+        for p_i, (rg, lo, hi) in enumerate(pieces):
+            table = self._read_table(rg, lo, hi)
+            m = table.num_rows
+            for j, name in enumerate(self.fields):
+                bxn[held : held + m, j] = table.column(name).to_numpy()
+            byn[held : held + m] = table.column(LABEL).to_numpy()
+            total = held + m
+            perm = rng.permutation(total)
+            keep_back = cap if p_i < len(pieces) - 1 else 0
+            i = 0
+            while k < len(sizes) and total - i - sizes[k] >= keep_back:
+                idx = perm[i : i + sizes[k]]
+                yield torch.from_numpy(bxn.take(idx, axis=0)), torch.from_numpy(byn.take(idx))
+                i, k = i + sizes[k], k + 1
+            rest = perm[i:]
+            held = len(rest)
+            if held:  # compact the kept-back rows to the front of the buffer
+                bxn[:held] = bxn.take(rest, axis=0)
+                byn[:held] = byn.take(rest)
+        if k != len(sizes) or held:  # pragma: no cover - the plan guarantees this
+            raise RuntimeError(f"streaming shard of {self.path} does not match its batch plan")
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class BatchLoader(DataLoader):
+    """``DataLoader(batch_size=None)`` over a batch-yielding dataset; ``epoch_fn()`` is read each
+    time the loader is iterated and handed to the dataset before workers start."""
+
+    def __init__(self, dataset: _BatchDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
+        kwargs.setdefault("batch_size", None)
+        kwargs.setdefault("collate_fn", _identity)
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class IHASDataModule(L.LightningDataModule):
+    """Loaders over a prepared directory (train/val/test.parquet + feature_map.json)."""
+
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        batch_size: int = 2048,
+        eval_batch_size: int | None = None,
+        mode: str = "auto",
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer_batches: int = 8,
+        search_batch_size: int | None = None,
+        row_filter: Mapping[str, np.ndarray] | None = None,
+        memory_budget_gb: float = 4.0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ConfigError(f"IHASDataModule: mode must be one of {list(MODES)} (got '{mode}')")
+        for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                        ("search_batch_size", search_batch_size)):  # fmt: skip
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"IHASDataModule: {name} must be >= 1 (got {v})")
+        if num_workers < 0 or shuffle_buffer_batches < 0:
+            raise ConfigError("IHASDataModule: num_workers and shuffle_buffer_batches must be >= 0")
+        self.prepared_dir = Path(prepared_dir)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size else 4 * self.batch_size
+        self.search_batch_size = int(search_batch_size) if search_batch_size else self.batch_size
+        self.requested_mode = mode
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.shuffle_buffer_batches = int(shuffle_buffer_batches)
+        self.memory_budget_gb = float(memory_budget_gb)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last = bool(drop_last)
+        self.rank, self.world_size = rank, world_size
+        self._row_filter_arg = dict(row_filter) if row_filter else {}
+        self._fm: FeatureMap | None = None
+        self._mode: str | None = None
+        self._keep: dict[str, np.ndarray | None] = {}
+        self._rg_rows: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, Batch] = {}
+        self._epoch = 0
+        self._search_calls = 0
+
+    # ---- metadata ------------------------------------------------------------------------------
+    @property
+    def feature_map(self) -> FeatureMap:
+        if self._fm is None:
+            self._fm = FeatureMap.load(self.prepared_dir)
+        return self._fm
+
+    @property
+    def fields(self) -> list[str]:
+        return self.feature_map.field_names
+
+    @property
+    def mode(self) -> str:
+        """The resolved mode (``in_memory`` or ``streaming``)."""
+        self._ensure()
+        assert self._mode is not None
+        return self._mode
+
+    def split_path(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ConfigError(f"IHASDataModule: unknown split '{split}' (choose one of {list(SPLITS)})")
+        return self.prepared_dir / str(self.feature_map.splits.get(split, {}).get("file", f"{split}.parquet"))
+
+    def num_rows(self, split: str) -> int:
+        """Rows of ``split`` after ``row_filter``."""
+        self._ensure()
+        keep = self._keep[split]
+        return int(self._rg_rows[split].sum()) if keep is None else len(keep)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure()
+
+    def _ensure(self) -> None:
+        if self._mode is not None:
+            return
+        if not self.prepared_dir.is_dir():
+            raise DataError(
+                f"{self.prepared_dir}: prepared dataset directory does not exist (run stage=prepare)"
+            )
+        fm = self.feature_map
+        unknown = set(self._row_filter_arg) - set(SPLITS)
+        if unknown:
+            raise ConfigError(f"IHASDataModule: row_filter has unknown split(s) {sorted(unknown)}")
+        need = fm.field_names + [LABEL]
+        total = 0
+        for split in SPLITS:
+            path = self.split_path(split)
+            if not path.is_file():
+                raise DataError(
+                    f"{path}: missing split file; {self.prepared_dir} is not a complete prepared dir"
+                )
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as e:  # pyarrow raises several types for a corrupt file
+                raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+            names = set(pf.schema_arrow.names)
+            missing = [c for c in need if c not in names]
+            if missing:
+                raise DataError(
+                    f"{path}: missing column(s) {missing[:5]} ({FEATURE_MAP} lists {fm.num_fields} fields + '{LABEL}')"
+                )
+            md = pf.metadata
+            rows = md.num_rows
+            if split in fm.splits and "rows" in fm.splits[split] and fm.rows(split) != rows:
+                raise DataError(f"{path}: {rows} rows but {FEATURE_MAP} says {fm.rows(split)}")
+            self._rg_rows[split] = np.array(
+                [md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64
+            )
+            self._keep[split] = self._resolve_filter(split, rows)
+            total += rows
+        est = total * (fm.num_fields + 1) * 4
+        if self.requested_mode == "auto":
+            self._mode = "in_memory" if est <= self.memory_budget_gb * 2**30 else "streaming"
+        else:
+            self._mode = self.requested_mode
+
+    def _resolve_filter(self, split: str, rows: int) -> np.ndarray | None:
+        if split not in self._row_filter_arg or self._row_filter_arg[split] is None:
+            return None
+        f = np.asarray(self._row_filter_arg[split])
+        if f.dtype == np.bool_:
+            if f.shape != (rows,):
+                raise DataError(f"row_filter['{split}']: a bool mask needs shape ({rows},), got {f.shape}")
+            return np.flatnonzero(f)
+        if f.ndim != 1 or (f.size and not np.issubdtype(f.dtype, np.integer)):
+            raise DataError(f"row_filter['{split}']: must be a 1-d bool mask or integer index array")
+        keep = np.unique(f.astype(np.int64))
+        if keep.size and (keep[0] < 0 or keep[-1] >= rows):
+            raise DataError(
+                f"row_filter['{split}']: indices must lie in [0, {rows}) (split rows in file order)"
+            )
+        return keep
+
+    def _kept_per_row_group(self, split: str) -> list[np.ndarray] | None:
+        keep = self._keep[split]
+        if keep is None:
+            return None
+        off = np.concatenate([[0], np.cumsum(self._rg_rows[split])])
+        cuts = np.searchsorted(keep, off)
+        return [keep[cuts[i] : cuts[i + 1]] - off[i] for i in range(len(off) - 1)]
+
+    # ---- whole-split readers ----------------------------------------------------------------------
+    def _read_split(self, split: str) -> Batch:
+        """Read a split (row_filter applied) into ``(x int32 [N, F], y float32 [N])``."""
+        self._ensure()
+        fields, kept = self.fields, self._kept_per_row_group(split)
+        n = self.num_rows(split)
+        x = torch.empty((n, len(fields)), dtype=torch.int32)
+        y = torch.empty(n, dtype=torch.float32)
+        pf = pq.ParquetFile(self.split_path(split))
+        pos = 0
+        for rg in range(pf.metadata.num_row_groups):
+            if kept is not None and len(kept[rg]) == 0:
+                continue
+            table = pf.read_row_group(rg, columns=fields + [LABEL])
+            if kept is not None:
+                table = table.take(kept[rg])
+            bx, by = table_to_tensors(table, fields)
+            x[pos : pos + len(by)] = bx
+            y[pos : pos + len(by)] = by
+            pos += len(by)
+        return x, y
+
+    def split_arrays(self, split: str) -> Batch:
+        """The whole split in memory (cached in in_memory mode): ``(x int32 [N, F], y float32 [N])``."""
+        self._ensure()
+        if split in self._arrays:
+            return self._arrays[split]
+        arrays = self._read_split(split)
+        if self._mode == "in_memory":
+            self._arrays[split] = arrays
+        return arrays
+
+    def extra_column(self, split: str, name: str) -> np.ndarray:
+        """A non-feature column (e.g. the synthetic ``_group``) in file order, row_filter applied."""
+        self._ensure()
+        path = self.split_path(split)
+        if name not in pq.ParquetFile(path).schema_arrow.names:
+            raise DataError(f"{path}: no column '{name}'")
+        col = pq.read_table(path, columns=[name]).column(name).to_numpy()
+        keep = self._keep[split]
+        return col if keep is None else col[keep]
+
+    def positive_rate(self, split: str) -> float | None:
+        """Share of positive labels in ``split`` (row_filter applied); None for an empty split."""
+        y = self.extra_column(split, LABEL)
+        return float(np.mean(y)) if len(y) else None
+
+    # ---- loaders -----------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        if self.rank is not None or self.world_size is not None:
+            rank, world = int(self.rank or 0), int(self.world_size or 1)
+        elif torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        elif self.trainer is not None:
+            rank, world = int(self.trainer.global_rank), int(self.trainer.world_size)
+        else:
+            rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ConfigError(f"IHASDataModule: rank {rank} is not in [0, world_size={world})")
+        return rank, world
+
+    def make_dataset(
+        self,
+        split: str,
+        batch_size: int,
+        shuffle: bool,
+        stream: int,
+        sharded: bool = True,
+        drop_last: bool = False,
+        infinite: bool = False,
+        rank: int | None = None,
+        world: int | None = None,
+    ) -> _BatchDataset:
+        """The batch dataset of a split for (rank, world) (default: this process's; unsharded = 0, 1)."""
+        self._ensure()
+        if rank is None or world is None:
+            rank, world = self._rank_world() if sharded else (0, 1)
+        kw = dict(
+            batch_size=batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world=world,
+            drop_last=drop_last, stream=stream, infinite=infinite,
+        )  # fmt: skip
+        if self._mode == "in_memory":
+            x, y = self.split_arrays(split)
+            return InMemoryBatches(x, y, **kw)
+        return StreamingBatches(
+            self.split_path(split),
+            self.fields,
+            self._rg_rows[split],
+            self._kept_per_row_group(split),
+            self.shuffle_buffer_batches,
+            **kw,
+        )
+
+    def _loader(self, ds: _BatchDataset, epoch_fn: Callable[[], int] | None, num_workers: int) -> BatchLoader:
+        return BatchLoader(ds, epoch_fn=epoch_fn, num_workers=num_workers, pin_memory=self.pin_memory)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next standalone train pass (ignored while a Trainer is fitting)."""
+        self._epoch = int(epoch)
+
+    def _train_epoch(self) -> int:
+        trainer = self.trainer
+        if trainer is not None:
+            return int(trainer.current_epoch)
+        e = self._epoch
+        self._epoch += 1
+        return e
+
+    def train_dataloader(self) -> BatchLoader:
+        ds = self.make_dataset("train", self.batch_size, True, TRAIN_STREAM, drop_last=self.drop_last)
+        return self._loader(ds, self._train_epoch, self.num_workers)
+
+    def val_dataloader(self) -> BatchLoader:
+        return self._loader(self.make_dataset("val", self.eval_batch_size, False, 0), None, self.num_workers)
+
+    def test_dataloader(self) -> BatchLoader:
+        return self._loader(self.make_dataset("test", self.eval_batch_size, False, 0), None, self.num_workers)
+
+    def search_dataloader(self, split: str = "val") -> BatchLoader:
+        """Endless shuffled batches of ``search_batch_size`` from ``split`` (row_filter applied): the
+        gate steps of the bi-level search (the VAL split in the paper's protocol; a held-out part of
+        TRAIN with ``search.gate_data=holdout``).
+
+        Sharded across ranks; each pass over this rank's rows is reshuffled, and each ``iter()`` of the
+        loader starts a fresh random stream. Iterate it with ``next()``; it never ends."""
+        ds = self.make_dataset(split, self.search_batch_size, True, SEARCH_STREAM, infinite=True)
+
+        def next_call() -> int:
+            self._search_calls += 1
+            return self._search_calls - 1
+
+        return self._loader(ds, next_call, 0)
+
+    def split_dataloader(
+        self, split: str, shuffle: bool = False, batch_size: int | None = None
+    ) -> BatchLoader:
+        """One pass over the whole split on THIS process (not sharded; no workers), in file order unless
+        ``shuffle`` (row_filter applied). Batches default to ``eval_batch_size``."""
+        ds = self.make_dataset(
+            split, int(batch_size or self.eval_batch_size), shuffle, SPLIT_STREAM, sharded=False
+        )
+        calls = iter(range(2**62))
+        return self._loader(ds, (lambda: next(calls)) if shuffle else None, 0)

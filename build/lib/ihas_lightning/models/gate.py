@@ -1,0 +1,196 @@
+"""Bernoulli gates (paper section 3.3): one keep-probability per embedding dimension of each sample.
+
+``p_i = sigmoid(W E_i + b)`` where ``E_i`` is sample i's concatenated embedding (N*d values), so
+every sample gets its own gate vector (instance-wise). Three modes:
+
+* ``open``          all ones (pretraining: the gates are "deterministically open").
+* ``stochastic``    straight-through Gumbel-Softmax over (log p, log(1-p)) with temperature tau:
+                    the forward pass is an exact 0/1 Bernoulli draw (Gumbel-Max, eq. 1), the
+                    backward pass uses the relaxed sample (eq. 2).
+* ``deterministic`` the automatic threshold searcher (:func:`threshold_search`): per sample,
+                    a histogram of its probabilities; the first local-minimum bin's lower edge is
+                    the threshold and dimensions with p above it are open.
+
+The regularizer (eq. 5, :func:`gate_regularizer`) is ``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)``:
+a sparsity term plus the polarization term that pushes the probabilities away from their mean, so
+the histogram becomes bimodal (paper Figure 3) and the threshold searcher finds a clean valley.
+
+With ``instance_wise=False`` the gate is one learnable vector shared by all samples (the
+"non-instance-wise" ablation).
+
+``input_norm`` (instance-wise gates only) chooses what the linear layer reads:
+
+* ``none``   ``E_i`` itself, as in the paper;
+* ``center`` ``E_i - mu``, with ``mu`` a running mean of the embeddings over samples (a buffer:
+             set by the first training batch, then an exponential average with momentum 0.1;
+             frozen in eval mode, saved in checkpoints);
+* ``batch``  per-dimension standardised ``E_i`` (``BatchNorm1d`` without affine parameters).
+
+Why centring: the embeddings have a non-zero mean, and Adam moves all ``N*d`` weights of a gate row
+together, so ``W mu`` acts as a second, much faster bias. A dim whose *average* gradient says "open"
+(e.g. a field that matters for half the samples) then saturates open for every sample before the
+weights that tell the samples apart are learned. Centring leaves the bias as the only
+sample-independent path (measured on the planted data: experiments/README.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("open", "stochastic", "deterministic")
+INPUT_NORMS = ("none", "center", "batch")
+
+
+class BernoulliGate(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        tau: float = 0.1,
+        instance_wise: bool = True,
+        bins: int = 20,
+        init_bias: float = 3.0,
+        input_norm: str = "none",
+    ):
+        super().__init__()
+        if tau <= 0:
+            raise ValueError("tau must be > 0")
+        if bins < 3:
+            raise ValueError("bins must be >= 3")
+        self.dim = dim
+        self.tau = float(tau)
+        self.bins = int(bins)
+        self.instance_wise = instance_wise
+        self.init_bias = float(init_bias)
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        self.input_norm = input_norm
+        self.norm = None
+        if instance_wise and input_norm == "batch":
+            self.norm = nn.BatchNorm1d(dim, affine=False, momentum=0.1)
+        if instance_wise and input_norm == "center":
+            self.register_buffer("input_mean", torch.zeros(dim))
+            self.register_buffer("input_count", torch.zeros((), dtype=torch.long))
+        if instance_wise:
+            self.linear = nn.Linear(dim, dim)
+        else:
+            self.logits = nn.Parameter(torch.zeros(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Start (nearly) open: small weights, bias ``init_bias`` (sigmoid(3) ~ 0.95)."""
+        if self.instance_wise:
+            nn.init.normal_(self.linear.weight, std=1e-2)
+            nn.init.constant_(self.linear.bias, self.init_bias)
+        else:
+            nn.init.constant_(self.logits, self.init_bias)
+
+    def gate_logits(self, e: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid logits z with p = sigmoid(z); e: [B, D]."""
+        if self.instance_wise:
+            if self.input_norm == "batch":
+                e = self.norm(e)
+            elif self.input_norm == "center":
+                if self.training:
+                    with torch.no_grad():
+                        m = e.mean(0)
+                        if int(self.input_count) == 0:
+                            self.input_mean.copy_(m)
+                        else:
+                            self.input_mean.lerp_(m, 0.1)
+                        self.input_count += 1
+                e = e - self.input_mean
+            return self.linear(e)
+        return self.logits.unsqueeze(0).expand(e.shape[0], -1)
+
+    def probs(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logits(e))
+
+    def stochastic_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """Straight-through Gumbel-Softmax sample from logits z (p = sigmoid(z)).
+
+        The two-class softmax over (log p + G, log(1-p) + G') equals
+        ``sigmoid((z + G - G') / tau)`` since log p - log(1-p) = z, and G - G' ~ Logistic(0, 1),
+        sampled as ``logit(u)``, u ~ U(0, 1). Forward: exact {0, 1} (the Gumbel-Max draw, eq. 1);
+        backward: gradient of the relaxed sample (eq. 2). When z needs no gradient (the model step,
+        gate frozen) only the hard draw is computed."""
+        u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+        score = z + torch.logit(u)
+        hard = (score > 0).to(z.dtype)
+        if not z.requires_grad:
+            return hard
+        soft = torch.sigmoid(score / self.tau)
+        return hard + (soft - soft.detach())
+
+    def threshold(self, p: torch.Tensor) -> torch.Tensor:
+        """Per-sample threshold [B] of the automatic threshold searcher."""
+        return threshold_search(p.detach(), self.bins)
+
+    def deterministic_mask(self, p: torch.Tensor) -> torch.Tensor:
+        return (p > self.threshold(p).unsqueeze(1)).to(p.dtype)
+
+    def forward(self, e: torch.Tensor, mode: str = "stochastic") -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mask [B, D], p [B, D])."""
+        z = self.gate_logits(e)
+        p = torch.sigmoid(z)
+        if mode == "stochastic":
+            mask = self.stochastic_mask(z)
+        elif mode == "deterministic":
+            mask = self.deterministic_mask(p)
+        elif mode == "open":
+            mask = torch.ones_like(p)
+        else:
+            raise ValueError(f"gate mode must be one of {MODES}, got {mode!r}")
+        return mask, p
+
+
+def threshold_search(
+    p: torch.Tensor, bins: int = 20, fallback: float = 0.5, return_found: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The automatic threshold searcher, vectorised over the batch. p: [B, D] in [0, 1] -> [B].
+
+    For each sample: histogram its D probabilities into ``bins`` equal bins over [0, 1]; scan from
+    the left for the first *valley* bin b (1 <= b <= bins-2) with
+
+        count[b] < count[b-1]  and  count[b] <= count[b+1]  and  max(count[b+1:]) > count[b],
+
+    i.e. a local minimum reached after descending from a left mode and followed by a higher bin on
+    the right (a second mode). The threshold is the lower edge of that bin, b / bins, and the gate
+    opens dims with p > threshold. A plateau of empty bins between two modes yields its first bin.
+
+    Degenerate or unimodal histograms (all probabilities in one bin, or no bin that separates two
+    modes) have no valley; the threshold then falls back to ``fallback`` (0.5: open a dim when its
+    Bernoulli gate is more likely open than closed). So a unimodal sample near 1 keeps every dim, one
+    near 0 drops every dim, and a value of exactly 1.0 counts in the last bin (exactly 0.0 in the first).
+    With ``return_found`` the result is ``(threshold [B], found [B] bool)``, ``found`` False where the
+    fallback was used.
+    """
+    if p.dim() != 2:
+        raise ValueError("p must be [batch, dims]")
+    b_, d_ = p.shape
+    # bin index of each probability; the float -> uint8 cast keeps the [B, D] temporaries small
+    # (a [B, D] int64 pass is the costliest step on CPU), then one scatter_add into [B, bins]
+    small = torch.uint8 if bins <= 255 else torch.int32
+    idx = torch.mul(p, bins).clamp_(0, bins - 1).to(small).long()
+    ones = torch.ones(1, 1, dtype=torch.int32, device=p.device).expand(b_, d_)
+    counts = torch.zeros(b_, bins, dtype=torch.int32, device=p.device).scatter_add_(1, idx, ones)
+    left, mid, right = counts[:, :-2], counts[:, 1:-1], counts[:, 2:]
+    # suffix max of counts strictly right of each middle bin: max(count[b+1:])
+    suffix_max = counts.flip(1).cummax(1).values.flip(1)[:, 2:]
+    valley = (mid < left) & (mid <= right) & (suffix_max > mid)  # [B, bins-2] for b = 1..bins-2
+    has = valley.any(1)
+    first = valley.int().argmax(1) + 1  # first True (argmax returns the first max)
+    thr = first.to(p.dtype) / bins
+    thr = torch.where(has, thr, torch.full_like(thr, fallback))
+    return (thr, has) if return_found else thr
+
+
+def gate_regularizer(p: torch.Tensor, lambda_reg: float, polarization: bool = True) -> torch.Tensor:
+    """``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)`` averaged over the batch (eq. 5).
+
+    ``polarization=False`` keeps the sparsity term ``lambda * sum_j p_ij`` only (ablation)."""
+    if polarization:
+        per_sample = (p - (p - p.mean(dim=1, keepdim=True)).abs()).sum(dim=1)
+    else:
+        per_sample = p.sum(dim=1)
+    return lambda_reg * per_sample.mean()

@@ -1,0 +1,98 @@
+"""iHAS's selector: the instance-wise Bernoulli gate (paper section 3.3), one keep-probability per
+embedding dimension of each sample; see :mod:`ihas_lightning.models.gate` for the gate itself.
+
+* ``stochastic``: straight-through Gumbel-Softmax masks (tau 0.1); ``deterministic``: the automatic
+  threshold searcher (per-sample histogram valley); ``open``: all ones, the gate not evaluated.
+* The gate reads the detached embedding, so the model step reaches V only through the masked
+  embedding and the gate step moves the gate's weights only (bi-level).
+* Regularizer ``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)`` (sparsity + polarization).
+* Arch optimisation: L2 weight decay on the gate's weight matrix only (its bias, the
+  sample-independent part of each gate, and the shared vector of the non-instance-wise ablation are
+  not decayed).
+* Derivation needs data (thresholds + K-Means + majority dims): the cluster stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..gate import BernoulliGate, gate_regularizer, threshold_search
+from .base import Selector
+
+GATE_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm")
+
+
+class BernoulliSelector(Selector):
+    default_arch_update = "bilevel"
+    detach_input = True
+    defaults_from = ("ihas", "gate")
+
+    def __init__(
+        self,
+        num_fields: int,
+        embed_dim: int,
+        vocab_sizes: Sequence[int],
+        tau: float | None = None,
+        instance_wise: bool | None = None,
+        bins: int | None = None,
+        init_bias: float | None = None,
+        input_norm: str | None = None,
+        lambda_reg: float | None = None,
+        polarization: bool | None = None,
+    ):
+        super().__init__(num_fields, embed_dim, vocab_sizes)
+        kn = self.knobs(
+            tau=tau,
+            instance_wise=instance_wise,
+            bins=bins,
+            init_bias=init_bias,
+            input_norm=input_norm,
+            lambda_reg=lambda_reg,
+            polarization=polarization,
+        )
+        tau, instance_wise, bins, init_bias, input_norm, lambda_reg, polarization = (
+            kn["tau"],
+            kn["instance_wise"],
+            kn["bins"],
+            kn["init_bias"],
+            kn["input_norm"],
+            kn["lambda_reg"],
+            kn["polarization"],
+        )
+        self.gate = BernoulliGate(
+            num_fields * embed_dim,
+            tau=tau,
+            instance_wise=instance_wise,
+            bins=bins,
+            init_bias=init_bias,
+            input_norm=input_norm,
+        )
+        self.lambda_reg = float(lambda_reg)
+        self.polarization = bool(polarization)
+
+    def forward(self, e: torch.Tensor, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        if mode == "open":
+            return e, {}
+        if mode == "deterministic":
+            # the automatic threshold searcher; its per-sample thresholds feed the gate statistics
+            p = self.gate.probs(e.detach())
+            thr, found = threshold_search(p.detach(), self.gate.bins, return_found=True)
+            mask = (p > thr.unsqueeze(1)).to(p.dtype)
+            return e * mask, {"mask": mask, "p": p, "threshold": thr, "found": found}
+        mask, p = self.gate(e.detach(), mode)
+        return e * mask, {"mask": mask, "p": p}
+
+    def arch_param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        if self.gate.instance_wise:
+            return [
+                {"params": [self.gate.linear.weight], "weight_decay": float(weight_decay)},
+                {"params": [self.gate.linear.bias], "weight_decay": 0.0},
+            ]
+        return [{"params": [self.gate.logits], "weight_decay": 0.0}]
+
+    def regularizer(self, aux: dict[str, Any]) -> torch.Tensor | None:
+        p = aux.get("p")
+        return None if p is None else gate_regularizer(p, self.lambda_reg, self.polarization)

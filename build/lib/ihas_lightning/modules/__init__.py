@@ -1,0 +1,1 @@
+"""LightningModules of the stages: CTRModule (Base / Retrain) and SearchModule (iHAS search)."""

@@ -1,0 +1,77 @@
+"""``stage=report`` and the multirun callback: which of the paper's tables a sweep dir holds, written
+per dataset into ``<dir>/report`` (plus ``report.json``).
+
+``report.table``: ``auto`` (default) picks from the runs found -- Table 3 when a run has another
+backbone than the MLP or transfers a selector, Table 4 when a run is an ablation (iHAS-2..4), else
+Table 2 -- or one of ``table2`` | ``table3`` | ``table4``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .table2 import collect
+
+KINDS = ("auto", "table2", "table3", "table4")
+ABLATIONS = ("ihas_2", "ihas_3", "ihas_4")
+
+
+def kinds_of(runs: list[dict[str, Any]], requested: str = "auto") -> list[str]:
+    if requested != "auto":
+        return [requested]
+    kinds = []
+    if any(r.get("backbone", "mlp") != "mlp" or r.get("transfer_from") for r in runs):
+        kinds.append("table3")
+    if any(r["method"] in ABLATIONS for r in runs):
+        kinds.append("table4")
+    return kinds or ["table2"]
+
+
+def write_reports(
+    root: Path, out: Path | None = None, logger: Any = None, kind: str = "auto"
+) -> dict[str, Any]:
+    """Collect the runs under ``root`` and write the tables and figures (``out`` default root/report)."""
+    from ..utils import write_json
+    from .ablation import write_table3, write_table4
+    from .table2 import write_table2
+
+    if kind not in KINDS:
+        raise ValueError(f"report.table must be one of {list(KINDS)} (got {kind!r})")
+    root = Path(root)
+    out = Path(out) if out is not None else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    ok, missing = collect(root)
+    datasets = sorted({r["dataset"] for r in ok} | {m["dataset"] for m in missing if "dataset" in m})
+    report: dict[str, Any] = {"root": str(root), "datasets": {}, "missing": missing, "files": []}
+    for ds in datasets:
+        runs = [r for r in ok if r["dataset"] == ds]
+        miss = [m for m in missing if m.get("dataset") == ds]
+        entry: dict[str, Any] = {"runs": runs, "kinds": kinds_of(runs, kind)}
+        for k in entry["kinds"]:
+            if k == "table2":
+                res = write_table2(ds, runs, miss, root, out, logger)
+                entry["summary"] = res["summary"]
+            elif k == "table3":
+                res = write_table3(ds, runs, miss, root, out)
+                entry["table3"] = res["table3"]
+            else:
+                res = write_table4(ds, runs, miss, root, out)
+                entry["table4"] = res["table4"]
+                entry["figures"] = res["figures"]
+            report["files"] += res["files"]
+            if logger is not None and k != "table2":
+                _log(logger, k, ds, res, out)
+        report["datasets"][ds] = entry
+    write_json(out / "report.json", report)
+    return report
+
+
+def _log(logger: Any, kind: str, ds: str, res: dict[str, Any], out: Path) -> None:
+    from ..loggers import log_image, log_table
+    from .ablation import T3_COLUMNS, T4_COLUMNS
+
+    log_table(logger, f"{kind}/{ds}", T3_COLUMNS if kind == "table3" else T4_COLUMNS, res["rows"])
+    for name in res["files"]:
+        if name.endswith(".png"):
+            log_image(logger, f"{name[:-4].replace('_', '/', 1)}", out / name)

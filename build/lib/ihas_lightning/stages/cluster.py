@@ -1,0 +1,421 @@
+"""Clustering stage of iHAS (paper section 3.5.2 "Clustering Stage" and 3.4 "Clusters").
+
+The searched embedding layer + Bernoulli gate (deterministic mode: automatic threshold searcher)
+turn each TRAIN sample into its masked embedding ``E_i * m_i`` (``cluster.input``: or its 0/1 mask,
+or its gate probabilities; see :func:`ihas_lightning.routing.cluster_features`). A mini-batch K-Means
+(``sklearn.cluster.MiniBatchKMeans.partial_fit``) is fitted on those vectors, streamed in file
+order in batches of ``cluster.batch_size`` for ``cluster.max_passes`` passes (seeded by ``seed``).
+
+Then, with our own vectorised nearest-centroid code (:func:`ihas_lightning.routing.nearest_centroid`,
+the same used at inference), every train/val/test sample is assigned, and per cluster the masks
+are averaged: the retraining stage's **majority rule** keeps a dimension when its mean mask in the
+cluster is ``>= retrain.keep_threshold`` (0.5); a field's size is the number of kept dims, 0 drops
+the field.
+
+Edge cases (logged, and recorded in ``cluster.json``):
+
+* **small clusters** -- a cluster with fewer than ``cluster.min_cluster_size`` train samples (an
+  empty one always) is merged: its centroid is removed, so its samples go to their nearest
+  remaining centroid (for k=2: the other cluster). The smallest offender is merged first and the
+  assignment recomputed, until every cluster is big enough or one is left.
+* **all dims closed** -- when no dimension of a cluster reaches the threshold, the fallback keeps
+  the ``model.embed_dim`` dimensions with the highest mean mask in that cluster (ties: lower index),
+  i.e. one field's worth of the most-often-open dims, so the cluster still gets a real model.
+
+Outputs in ``<output_dir>/cluster/``: ``centroids.pt`` (a dict of tensors: centroids [K, D],
+mean_mask [K, D], sizes [K]), ``assign_{train,val,test}.npy`` (int32, file order), ``cluster.json``
+(sizes, per-field dims and kept dim indices per cluster, merges, fallbacks, recovery on synthetic
+data), ``dims_heatmap.png`` (paper Figure 5) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from .. import method
+from ..artifacts import is_current, make_manifest, write_manifest
+from ..data.feature_map import FeatureMap
+from ..errors import ConfigError, DataError
+from ..models import DLRM
+from ..routing import CLUSTER_INPUTS, cluster_features, nearest_centroid
+from ..rundir import (
+    CLUSTER_DIR,
+    iter_split,
+    load_cluster_dir,
+    load_search,
+    make_datamodule,
+    output_dir,
+    prepared_dir,
+    resolve_search_ckpt,
+)
+from ..utils import atomic_dir, read_json, write_json
+
+log = logging.getLogger("ihas_lightning")
+
+CONFIG_KEYS = [
+    "seed",
+    "cluster.k",
+    "method.cluster_k",
+    "cluster.batch_size",
+    "cluster.max_passes",
+    "cluster.min_cluster_size",
+    "cluster.input",
+    "retrain.keep_threshold",
+    "model.embed_dim",
+]
+REQUIRED = ["cluster.json", "centroids.pt", "assign_train.npy", "assign_val.npy", "assign_test.npy"]
+
+
+# ---- the clustering algorithm (pure functions, testable without files) ------------------------------
+def fit_kmeans(
+    model: DLRM, batches, k: int, passes: int, batch_size: int, seed: int, input: str = "masked_embedding"
+) -> np.ndarray:
+    """Mini-batch K-Means over the clustering features (``cluster.input``, default the masked
+    embeddings) of ``batches()`` (a callable returning an iterator of x tensors), ``passes`` passes.
+    Returns the centroids [k, D] (float32)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    km = MiniBatchKMeans(n_clusters=k, batch_size=batch_size, random_state=seed, n_init=1)
+    buf: list[np.ndarray] = []
+    buffered = 0
+    for _ in range(passes):
+        for x in batches():
+            feats, _ = cluster_features(model, x, input)
+            arr = feats.numpy().astype(np.float32, copy=False)
+            if not hasattr(km, "cluster_centers_"):
+                # the first partial_fit initialises with k-means++ on its batch: it needs >= k rows
+                buf.append(arr)
+                buffered += len(arr)
+                if buffered < k:
+                    continue
+                arr = np.concatenate(buf)
+                buf = []
+            km.partial_fit(arr)
+    if not hasattr(km, "cluster_centers_"):
+        raise DataError(
+            f"cluster.k={k} clusters need at least {k} train samples, got {buffered // max(1, passes)}"
+        )
+    return km.cluster_centers_.astype(np.float32)
+
+
+def assign_pass(
+    model: DLRM, batches, centroids: torch.Tensor, with_masks: bool, input: str = "masked_embedding"
+) -> dict[str, Any]:
+    """One ordered pass: nearest-centroid assignment of every sample (+ per-cluster mask sums)."""
+    k, dim = centroids.shape
+    assign: list[np.ndarray] = []
+    mask_sum = torch.zeros(k, dim, dtype=torch.float64)
+    for x in batches():
+        feats, mask = cluster_features(model, x, input)
+        c = nearest_centroid(feats, centroids)
+        assign.append(c.numpy().astype(np.int32))
+        if with_masks:
+            mask_sum.index_add_(0, c, mask.double())
+    a = np.concatenate(assign) if assign else np.zeros(0, dtype=np.int32)
+    return {"assign": a, "counts": np.bincount(a, minlength=k), "mask_sum": mask_sum}
+
+
+def majority_dims(
+    mean_mask: np.ndarray, num_fields: int, embed_dim: int, threshold: float
+) -> tuple[list[list[int]], list[list[list[int]]], list[bool]]:
+    """Majority rule per cluster: (field dims [K][F], kept dim indices [K][F][...], fallback used [K])."""
+    k = mean_mask.shape[0]
+    keep = mean_mask >= threshold
+    fallback = []
+    for c in range(k):
+        if keep[c].any():
+            fallback.append(False)
+            continue
+        top = np.argsort(-mean_mask[c], kind="stable")[:embed_dim]
+        keep[c, top] = True
+        fallback.append(True)
+    keep3 = keep.reshape(k, num_fields, embed_dim)
+    dims = keep3.sum(axis=2).astype(int).tolist()
+    kept = [[np.flatnonzero(keep3[c, f]).tolist() for f in range(num_fields)] for c in range(k)]
+    return dims, kept, fallback
+
+
+def cluster_model(
+    model: DLRM,
+    train_batches,
+    k: int,
+    passes: int,
+    batch_size: int,
+    seed: int,
+    min_cluster_size: int,
+    keep_threshold: float,
+    input: str = "masked_embedding",
+) -> dict[str, Any]:
+    """Fit K-Means, merge small clusters, average the masks and apply the majority rule (train only)."""
+    centroids = torch.from_numpy(fit_kmeans(model, train_batches, k, passes, batch_size, seed, input))
+    ids = list(range(k))  # K-Means cluster id of each remaining centroid
+    merges: list[dict[str, Any]] = []
+    min_size = max(1, int(min_cluster_size))
+    while True:
+        res = assign_pass(model, train_batches, centroids, with_masks=True, input=input)
+        counts = res["counts"]
+        small = [j for j in range(len(ids)) if counts[j] < min_size]
+        if not small or len(ids) == 1:
+            break
+        j = min(small, key=lambda i: (counts[i], i))
+        others = [i for i in range(len(ids)) if i != j]
+        d = ((centroids[others] - centroids[j]) ** 2).sum(1)
+        nearest = others[int(d.argmin())]
+        msg = (
+            f"cluster stage: K-Means cluster {ids[j]} has {int(counts[j])} train samples "
+            f"(< cluster.min_cluster_size={min_size}); merged: its centroid is removed and its samples "
+            f"go to their nearest remaining centroid (nearest cluster: {ids[nearest]})"
+        )
+        log.warning(msg)
+        merges.append({"kmeans_cluster": ids[j], "train_samples": int(counts[j]), "nearest": ids[nearest]})
+        keep = [i for i in range(len(ids)) if i != j]
+        centroids = centroids[keep].contiguous()
+        ids = [ids[i] for i in keep]
+    counts = res["counts"]
+    mean_mask = (res["mask_sum"] / torch.from_numpy(np.maximum(counts, 1)).double().unsqueeze(1)).numpy()
+    f, d = model.num_fields, model.embed_dim
+    dims, kept, fallback = majority_dims(mean_mask, f, d, keep_threshold)
+    for c, fb in enumerate(fallback):
+        if fb:
+            msg = (
+                f"cluster stage: every dimension of cluster {c} is closed by the majority rule "
+                f"(no mean mask >= retrain.keep_threshold={keep_threshold}); fallback: keeping its "
+                f"{d} highest-mean-mask dims -> field dims {dims[c]}"
+            )
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
+    return {
+        "centroids": centroids.float(),
+        "kmeans_ids": ids,
+        "merges": merges,
+        "train_assign": res["assign"],
+        "train_counts": counts,
+        "mean_mask": mean_mask,
+        "field_dims": dims,
+        "kept_dims": kept,
+        "fallback": fallback,
+    }
+
+
+# ---- recovery of the planted fields (synthetic data) ------------------------------------------------
+def _prf(selected: set[str], relevant: set[str]) -> dict[str, float]:
+    tp = len(selected & relevant)
+    p = tp / len(selected) if selected else 0.0
+    r = tp / len(relevant) if relevant else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f1}
+
+
+def planted_recovery(
+    field_dims: list[list[int]],
+    field_names: list[str],
+    train_assign: np.ndarray,
+    train_group: np.ndarray,
+    truth: dict,
+) -> dict[str, Any]:
+    """Precision/recall/F1 of each cluster's selected fields (size > 0 in its retrained model) vs the
+    planted relevant fields of the cluster's majority latent group (by ``_group`` of its train
+    samples), and per true group via the cluster that holds most of that group's train samples. The
+    key field is left out of the scoring (as in :func:`ihas_lightning.report.recovery.field_recovery`)."""
+    groups = {int(g): set(v) for g, v in truth["groups"].items()}
+    k = len(field_dims)
+    ng = max(groups) + 1
+    table = np.zeros((k, ng), dtype=np.int64)  # cluster x group sample counts
+    np.add.at(table, (train_assign.astype(np.int64), train_group.astype(np.int64)), 1)
+    key = truth.get("key_field")
+    # the key field identifies the group and drives no label: reported (key_dims) but not scored
+    sel = [{field_names[f] for f, dd in enumerate(field_dims[c]) if dd > 0} - {key} for c in range(k)]
+    key_dims = [int(field_dims[c][field_names.index(key)]) if key in field_names else None for c in range(k)]
+    per_cluster = []
+    for c in range(k):
+        g = int(table[c].argmax())
+        n = int(table[c].sum())
+        per_cluster.append(
+            {
+                "cluster": c,
+                "group": g,
+                "purity": float(table[c, g] / n) if n else 0.0,
+                "selected": sorted(sel[c]),
+                "relevant": sorted(groups[g]),
+                "key_dims": key_dims[c],
+                **_prf(sel[c], groups[g]),
+            }
+        )
+    per_group = []
+    for g in sorted(groups):
+        c = int(table[:, g].argmax())
+        n = int(table[:, g].sum())
+        per_group.append(
+            {
+                "group": g,
+                "cluster": c,
+                "share_in_cluster": float(table[c, g] / n) if n else 0.0,
+                "selected": sorted(sel[c]),
+                "relevant": sorted(groups[g]),
+                **_prf(sel[c], groups[g]),
+            }
+        )
+    return {
+        "contingency": table.tolist(),
+        "per_cluster": per_cluster,
+        "per_group": per_group,
+        "min_f1": min(x["f1"] for x in per_cluster),
+    }
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+def check_cfg(cfg: DictConfig) -> None:
+    k = cfg.method.get("cluster_k")
+    key, k = ("method.cluster_k", k) if k is not None else ("cluster.k", cfg.cluster.k)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"config key '{key}': must be an integer >= 1 (got {k!r})")
+    if int(cfg.cluster.batch_size) < 1:
+        raise ConfigError(f"config key 'cluster.batch_size': must be >= 1 (got {cfg.cluster.batch_size})")
+    if int(cfg.cluster.max_passes) < 1:
+        raise ConfigError(f"config key 'cluster.max_passes': must be >= 1 (got {cfg.cluster.max_passes})")
+    if cfg.cluster.input not in CLUSTER_INPUTS:
+        raise ConfigError(
+            f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
+        )
+    thr = float(cfg.retrain.keep_threshold)
+    if not 0.0 < thr <= 1.0:
+        raise ConfigError(f"config key 'retrain.keep_threshold': must be in (0, 1] (got {thr})")
+
+
+def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
+    """stage=cluster. ``logger``: a Lightning logger of the calling pipeline (else one is built)."""
+    check_cfg(cfg)
+    out = output_dir(cfg) / CLUSTER_DIR
+    ckpt = resolve_search_ckpt(cfg)
+    prepared = prepared_dir(cfg)
+    fmap = FeatureMap.load(prepared)
+    model = load_search(ckpt, fmap)
+    manifest = make_manifest(
+        "cluster",
+        cfg,
+        CONFIG_KEYS,
+        parents={"search_ckpt": ckpt, "feature_map": prepared / "feature_map.json"},
+    )
+    if is_current(out, manifest, REQUIRED):
+        log.info("cluster stage: %s is up to date (same config hash and inputs); reusing it", out)
+        info = read_json(out / "cluster.json")
+        return _metrics(info)
+
+    t0 = time.perf_counter()
+    bs = int(cfg.cluster.batch_size)
+    dm = make_datamodule(cfg, prepared, batch_size=bs)
+
+    def batches(split: str):
+        return lambda: (x for x, _ in iter_split(dm, split, bs))
+
+    cinput = str(cfg.cluster.input)
+    torch.manual_seed(int(cfg.seed))
+    with torch.no_grad():
+        res = cluster_model(
+            model,
+            batches("train"),
+            k=method.cluster_k(cfg),
+            passes=int(cfg.cluster.max_passes),
+            batch_size=bs,
+            seed=int(cfg.seed),
+            min_cluster_size=int(cfg.cluster.min_cluster_size),
+            keep_threshold=float(cfg.retrain.keep_threshold),
+            input=cinput,
+        )
+        centroids = res["centroids"]
+        assigns = {"train": res["train_assign"]}
+        for split in ("val", "test"):
+            assigns[split] = assign_pass(model, batches(split), centroids, with_masks=False, input=cinput)[
+                "assign"
+            ]
+    k = centroids.shape[0]
+    sizes = {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()}
+    names = fmap.field_names
+    info: dict[str, Any] = {
+        "k_requested": method.cluster_k(cfg),
+        "input": cinput,
+        "k": int(k),
+        "kmeans_ids": res["kmeans_ids"],
+        "merges": res["merges"],
+        "sizes": sizes,
+        "field_names": names,
+        "vocab_sizes": fmap.vocab_sizes,
+        "embed_dim": model.embed_dim,
+        "keep_threshold": float(cfg.retrain.keep_threshold),
+        "field_dims": res["field_dims"],
+        "kept_dims": res["kept_dims"],
+        "fallback": res["fallback"],
+        "mean_mask_per_field": res["mean_mask"]
+        .reshape(k, model.num_fields, model.embed_dim)
+        .mean(2)
+        .tolist(),
+        "search_ckpt": str(ckpt.resolve()),
+        "prepared_dir": str(prepared.resolve()),
+        "seconds": None,
+    }
+    truth_path = prepared / "truth.json"
+    if truth_path.is_file():
+        truth = read_json(truth_path)
+        group = np.asarray(dm.extra_column("train", "_group"))
+        info["recovery"] = planted_recovery(res["field_dims"], names, assigns["train"], group, truth)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        torch.save(
+            {
+                "centroids": centroids.contiguous(),
+                "mean_mask": torch.from_numpy(res["mean_mask"]).float(),
+                "sizes": torch.tensor(sizes["train"], dtype=torch.long),
+            },
+            tmp / "centroids.pt",
+        )
+        for s, a in assigns.items():
+            np.save(tmp / f"assign_{s}.npy", a.astype(np.int32))
+        from ..report.heatmap import dims_heatmap
+
+        dims_heatmap(res["field_dims"], names, tmp / "dims_heatmap.png", sizes=sizes["train"])
+        write_json(tmp / "cluster.json", info)
+        write_manifest(tmp, manifest)
+    log.info(
+        "cluster stage: k=%d sizes(train)=%s field dims=%s -> %s", k, sizes["train"], res["field_dims"], out
+    )
+    metrics = _metrics(info)
+    _log(cfg, logger, metrics, out)
+    return metrics
+
+
+def _metrics(info: dict[str, Any]) -> dict[str, Any]:
+    m: dict[str, Any] = {"cluster/k": info["k"]}
+    for c, n in enumerate(info["sizes"]["train"]):
+        m[f"cluster/size_{c}"] = n
+        m[f"cluster/dims_{c}"] = int(sum(info["field_dims"][c]))
+    if "recovery" in info:
+        m["cluster/recovery_min_f1"] = info["recovery"]["min_f1"]
+    return m
+
+
+def _log(cfg: DictConfig, logger: Any, metrics: dict[str, Any], out: Path) -> None:
+    from ..loggers import build_logger, finish_loggers, log_image
+
+    own = logger is None
+    if own:
+        logger = build_logger(cfg, f"{cfg.tag}")
+    try:
+        if logger is None:
+            return
+        logger.log_metrics({k: float(v) for k, v in metrics.items()})
+        log_image(logger, "cluster/dims_heatmap", out / "dims_heatmap.png")
+    finally:
+        if own:
+            finish_loggers()
+
+
+__all__ = ["load_cluster_dir", "run", "check_cfg", "cluster_model", "majority_dims", "planted_recovery"]

@@ -1,0 +1,514 @@
+"""Routed evaluation of iHAS (paper section 3.4 inference path; Table 4 rows; Figure 4 inference time).
+
+Each sample goes through the searched embedding + Bernoulli gate (deterministic mode), the
+nearest centroid picks its cluster, and that cluster's retrained model predicts it
+(:class:`~ihas_lightning.routing.RoutedModel`). Reported on the whole validation and test splits
+(validation: what a user may compare without touching test; the sweeper's objective):
+
+* **iHAS** (routed): AUC and logloss pooled over the split, and per cluster side by side (a routed
+  model whose clusters rank well separately but are mis-calibrated against each other shows as a
+  pooled AUC below the per-cluster ones);
+* **iHAS-1**: the search model alone (deterministic masks; no clustering / retraining);
+* **Base**: the gate-less model (``evaluate.base_ckpt``, default this run's ``base/search/best.ckpt``;
+  the row is left out when there is none);
+* **Constant**: predicting the train base rate (logloss only; AUC 0.5), the floor every model must beat;
+* parameters: embedding rows x dims + MLP of each model; for iHAS the sum of the cluster models,
+  with the routing cost (search embedding + gate + centroids) reported separately;
+* inference time of each over the whole test set in this process (min of
+  ``evaluate.timing_repeats`` passes, batches of ``evaluate.batch_size``, data already in memory);
+  for iHAS both the full routed path and the cluster models alone (given the routing).
+
+Warnings (logged, and in ``results.json``/``results.md``): a model whose val or test logloss is no
+better than the constant predictor's, and iHAS below Base on validation by more than 0.001.
+
+Inputs: ``retrain.dir`` (default this run's ``retrain/``); the cluster dir and search checkpoint are
+taken from the config (``cluster.dir``, ``search.ckpt``) or else from the manifests of the dirs before
+them. Outputs: ``evaluate/{results.json, results.md, manifest.json}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from .. import method
+from ..artifacts import make_manifest, write_manifest
+from ..data.feature_map import FeatureMap
+from ..errors import ConfigError, DataError
+from ..routing import RoutedModel, dispatch
+from ..rundir import (
+    BASE_DIR,
+    BEST,
+    EVALUATE_DIR,
+    SEARCH_DIR,
+    _given,
+    check_cluster_fits,
+    data_dir_for,
+    load_arch_dir,
+    load_cluster_models,
+    load_search_model,
+    make_datamodule,
+    output_dir,
+    prepared_dir,
+    resolve_arch_dir,
+    resolve_retrain_dir,
+    resolve_search_ckpt,
+    split_batches,
+)
+from ..utils import read_json, write_json
+
+log = logging.getLogger("ihas_lightning")
+CONFIG_KEYS = ["seed", "evaluate.batch_size", "evaluate.timing_repeats"]
+
+
+def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    if len(y) == 0:
+        return None, None
+    from sklearn.metrics import roc_auc_score
+
+    ll = float(F.binary_cross_entropy_with_logits(logits.double(), y.double()))
+    yy = y.numpy()
+    auc = float(roc_auc_score(yy, torch.sigmoid(logits).numpy())) if 0 < yy.sum() < len(yy) else None
+    return auc, ll
+
+
+SPLITS = ("val", "test")
+# the paper calls a difference of 0.001 AUC / logloss significant
+SIGNIFICANT = 0.001
+
+
+def constant_logloss(y: torch.Tensor, rate: float) -> float | None:
+    """Logloss of predicting the constant ``rate`` (the train base rate) for every row of ``y``."""
+    if len(y) == 0:
+        return None
+    p = min(max(float(rate), 1e-7), 1 - 1e-7)
+    yy = y.double()
+    return float(-(yy * np.log(p) + (1 - yy) * np.log(1 - p)).mean())
+
+
+def evaluate_warnings(rows: list[dict[str, Any]], final: str = "iHAS") -> list[str]:
+    """One line per problem a user must not miss: a model no better than the constant predictor, and
+    the method's final model (``final``) below Base on validation (the split the user may look at
+    without touching test)."""
+    by = {r["model"]: r for r in rows}
+    const = by["Constant"]
+    out = []
+    for r in rows:
+        name = r["model"]
+        if name == "Constant":
+            continue
+        for split in ("val", "test"):
+            ll, cl = r.get(f"{split}_logloss"), const.get(f"{split}_logloss")
+            if ll is not None and cl is not None and ll >= cl:
+                out.append(
+                    f"{name} has not trained: its {split} logloss {ll:.4f} is no better than predicting the "
+                    f"train base rate ({cl:.4f})"
+                )
+    if "Base" in by and final in by and final != "Base":
+        b, i = by["Base"], by[final]
+        if (
+            b["val_auc"] is not None
+            and i["val_auc"] is not None
+            and i["val_auc"] < b["val_auc"] - SIGNIFICANT
+        ):
+            out.append(
+                f"{final} loses to Base on validation: AUC {i['val_auc']:.4f} vs {b['val_auc']:.4f} "
+                f"({i['val_auc'] - b['val_auc']:+.4f})"
+            )
+        if (
+            b["val_logloss"] is not None
+            and i["val_logloss"] is not None
+            and (i["val_logloss"] > b["val_logloss"] + SIGNIFICANT)
+        ):
+            out.append(
+                f"{final} loses to Base on validation: logloss {i['val_logloss']:.4f} vs {b['val_logloss']:.4f}"
+            )
+    return out
+
+
+@torch.inference_mode()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([fn(x) for x in batches]) if batches else torch.zeros(0)
+
+
+@torch.inference_mode()
+def time_inference(
+    fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor], repeats: int
+) -> float:
+    """Min over ``repeats`` of the wall time (ms) of one pass over ``batches``, after one warm-up batch."""
+    if batches:
+        fn(batches[0])
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for x in batches:
+            fn(x)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000.0
+
+
+def base_checkpoint(cfg: DictConfig) -> Path | None:
+    p = _given(cfg.evaluate.get("base_ckpt"))
+    if p is not None:
+        if not p.is_file():
+            raise DataError(f"{p}: Base checkpoint not found (evaluate.base_ckpt)")
+        return p
+    p = output_dir(cfg) / BASE_DIR / SEARCH_DIR / BEST
+    return p if p.is_file() else None
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    for key in ("timing_repeats", "batch_size"):
+        v = cfg.evaluate.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"config key 'evaluate.{key}': must be an integer >= 1 (got {v!r})")
+
+
+def _counts(model: Any) -> dict[str, int]:
+    c = model.parameter_counts()
+    return {"embedding": c["embedding"], "dense": c["dense"] + c["selector"], "index": c["index"]}
+
+
+def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
+    """stage=evaluate: one row per model the run dir holds (Base, the method's search model, its
+    retrained / routed model), plus the constant predictor. ``logger``: a Lightning logger of the
+    calling pipeline (else one is built)."""
+    from ..loggers import build_logger, finish_loggers, log_table
+    from ..report.tables import RESULT_COLUMNS, print_results, result_rows, results_markdown
+
+    check_cfg(cfg)
+    repeats = int(cfg.evaluate.timing_repeats)
+    name = str(cfg.method.name)
+    is_base = not method.has_selector(cfg)
+    retrain_dir = arch_dir = ainfo = None
+    if "retrain" in method.phases(cfg):
+        retrain_dir = resolve_retrain_dir(cfg)
+        arch_dir, _ = resolve_arch_dir(cfg, retrain_dir)
+        ainfo = load_arch_dir(arch_dir)
+        search_ckpt = resolve_search_ckpt(cfg, arch_dir)
+        prepared = data_dir_for(cfg, ainfo)
+    else:
+        search_ckpt = resolve_search_ckpt(cfg)
+        prepared = prepared_dir(cfg)
+    fmap = FeatureMap.load(prepared)
+    search = load_search_model(search_ckpt, fmap).model.eval()
+
+    # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
+    entries: list[tuple[str, Callable, Any, str]] = []
+    base_ckpt = None
+    if is_base:
+        entries.append(("Base", lambda x: search(x, "open"), search, "all fields, full dims"))
+    else:
+        base_ckpt = base_checkpoint(cfg)
+        if base_ckpt is not None:
+            base = load_search_model(base_ckpt, fmap).model.eval()
+            entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
+        search_row = method.row_name(cfg, "search") or name
+        note = "search model" if retrain_dir is not None else "selector at inference"
+        if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
+            entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
+    routed = None
+    modules: list[Any] = []
+    k = 0
+    if retrain_dir is not None:
+        check_cluster_fits(arch_dir, ainfo, fmap)
+        k = int(ainfo["k"])
+        modules = load_cluster_models(retrain_dir, k)
+        for c, m in enumerate(modules):
+            if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
+                raise DataError(
+                    f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
+                )
+        final_row = method.row_name(cfg, "final") or name
+        if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
+            if search.gate is None:
+                raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
+            routed = RoutedModel(
+                search, ainfo["centroids"], [m.model for m in modules],
+                input=str(ainfo.get("input", "masked_embedding")),
+            ).eval()  # fmt: skip
+            entries.append((final_row, routed, None, ""))
+        else:
+            single = modules[0].model.eval()
+            kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
+            note = f"{len(kept)}/{len(single.field_dims)} fields"
+            full = len(single.field_dims) * int(ainfo["embed_dim"])
+            if sum(single.field_dims) != len(kept) * int(ainfo["embed_dim"]):
+                note += f", {sum(single.field_dims)}/{full} dims"
+            if single.embedding.pruned:
+                rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
+                note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
+            if single.embedding.entry_masked:
+                note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
+            entries.append((final_row, lambda x: single(x, "open"), single, note))
+    final = entries[-1][0]
+
+    bs = int(cfg.evaluate.batch_size)
+    dm = make_datamodule(cfg, prepared, batch_size=bs)
+    data = {s: split_batches(dm, s, bs) for s in SPLITS}
+    xs, y = data["test"]
+    n_test = len(y)
+    prior = fmap.splits.get("train", {}).get("pos_rate")
+    if prior is None:
+        prior = dm.positive_rate("train")
+
+    # ---- predictions (val: what selection and the warnings use; test: the reported numbers) ------------
+    logits: dict[str, dict[str, torch.Tensor]] = {}
+    clusters: dict[str, torch.Tensor] = {}
+    for split, (bx, _) in data.items():
+        logits[split] = {}
+        for row, fn, _m, _n in entries:
+            if fn is routed:
+                with torch.inference_mode():
+                    outs = [routed.forward_with_clusters(x) for x in bx]
+                clusters[split] = (
+                    torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
+                )
+                logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
+            else:
+                logits[split][row] = predict(fn, bx)
+
+    # ---- timing (same process, same batches, warm-up, loading excluded) --------------------------------
+    timing = {row: time_inference(fn, xs, repeats) for row, fn, _m, _n in entries}
+    agree = None
+    if routed is not None:
+        cluster_batches = [routed.route(x) for x in xs]
+        timing["routed_models_only"] = time_inference_pairs(
+            list(routed.cluster_models), xs, cluster_batches, repeats
+        )
+        stage_assign = torch.from_numpy(np.asarray(ainfo["assign_test"]).astype(np.int64))
+        if len(stage_assign) == n_test:
+            agree = float((clusters["test"] == stage_assign).float().mean())
+
+    # ---- metrics ---------------------------------------------------------------------------------------
+    metrics_of = {
+        split: {row: auc_logloss(lg, data[split][1]) for row, lg in per.items()}
+        for split, per in logits.items()
+    }
+    constant = {split: constant_logloss(data[split][1], prior) for split in SPLITS}
+    per_cluster = []
+    if routed is not None:
+        for c in range(k):
+            entry: dict[str, Any] = {"cluster": c}
+            for split in SPLITS:
+                sel = clusters[split] == c
+                ca, cl = auc_logloss(logits[split][final][sel], data[split][1][sel])
+                entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
+                entry[f"{split}_positive_rate"] = (
+                    float(data[split][1][sel].mean()) if int(sel.sum()) else None
+                )
+            entry.update(
+                field_dims=[int(d) for d in ainfo["field_dims"][c]],
+                embedding_width=int(sum(ainfo["field_dims"][c])),
+                params=int(modules[c].model.num_parameters()),
+            )
+            per_cluster.append(entry)
+    case = case_study([m.model for m in modules], xs, data["test"][1], clusters["test"]) if routed else None
+    rows: list[dict[str, Any]] = []
+    for row, fn, model, note in entries:
+        (va, vl), (ta, tl) = metrics_of["val"][row], metrics_of["test"][row]
+        if fn is routed:
+            counts = {"embedding": 0, "dense": 0, "index": 0}
+            for m in modules:
+                for key, v in _counts(m.model).items():
+                    counts[key] += v
+            note = (f"{k} clusters (models alone {timing['routed_models_only']:.1f} ms; "
+                    f"+{routed.routing_parameters():,} routing params)")  # fmt: skip
+        else:
+            counts = _counts(model)
+        rows.append({"model": row, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
+                     "params": counts["embedding"] + counts["dense"], "embedding_params": counts["embedding"],
+                     "dense_params": counts["dense"], "index_entries": counts["index"],
+                     "inference_ms": timing[row], "note": note})  # fmt: skip
+    rows.append({"model": "Constant", "test_auc": 0.5, "test_logloss": constant["test"], "val_auc": 0.5,
+                 "val_logloss": constant["val"], "params": 1, "inference_ms": None,
+                 "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
+    warnings = evaluate_warnings(rows, final=final)
+    for w in warnings:
+        log.warning("evaluate: %s", w)
+    keys = {"Base": "base", "Constant": "constant"}
+    if name == "ihas":
+        keys.update({method.row_name(cfg, "search") or "iHAS-1": "ihas1", final: "routed"})
+    elif not is_base:
+        if len(entries) and entries[-1][0] != (method.row_name(cfg, "search") or name):
+            keys[method.row_name(cfg, "search") or name] = "search"
+        keys[final] = "final"
+    results: dict[str, Any] = {
+        "dataset": str(cfg.dataset.name),
+        "method": name,
+        "display": str(cfg.method.get("display") or name),
+        "final_row": final,
+        "backbone": str(cfg.model.backbone),
+        "transfer_from": str(method.transfer_dir(cfg)) if method.transferring(cfg) else None,
+        "row_keys": keys,
+        "test_rows": n_test,
+        "val_rows": len(data["val"][1]),
+        "batch_size": bs,
+        "timing_repeats": repeats,
+        "timing_note": "whole split in memory, fixed batch size, one warm-up batch, min over repeats",
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+        "per_cluster": per_cluster,
+        "train_positive_rate": prior,
+        "timing_ms": timing,
+        "warnings": warnings,
+        "inputs": {
+            "search_ckpt": str(search_ckpt.resolve()),
+            "arch_dir": str(arch_dir.resolve()) if arch_dir else None,
+            "cluster_dir": str(arch_dir.resolve()) if routed is not None else None,
+            "retrain_dir": str(retrain_dir.resolve()) if retrain_dir else None,
+            "base_ckpt": str(base_ckpt.resolve()) if base_ckpt else None,
+            "prepared_dir": str(prepared.resolve()),
+        },
+    }
+    if routed is not None:
+        results.update(
+            cluster_input=routed.input,
+            routing_params=int(routed.routing_parameters()),
+            cluster_params=[p["params"] for p in per_cluster],
+            routing_agrees_with_cluster_stage=agree,
+        )
+        results["timing_ms"].update(ihas=timing[final], ihas_models_only=timing["routed_models_only"])
+    if case is not None:
+        results["case_study"] = case
+    if ainfo is not None and "recovery" in ainfo:
+        results["recovery"] = ainfo["recovery"]
+    if ainfo is not None and "truth" in ainfo:
+        results["derived_vs_truth"] = ainfo["truth"]
+    truth = prepared / "truth.json"
+    if truth.is_file():
+        results["bayes_test_auc"] = read_json(truth).get("bayes_test_auc")
+
+    out = output_dir(cfg) / EVALUATE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(results_markdown(results))
+    if case is not None:
+        from ..report.figures import case_study_png
+
+        case_study_png(case, out / "figure6_case_study.png",
+                       f"Figure 6: each cluster's model on every cluster's test samples ({cfg.dataset.name})")  # fmt: skip
+    parents: dict[str, Any] = {"search_ckpt": search_ckpt}
+    if retrain_dir is not None:
+        parents.update(retrain_dir=retrain_dir, arch_dir=arch_dir)
+    if base_ckpt is not None:
+        parents["base_ckpt"] = base_ckpt
+    write_manifest(out, make_manifest("evaluate", cfg, CONFIG_KEYS, parents=parents))
+    print_results(results)
+
+    metrics = flat_metrics(results)
+    own = logger is None
+    if own:
+        logger = build_logger(cfg, f"{cfg.tag}")
+    try:
+        if logger is not None:
+            logger.log_metrics({k_: float(v) for k_, v in metrics.items() if v is not None})
+            log_table(logger, "evaluate/results", RESULT_COLUMNS, result_rows(results))
+            if case is not None:
+                from ..loggers import log_image
+
+                log_image(logger, "evaluate/figure6_case_study", out / "figure6_case_study.png")
+            if "recovery" in results:
+                from ..report.tables import RECOVERY_COLUMNS, recovery_rows
+
+                log_table(logger, "evaluate/recovery", RECOVERY_COLUMNS, recovery_rows(results["recovery"]))
+    finally:
+        if own:
+            finish_loggers()
+    return metrics
+
+
+def case_study(
+    models: list[Any], xs: list[torch.Tensor], y: torch.Tensor, clusters: torch.Tensor
+) -> dict[str, Any]:
+    """Paper Figure 6 as a matrix: model i (rows) on the test samples routed to cluster j (columns),
+    AUC and logloss; per column, the own model's advantage over the mean of the other models (the
+    paper's claim: a sample does better in its own cluster's model)."""
+    k = len(models)
+    auc = [[None] * k for _ in range(k)]
+    ll = [[None] * k for _ in range(k)]
+    samples = [int((clusters == j).sum()) for j in range(k)]
+    for i, m in enumerate(models):
+        lg = predict(lambda x, m=m: m(x, "open"), xs)
+        for j in range(k):
+            sel = clusters == j
+            auc[i][j], ll[i][j] = auc_logloss(lg[sel], y[sel])
+    own: list[dict[str, Any]] = []
+    for j in range(k):
+        others = [i for i in range(k) if i != j]
+        entry: dict[str, Any] = {"cluster": j, "samples": samples[j]}
+        for key, mat in (("auc", auc), ("logloss", ll)):
+            vals = [mat[i][j] for i in others if mat[i][j] is not None]
+            entry[f"own_{key}"] = mat[j][j]
+            entry[f"others_mean_{key}"] = sum(vals) / len(vals) if vals else None
+            entry[f"own_minus_others_{key}"] = (
+                mat[j][j] - entry[f"others_mean_{key}"] if vals and mat[j][j] is not None else None
+            )
+        entry["own_is_best_auc"] = all(
+            auc[j][j] is not None and (auc[i][j] is None or auc[j][j] >= auc[i][j]) for i in others
+        )
+        entry["own_is_best_logloss"] = all(
+            ll[j][j] is not None and (ll[i][j] is None or ll[j][j] <= ll[i][j]) for i in others
+        )
+        own.append(entry)
+    return {"auc": auc, "logloss": ll, "samples": samples, "per_cluster": own,
+            "note": "rows: the cluster whose model predicts; columns: the cluster whose test samples are scored"}  # fmt: skip
+
+
+@torch.inference_mode()
+def time_inference_pairs(
+    models: list, xs: list[torch.Tensor], clusters: list[torch.Tensor], repeats: int
+) -> float:
+    """Like :func:`time_inference` for the cluster models alone, the routing precomputed."""
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        for x, c in zip(xs, clusters):
+            dispatch(x, c, models)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000.0
+
+
+def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
+    """Scalar metrics for loggers / the sweeper: ``final/test/auc``, ``base/val/auc`` etc. (iHAS also
+    ``routed/...`` and ``ihas1/...``)."""
+    names = results.get("row_keys") or {
+        "Base": "base",
+        "iHAS-1": "ihas1",
+        "iHAS": "routed",
+        "Constant": "constant",
+    }
+    m: dict[str, Any] = {}
+    final = results.get("final_row")
+    for r in results["rows"]:
+        prefixes = [names.get(r["model"], r["model"])]
+        if r["model"] == final and "final" not in prefixes:
+            prefixes.append("final")
+        for p in prefixes:
+            for split in ("val", "test"):
+                m[f"{p}/{split}/auc"] = r.get(f"{split}_auc")
+                m[f"{p}/{split}/logloss"] = r.get(f"{split}_logloss")
+            m[f"{p}/params"] = r["params"]
+            m[f"{p}/inference_ms"] = r["inference_ms"]
+    if "routing_params" in results:
+        m["routed/routing_params"] = results["routing_params"]
+        m["routed/models_only_ms"] = results["timing_ms"]["routed_models_only"]
+    for c in results.get("per_cluster", []):
+        for split in ("val", "test"):
+            m[f"routed/cluster_{c['cluster']}/{split}/auc"] = c[f"{split}_auc"]
+            m[f"routed/cluster_{c['cluster']}/{split}_samples"] = c[f"{split}_samples"]
+    if "recovery" in results:
+        for r in results["recovery"]["per_cluster"]:
+            m[f"recovery/cluster_{r['cluster']}/f1"] = r["f1"]
+        m["recovery/min_f1"] = results["recovery"]["min_f1"]
+    if "derived_vs_truth" in results:
+        m["derive/truth_f1"] = results["derived_vs_truth"]["f1"]
+    return m

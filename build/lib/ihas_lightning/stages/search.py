@@ -1,0 +1,457 @@
+"""``stage=search``: the iHAS searching stage (paper Algorithm 1), or the Base model with ``method=base``.
+
+``run(cfg)`` wires: prepared data (``ensure_prepared``) -> ``IHASDataModule`` -> ``SearchModule``
+(``method=ihas``) or ``CTRModule`` (``method=base``, same code path without gates) -> a Trainer
+built from ``cfg.trainer`` -> fit -> validate/test the best checkpoint -> outputs.
+
+Budgets (:mod:`ihas_lightning.schedule`, :mod:`ihas_lightning.training`): the batch size and the
+gate schedule follow the data size (``model.batch_size=auto``, ``search.search_every=auto``); the
+output bias starts at the training rows' log-odds (``model.output_bias=prior``). Base trains up to
+``search.max_epochs``, early-stopped on ``search.monitor`` (``val/logloss``) with
+``search.patience``. A search pretrains with open gates until ``search.pretrain.patience`` epochs
+bring no improvement (at most ``search.pretrain.max_epochs``), restores the best pretrained weights,
+then runs the bi-level search for at most ``search.max_epochs`` epochs, early-stopped alike; the
+model's lr is scaled by ``search.model_lr_scale`` in that phase.
+
+The gate's data (``search.gate_data``): ``holdout`` (default) holds a seeded
+``search.holdout_fraction`` of the TRAIN rows out of the model's training and feeds them to the gate
+steps, so the validation split used for early stopping and checkpoint selection is never fitted by
+the gate (on a sample the gate, N*d x N*d weights, memorises a small validation split: val AUC 0.9999,
+test AUC 0.67 on the Criteo sample); ``val`` is the paper's protocol (``experiment=paper_protocol``).
+
+Outputs in ``<run dir>/search/``::
+
+    best.ckpt      the best model by search.monitor (deterministic masks), search-phase epochs only
+    last.ckpt      the last epoch (for ``search.resume=<ckpt>``)
+    metrics.json   val + test AUC/logloss of best.ckpt, the resolved budget (batch size, gate
+                   schedule, epochs), open-dim shares (overall / per field / per dim) and
+                   polarization statistics on the test split, timing and samples/s, warnings
+                   (too few gate steps, nothing or everything closed, no bimodal histogram) and
+                   (synthetic data) per-group field recovery against truth.json
+    gate_hist.png  histogram of the gate probabilities on the test split (paper Figure 3)
+    manifest.json  written last: config hashes, the prepared dir and its feature-map hash
+
+Model selection (ModelCheckpoint and EarlyStopping on ``search.monitor``) ignores the pretraining epochs,
+whose validation runs with open gates: otherwise the best checkpoint could be a pretrain-only
+model whose gates were never trained. If no phase-2 validation ran (``fast_dev_run``, or a budget
+that ends inside pretraining) ``best.ckpt`` holds the final weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import method
+from ..errors import ConfigError, DataError
+from ..method import check_gate_cfg  # noqa: F401 - re-exported for callers of the stage
+from ..rundir import checkpoint_epoch, load_search_model  # noqa: F401 - re-exported
+from ..utils import seed_everything, stable_hash, write_json
+
+log = logging.getLogger("ihas_lightning")
+
+SEARCH_DIR = "search"
+BEST = "best.ckpt"
+LAST = "last.ckpt"
+MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
+
+
+# ---- module construction ----------------------------------------------------------------------------
+def build_module(cfg: DictConfig, feature_map, output_bias: float | None = None, search_every: int = 100):
+    """The :class:`SearchModule` of ``cfg.method`` (Base: no selector)."""
+    from ..modules.search import SearchModule
+
+    pre = method.pretrain(cfg)
+    sel = method.has_selector(cfg)
+    # patience null (or no pretraining): exactly pretrain.max_epochs epochs; else the SearchSchedule
+    # callback ends the pretraining on its validation criterion
+    fixed = pre.get("patience") is None or int(pre.max_epochs) == 0
+    return SearchModule(
+        feature_map.vocab_sizes,
+        method.model_cfg(cfg),
+        pretrain_epochs=int(pre.max_epochs) if (fixed or not sel) else None,
+        search_every=int(search_every),
+        field_names=feature_map.field_names,
+        output_bias=output_bias,
+        model_lr_scale=float(method.setting(cfg, "model_lr_scale")),
+        method=method.spec(cfg, int(method.setting(cfg, "max_epochs"))),
+    )
+
+
+# ---- outputs --------------------------------------------------------------------------------------------
+def _group_batches(dm, split: str, batches: list[int]):
+    """Per-batch slices of the ``_group`` column aligned with an ordered pass over ``split``."""
+    groups = np.array(dm.extra_column(split, "_group"))
+    start = 0
+    for n in batches:
+        yield torch.as_tensor(groups[start : start + n])
+        start += n
+
+
+def _test_gate_statistics(module, dm, synthetic: bool) -> dict[str, Any]:
+    batches = [
+        (torch.as_tensor(b[0]), torch.as_tensor(b[1])) for b in dm.split_dataloader("test", shuffle=False)
+    ]
+    groups = _group_batches(dm, "test", [len(b[1]) for b in batches]) if synthetic else None
+    return module.gate_statistics(batches, groups)
+
+
+def _metric(d: list[dict], key: str) -> float | None:
+    for m in d:
+        if key in m:
+            return float(m[key])
+    return None
+
+
+GATE_DATA = ("holdout", "val")
+OUTPUT_BIAS = ("prior", "zero")
+
+
+def manifest_parents(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
+    """What a search output depends on besides its config: the data, and a transferred selector's source."""
+    parents: dict[str, Any] = {"prepared_dir": prepared}
+    if method.transferring(cfg):
+        parents["transfer_ckpt"] = method.transfer_ckpt(cfg)
+    return parents
+
+
+def _load_transfer(cfg: DictConfig, module, fmap) -> dict[str, Any]:
+    """Transfer: the source search's embedding tables and (frozen) selector into ``module``."""
+
+    ckpt = method.transfer_ckpt(cfg)
+    source = load_search_model(ckpt, fmap)  # one-line DataError when it does not fit the data
+    want = str(cfg.method.selector._target_)
+    got = str(((source.hparams.get("method") or {}).get("selector") or {}).get("_target_"))
+    if got != want:
+        raise DataError(f"{ckpt}: its selector is {got}, not this method's {want} (transfer.from)")
+    try:
+        keys = module.load_transfer(source.model)
+    except ValueError as e:
+        raise DataError(f"{ckpt}: {e} (transfer.from)") from None
+    log.info("search: transfer from %s (%d tensors: embedding + frozen selector); backbone %s trained fresh",
+             ckpt, len(keys), cfg.model.backbone)  # fmt: skip
+    return {"from": str(ckpt.resolve()), "source_backbone": source.model.backbone_name}
+
+
+def check_backbone(model: DictConfig) -> None:
+    """``model.backbone`` names a registered backbone and ``model.backbone_args`` are its knobs
+    (built once on a stand-in shape)."""
+    from ..models.backbones import BACKBONES, build_backbone
+
+    name = model.get("backbone")
+    if name not in BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': must be one of {sorted(BACKBONES)} (got {name!r})")
+    args = model.get("backbone_args") or {}
+    try:
+        args = dict(OmegaConf.to_container(args, resolve=True)) if not isinstance(args, dict) else dict(args)
+        build_backbone(str(name), [2, 2], vocab_sizes=[3, 3], embed_dim=2, hidden=(2,), **args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'model.backbone_args': {name}: {e}") from None
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    """Every key the search stage (and the Base fit) will use, checked before any work."""
+    from .. import schedule
+    from ..training import MONITORS, check_fit_cfg, check_monitor, trainer_kwargs
+
+    sc = cfg.search
+    check_fit_cfg(sc, "search")
+    schedule.check_batch_size(cfg.model)
+    ob = cfg.model.output_bias
+    if ob not in OUTPUT_BIAS:
+        raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
+    trainer_kwargs(cfg)
+    check_backbone(cfg.model)
+    method.check(cfg)
+    if not method.has_selector(cfg):
+        return
+    check_fit_cfg(sc.pretrain, "search.pretrain", min_epochs=0)  # 0: no pretraining
+    check_monitor(sc.get("search_monitor"), "search.search_monitor", MONITORS)
+    schedule.check_search_every(sc)
+    if sc.gate_data not in GATE_DATA:
+        raise ConfigError(
+            f"config key 'search.gate_data': must be one of {list(GATE_DATA)} (got {sc.gate_data!r})"
+        )
+    frac = sc.get("holdout_fraction")
+    if not isinstance(frac, (int, float)) or not 0.0 < float(frac) < 1.0:
+        raise ConfigError(f"config key 'search.holdout_fraction': must be in (0, 1) (got {frac!r})")
+    scale = sc.get("model_lr_scale")
+    if not isinstance(scale, (int, float)) or float(scale) <= 0:
+        raise ConfigError(f"config key 'search.model_lr_scale': must be > 0 (got {scale!r})")
+    mg = sc.get("min_gate_steps")
+    if not isinstance(mg, int) or mg < 0:
+        raise ConfigError(f"config key 'search.min_gate_steps': must be an integer >= 0 (got {mg!r})")
+    sbs = sc.get("search_batch_size")
+    if sbs is not None and (not isinstance(sbs, int) or sbs < 1):
+        raise ConfigError(f"config key 'search.search_batch_size': must be >= 1 or null (got {sbs!r})")
+
+
+def holdout_mask(rows: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded bool mask over the train rows (file order): the gate's held-out rows."""
+    mask = np.random.default_rng([int(seed), 0x6A7E]).random(rows) < float(fraction)
+    if rows >= 2 and not mask.any():
+        mask[0] = True
+    if rows >= 2 and mask.all():
+        mask[0] = False
+    return mask
+
+
+def search_warnings(metrics: dict[str, Any], min_gate_steps: int) -> list[str]:
+    """One-line warnings for a search that did not select (also written to metrics.json)."""
+    out = []
+    steps = metrics.get("gate_steps", 0)
+    if steps < min_gate_steps:
+        out.append(
+            f"the gate made only {steps} steps (< search.min_gate_steps={min_gate_steps}): too few to learn "
+            f"a selection; lower search.search_every or raise search.max_epochs"
+        )
+    share = metrics.get("open_share")
+    if share is not None and share >= 0.99:
+        out.append(f"the search closed nothing: {share:.1%} of the dims are open on the test split")
+    elif share is not None and share <= 0.01:
+        out.append(f"the search closed everything: {share:.1%} of the dims are open on the test split")
+    valley = (metrics.get("gate") or {}).get("polarization", {}).get("share_valley_found")
+    if valley is not None and valley < 0.5:
+        out.append(
+            f"the gate histogram is not bimodal for {1 - valley:.0%} of the test samples (no valley: their "
+            f"threshold fell back to 0.5)"
+        )
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the search model of ``cfg.method`` (Base: the plain model) and write ``search/`` outputs;
+    returns the metrics dict."""
+    from .. import schedule
+    from ..data.datamodule import IHASDataModule
+    from ..data.dataset_dir import ensure_prepared
+    from ..data.feature_map import FeatureMap
+    from ..loggers import build_logger, finish_loggers
+    from ..modules.search import SearchSchedule
+    from ..report.figures import gate_histogram_png
+    from ..training import build_trainer, selection_callbacks, throughput_callback
+
+    check_cfg(cfg)
+    sc = cfg.search
+    sel = method.has_selector(cfg)
+    update = method.arch_update(cfg)
+    bilevel = update == "bilevel"
+    name = str(cfg.method.name)
+    resume = sc.get("resume")
+    if resume and not Path(str(resume)).is_file():
+        raise DataError(f"{resume}: checkpoint to resume from not found (search.resume)")
+
+    out_root = Path(str(cfg.paths.output_dir))
+    out = out_root / SEARCH_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    # the manifest marks a complete search dir: drop a previous run's before writing anything new
+    for stale in ("manifest.json", "metrics.json"):
+        (out / stale).unlink(missing_ok=True)
+
+    prepared = Path(ensure_prepared(cfg))
+    seed_everything(int(cfg.seed))
+    fmap = FeatureMap.load(prepared)
+    n_train = fmap.rows("train")
+    hold = None
+    if bilevel and sc.gate_data == "holdout":
+        hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
+    model_rows = n_train - (int(hold.sum()) if hold is not None else 0)
+    bs = schedule.batch_size(cfg.model, model_rows)
+    sbs = int(sc.get("search_batch_size") or bs)
+    eval_bs = int(cfg.evaluate.get("batch_size") or bs)
+    dm = IHASDataModule(
+        str(prepared),
+        batch_size=bs,
+        eval_batch_size=eval_bs,
+        seed=int(cfg.seed),
+        search_batch_size=sbs,
+        row_filter={"train": ~hold} if hold is not None else None,
+    )
+    bpe = schedule.batches_per_epoch(model_rows, bs)
+    every = method.search_every(cfg, bpe) if bilevel else None
+    prior = dm.positive_rate("train")
+    bias = schedule.prior_logit(prior) if cfg.model.output_bias == "prior" else None
+    synthetic = (prepared / "truth.json").is_file()
+    try:
+        module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
+    except ValueError as e:  # a knob that does not fit this dataset (e.g. k > its field count)
+        raise ConfigError(
+            f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {fmap.num_fields} fields)"
+        ) from None
+    transfer = None
+    if method.transferring(cfg):
+        transfer = _load_transfer(cfg, module, fmap)
+    module.snapshot_dir = out / "snapshots"
+    budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
+    if sel:
+        budget["arch_update"] = update
+        budget["embedding_optimizer"] = module.model_cfg["embedding_optimizer"]
+    if bilevel:
+        if hold is not None:
+            gate_dm = IHASDataModule(
+                str(prepared),
+                batch_size=sbs,
+                seed=int(cfg.seed),
+                search_batch_size=sbs,
+                row_filter={"train": hold},
+            )
+            module.set_search_loader(gate_dm.search_dataloader("train"))
+            budget["gate_rows"] = int(hold.sum())
+        else:
+            module.set_search_loader(dm.search_dataloader("val"))
+            budget["gate_rows"] = fmap.rows("val")
+        budget.update(search_every=every, gate_data=str(sc.gate_data), search_batch_size=sbs)
+    log.info("search (%s): %s", name, ", ".join(f"{k}={v}" for k, v in budget.items()))
+
+    # Base and the pretraining: search.monitor; the search phase: the method's search monitor
+    monitor = str(method.setting(cfg, "search_monitor")) if sel else str(sc.monitor)
+    search_epochs = int(method.setting(cfg, "max_epochs"))
+    early_stop = bool(cfg.method.early_stop)
+    patience = method.setting(cfg, "patience") if early_stop else None
+    select_last = cfg.method.select == "last"
+    logger = build_logger(cfg, str(cfg.get("tag") or "search"))
+    try:
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience)
+        throughput = throughput_callback()
+        callbacks.append(throughput)
+        if sel:
+            pre = method.pretrain(cfg)
+            callbacks.insert(
+                0,
+                SearchSchedule(
+                    pretrain_max_epochs=int(pre.max_epochs),
+                    pretrain_patience=pre.get("patience"),
+                    search_max_epochs=search_epochs,
+                    monitor=str(sc.monitor),
+                    restore_best=bool(pre.get("restore_best", True)),
+                ),
+            )
+            max_epochs = int(pre.max_epochs) + search_epochs
+        else:
+            max_epochs = search_epochs
+        trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root)
+        t0 = time.perf_counter()
+        trainer.fit(
+            module,
+            train_dataloaders=dm.train_dataloader(),
+            val_dataloaders=dm.val_dataloader(),
+            ckpt_path=str(resume) if resume else None,
+        )
+        fit_seconds = time.perf_counter() - t0
+        gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
+        best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
+        if select_last or best is None or not best.is_file():
+            # the method derives from its last epoch (OptFS), or no selectable validation ran
+            best = out / BEST
+            trainer.save_checkpoint(best)
+        if not (out / LAST).is_file():
+            trainer.save_checkpoint(out / LAST)
+
+        val = trainer.validate(module, dataloaders=dm.val_dataloader(), ckpt_path=str(best), verbose=False)
+        test = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=str(best), verbose=False)
+        counts = module.model.parameter_counts()
+        metrics: dict[str, Any] = {
+            "method": name,
+            "backbone": str(cfg.model.backbone),
+            "transfer": transfer,
+            "dataset": str(cfg.dataset.name),
+            "val/auc": _metric(val, "val/auc"),
+            "val/logloss": _metric(val, "val/logloss"),
+            "test/auc": _metric(test, "test/auc"),
+            "test/logloss": _metric(test, "test/logloss"),
+            "monitor": monitor,
+            "selection": "last epoch" if select_last else f"best {monitor}",
+            "best_epoch": checkpoint_epoch(best),
+            "epochs_run": int(trainer.current_epoch),
+            "pretrain_epochs": module.search_start_epoch if sel else 0,
+            "budget": {**budget, "max_epochs": max_epochs, "train_positive_rate": prior, "output_bias": bias},
+            "global_step": int(trainer.global_step),
+            "global_step_note": "counts optimizer steps: 2 per training batch, 3 on architecture-step batches",
+            "fit_seconds": round(fit_seconds, 3),
+            "train_seconds": round(throughput.seconds, 3),
+            "train_samples": throughput.samples,
+            "samples_per_s": round(throughput.samples / throughput.seconds, 1)
+            if throughput.seconds
+            else None,
+            "num_parameters": int(module.model.num_parameters()),
+            "parameter_counts": counts,
+            "best_ckpt": str(best),
+        }
+        if sel:
+            metrics["arch_steps"] = gate_steps
+            metrics["selector"] = module.model.selector.statistics()
+            snaps = sorted(p.name for p in (out / "snapshots").glob("*.pt"))
+            if snaps:
+                metrics["snapshots"] = snaps
+        if module.model.gate is not None:
+            metrics["gate_steps"] = gate_steps
+            metrics["gate_steps_at_best"] = int(module.gate_steps)
+            stats = _test_gate_statistics(module, dm, synthetic)
+            hist = stats.pop("p_hist")
+            metrics["gate"] = {
+                k: v for k, v in stats.items() if k not in ("per_group_field_mask", "group_samples")
+            }
+            metrics["gate"]["p_hist"] = hist
+            metrics["open_share"] = stats["open_share"]
+            metrics["open_share_per_field"] = stats["open_share_per_field"]
+            title = (
+                f"gate probabilities, test split ({name}, lambda={cfg.method.gate.lambda_reg}, "
+                f"polarization={'on' if cfg.method.gate.polarization else 'off'})"
+            )
+            gate_histogram_png(
+                hist, out / "gate_hist.png", title=title, threshold=stats["polarization"]["mean_threshold"]
+            )
+            if synthetic and "per_group_field_mask" in stats:
+                from ..report.recovery import field_recovery
+                from ..utils import read_json
+
+                truth = read_json(prepared / "truth.json")
+                metrics["per_group_field_mask"] = stats["per_group_field_mask"]
+                metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
+            metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
+            for w in metrics["warnings"]:
+                log.warning("search: %s", w)
+        write_json(out / "metrics.json", metrics)
+        _write_manifest(cfg, out, prepared, fmap, best)
+        log.info(
+            "search (%s) done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
+            name,
+            metrics["best_epoch"],
+            metrics["epochs_run"] + 1,
+            _round(metrics["val/auc"]),
+            _round(metrics["test/auc"]),
+            out / "metrics.json",
+        )
+        return metrics
+    finally:
+        finish_loggers()
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 4)
+
+
+def _write_manifest(cfg: DictConfig, out: Path, prepared: Path, fmap, best: Path) -> None:
+    from ..artifacts import make_manifest, write_manifest
+
+    manifest = make_manifest(
+        "search",
+        cfg,
+        MANIFEST_KEYS,
+        parents=manifest_parents(cfg, prepared),
+        extra={
+            "resolved_config_hash": stable_hash(OmegaConf.to_container(cfg, resolve=True)),
+            "prepared_dir": str(prepared.resolve()),
+            "feature_map_hash": fmap.config_hash,
+            "method": str(cfg.method.name),
+            "best_ckpt": str(best.resolve()),
+            "files": sorted(p.name for p in out.iterdir() if p.is_file()),
+        },
+    )
+    write_manifest(out, manifest)

@@ -1,0 +1,222 @@
+"""How every model of the framework is fitted: a Lightning Trainer bounded by a max-epochs budget,
+early-stopped on a validation monitor with patience, the best checkpoint kept and restored.
+
+Used by the search stage (Base, pretraining + bi-level search) and the retrain stage (one model per
+cluster), so "trains to convergence" means the same thing everywhere:
+
+* ``monitor``: ``val/logloss`` (default: it rewards calibrated predictions, which the routed iHAS
+  needs because the clusters' predictions are pooled into one AUC) or ``val/auc``; the bi-level
+  search phase also offers ``val/objective`` (its default: validation logloss + the gate
+  regularizer, the quantity the gate steps minimise, so selection does not undo the sparsity);
+* ``patience``: epochs without improvement before stopping (``null``: run the whole budget);
+* the selection callbacks skip the pretraining epochs of a search (``module.in_pretrain``), whose
+  validation runs with open gates.
+
+``cfg.trainer`` holds Lightning Trainer arguments. Budgets are per stage, in epochs
+(``search.max_epochs``, ``search.pretrain.max_epochs``, ``retrain.max_epochs``): ``trainer.max_epochs``
+and the other budget keys are rejected with a one-line error naming the stage keys (Lightning's
+``global_step`` counts optimizer steps, 2-3 per batch under manual optimization, so step budgets
+would mislead).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+MONITORS = ("val/logloss", "val/auc", "val/objective")
+BUDGET_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time")
+OWNED_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
+STAGE_BUDGETS = "search.max_epochs, search.pretrain.max_epochs and retrain.max_epochs"
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` as Trainer kwargs (null values dropped); a one-line ConfigError for an unknown
+    key, a budget key (use the stage keys) or a key the stages set themselves."""
+    import lightning as L
+
+    tcfg = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
+    assert isinstance(tcfg, dict)
+    allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    out = {}
+    for key, value in tcfg.items():
+        if key not in allowed:
+            raise ConfigError(f"config key 'trainer.{key}': not a lightning.Trainer argument")
+        if value is None:
+            continue
+        if key in BUDGET_KEYS:
+            raise ConfigError(
+                f"config key 'trainer.{key}': training budgets are set per stage, in epochs, and every "
+                f"fit is early-stopped on validation: use {STAGE_BUDGETS} (e.g. search.max_epochs={value})"
+            )
+        if key in OWNED_KEYS:
+            raise ConfigError(f"config key 'trainer.{key}': set by the stages themselves; leave it out")
+        out[key] = value
+    return out
+
+
+def check_monitor(value: Any, key: str, allowed: tuple[str, ...] = ("val/logloss", "val/auc")) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}': must be one of {list(allowed)} (got {value!r})")
+
+
+def check_fit_cfg(node: Any, prefix: str, min_epochs: int = 1) -> None:
+    """Validate ``<prefix>.max_epochs`` (>= ``min_epochs``), ``.patience`` (>= 0 or null) and ``.monitor``."""
+    me = node.get("max_epochs")
+    if not isinstance(me, int) or isinstance(me, bool) or me < min_epochs:
+        raise ConfigError(
+            f"config key '{prefix}.max_epochs': must be an integer >= {min_epochs} (got {me!r})"
+        )
+    pat = node.get("patience")
+    if pat is not None and (not isinstance(pat, int) or isinstance(pat, bool) or pat < 0):
+        raise ConfigError(f"config key '{prefix}.patience': must be an integer >= 0 or null (got {pat!r})")
+    if "monitor" in node:
+        check_monitor(node.get("monitor"), f"{prefix}.monitor")
+
+
+def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any, root: Path, **overrides):
+    """``L.Trainer(**cfg.trainer)`` with a stage's epoch budget, callbacks and logger."""
+    import lightning as L
+
+    kw = trainer_kwargs(cfg)
+    kw.update(
+        max_epochs=int(max_epochs),
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        default_root_dir=str(root),
+    )
+    kw.update(overrides)
+    return L.Trainer(**kw)
+
+
+def selection_callbacks(out: Path, monitor: str, patience: int | None, save_last: bool = True):
+    """(callbacks, checkpoint callback): the best checkpoint ``out/best.ckpt`` by ``monitor`` and
+    early stopping with ``patience``, both ignoring epochs where ``module.in_pretrain(epoch)``."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    mode = "max" if monitor.endswith("auc") else "min"
+
+    class PhaseCheckpoint(ModelCheckpoint):
+        def _save_topk_checkpoint(self, trainer, monitor_candidates):
+            if trainer.lightning_module.in_pretrain(trainer.current_epoch):
+                return
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    class PhaseEarlyStopping(EarlyStopping):
+        def _should_skip_check(self, trainer):
+            return trainer.lightning_module.in_pretrain(trainer.current_epoch) or super()._should_skip_check(
+                trainer
+            )
+
+    ckpt = PhaseCheckpoint(
+        dirpath=str(out),
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        save_last=save_last,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    cbs: list = [ckpt]
+    if patience is not None:
+        cbs.append(PhaseEarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
+    return cbs, ckpt
+
+
+def throughput_callback(skip_batches: int = 0):
+    """A callback measuring training samples/s: wall time from each batch's fetch to the end of its
+    step, validation excluded; the first ``skip_batches`` batches (warm-up) are not counted."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Throughput(Callback):
+        def __init__(self) -> None:
+            self.samples = 0
+            self.seconds = 0.0
+            self.batches = 0
+            self._mark: float | None = None
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            now = time.perf_counter()
+            self.batches += 1
+            if self._mark is not None and self.batches > skip_batches:
+                self.seconds += now - self._mark
+                self.samples += int(batch[1].shape[0])
+            self._mark = now
+
+        def on_validation_end(self, trainer, pl_module):
+            self._mark = time.perf_counter()
+
+        @property
+        def samples_per_s(self) -> float | None:
+            return self.samples / self.seconds if self.seconds else None
+
+    return Throughput()
+
+
+# ---- fit one CTR model to convergence ------------------------------------------------------------
+def fit_ctr(
+    module: Any,
+    dm: Any,
+    cfg: DictConfig,
+    out: Path,
+    max_epochs: int,
+    patience: int | None,
+    logger: Any = None,
+    monitor_val: bool = True,
+    monitor: str = "val/logloss",
+) -> dict[str, Any]:
+    """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
+    ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
+    checkpoint, epochs run, seconds, params}."""
+    callbacks: list[Any] = []
+    ckpt_cb = None
+    overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
+    if monitor_val:
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, save_last=False)
+    else:
+        overrides["limit_val_batches"] = 0
+    trainer = build_trainer(cfg, max_epochs, callbacks, logger, out, **overrides)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_s = time.perf_counter() - t0
+    import torch
+
+    best = out / "best.ckpt"
+    best_score = None
+    if ckpt_cb is not None and ckpt_cb.best_model_path and Path(ckpt_cb.best_model_path).is_file():
+        if Path(ckpt_cb.best_model_path).resolve() != best.resolve():
+            Path(ckpt_cb.best_model_path).replace(best)
+        best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+        best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
+        module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
+    else:  # fast_dev_run / no validation: the last weights are the result
+        trainer.save_checkpoint(str(best))
+        best_epoch = int(trainer.current_epoch)
+    val = trainer.validate(module, datamodule=dm, verbose=False) if monitor_val else [{}]
+    test = trainer.test(module, datamodule=dm, verbose=False)
+    return {
+        "best_ckpt": str(best),
+        "val_auc": _f(val[0].get("val/auc")) if val else None,
+        "val_logloss": _f(val[0].get("val/logloss")) if val else None,
+        "best_monitor_during_fit": best_score,
+        "test_auc": _f(test[0].get("test/auc")) if test else None,
+        "test_logloss": _f(test[0].get("test/logloss")) if test else None,
+        "best_epoch": best_epoch,
+        "epochs_run": int(trainer.current_epoch),
+        "fit_seconds": round(fit_s, 3),
+        "params": int(module.model.num_parameters()),
+    }
+
+
+def _f(v: Any) -> float | None:
+    return None if v is None else float(v)
