@@ -1,1 +1,0 @@
-"""Benchmarks: preprocessing, loader and training throughput (results in experiments/results/)."""

@@ -1,1 +1,0 @@
-"""Data: raw Criteo/Avazu -> Parquet (prepare), the planted synthetic dataset, the DataModule."""

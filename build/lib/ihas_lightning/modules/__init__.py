@@ -1,1 +1,0 @@
-"""LightningModules of the stages: CTRModule (Base / Retrain) and SearchModule (iHAS search)."""
