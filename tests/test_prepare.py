@@ -415,3 +415,52 @@ def test_synthetic_generated_once_and_reused(cfg_factory, tmp_path, caplog):
     with pytest.raises(ConfigError, match="prepare.overwrite=true"):
         ensure_prepared(cfg_factory("stage=prepare", *over, "dataset.gen_seed=8"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".syn")]
+
+
+def test_input_edge_cases_blank_lines_bom_skips_and_truncated_gzip(
+    cfg_factory, criteo_raw, avazu_raw, tmp_path
+):
+    """Blank lines are skipped and counted; a skipped bad row moves no other row to another split; a
+    UTF-8 BOM is ignored (Avazu's header too); a truncated .gz names the last complete line."""
+    from ihas_lightning.errors import DataError
+
+    lines = criteo_raw["train"].read_text().splitlines(keepends=True)[:1500]
+    clean = tmp_path / "clean.txt"
+    clean.write_text("".join(lines))
+    base = ["dataset=criteo", "dataset.min_count=1", "prepare.on_bad_rows=skip"]
+    a, _ = _prep(cfg_factory, tmp_path, *base, f"dataset.raw_path={clean}", name="a")
+    # the same rows + blank lines + one malformed row (bad label) in the middle
+    messy = tmp_path / "messy.txt"
+    bad_row = "7" + lines[0][1:]
+    messy.write_text("".join(lines[:700]) + "\n" + bad_row + "".join(lines[700:]) + "\n\n")
+    b, _ = _prep(cfg_factory, tmp_path, *base, f"dataset.raw_path={messy}", name="b")
+    fb = FeatureMap.load(b)
+    assert fb.extra["blank_lines_by_file"] == {str(messy): 3} and fb.extra["skipped_rows"] == 1
+    assert sum(fb.rows(s) for s in SPLITS) == 1500 == sum(FeatureMap.load(a).rows(s) for s in SPLITS)
+    # the same file with the bad row fixed (a copy of row 0: the vocabulary is unchanged): skipping the
+    # bad row moved no other row to another split (the split hashes each row's line, not a counter)
+    fixed = tmp_path / "fixed.txt"
+    fixed.write_text(messy.read_text().replace(bad_row, lines[0], 1))
+    c, _ = _prep(cfg_factory, tmp_path, *base, f"dataset.raw_path={fixed}", name="c")
+    fc = FeatureMap.load(c)
+    own = SPLITS[int(P.assign_split(np.array([701]), fc.extra["split"]["seed"], [0.8, 0.1, 0.1])[0])]
+    tb, tc = _tables(b), _tables(c)
+    for s in SPLITS:
+        assert fc.rows(s) - fb.rows(s) == (1 if s == own else 0)
+        if s != own:  # the same rows in the same order (ids may differ: the copy shifts token counts)
+            assert tb[s].column("label").equals(tc[s].column("label"))
+    with pytest.raises(DataError, match=r"column label \(the label\) must be 0 or 1, got '7'"):
+        _prep(cfg_factory, tmp_path, "dataset=criteo", f"dataset.raw_path={messy}", name="f")
+
+    # a BOM before Avazu's header
+    av = tmp_path / "bom.csv"
+    av.write_bytes(b"\xef\xbb\xbf" + avazu_raw["train"].read_bytes()[:200_000].rsplit(b"\n", 1)[0] + b"\n")
+    d, _ = _prep(cfg_factory, tmp_path, "dataset=avazu", f"dataset.raw_path={av}", name="d")
+    assert FeatureMap.load(d).rows("train") > 0
+
+    # a truncated gzip: the last complete line
+    gz = tmp_path / "t.gz"
+    full = gzip.compress("".join(lines).encode())
+    gz.write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataError, match=r"cannot read after line \d+, the last complete one"):
+        _prep(cfg_factory, tmp_path, "dataset=criteo", f"dataset.raw_path={gz}", name="e")

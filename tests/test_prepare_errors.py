@@ -82,10 +82,16 @@ def test_criteo_non_integer(cfg_factory, tmp_path, criteo_lines):
 def test_criteo_bad_label_and_blank_line(cfg_factory, tmp_path, criteo_lines):
     lines = list(criteo_lines)
     lines[2] = _edit(lines[2], 0, "2")  # line 3
-    lines.insert(50, "\n")  # line 51: an empty line is a malformed row too
+    lines.insert(50, "\n")  # line 51: an empty line is skipped and counted, never an error
+    lines.append("\n")  # a trailing empty line (very common)
     raw = _write(tmp_path, "label.txt", lines)
-    _fails(cfg_factory, tmp_path, "criteo", raw, f"{raw}:3:", "label", "0 or 1", "'2'")
-    _skips(cfg_factory, tmp_path, "criteo", raw, 2, N + 1)
+    _fails(cfg_factory, tmp_path, "criteo", raw, f"{raw}:3:", "column label (the label)", "0 or 1", "'2'")
+    _skips(cfg_factory, tmp_path, "criteo", raw, 1, N)
+    fm = _prepare(cfg_factory, tmp_path, "criteo", raw, mode="skip", name="blank")
+    assert fm.extra["blank_lines_by_file"] == {str(raw): 2}
+    del lines[2]  # without the bad label, the blank lines alone prepare in fail mode
+    raw = _write(tmp_path, "blank.txt", lines)
+    assert sum(_prepare(cfg_factory, tmp_path, "criteo", raw, name="ok").rows(s) for s in SPLITS) == N - 1
 
 
 def test_criteo_first_bad_row_in_a_later_block(cfg_factory, tmp_path, criteo_lines):
@@ -94,7 +100,7 @@ def test_criteo_first_bad_row_in_a_later_block(cfg_factory, tmp_path, criteo_lin
     raw = _write(tmp_path, "late.txt", lines)
     cfg = cfg_factory("stage=prepare", "dataset=criteo", f"dataset.raw_path={raw}",
                       f"dataset.prepared_dir={tmp_path / 'out'}", "prepare.block_size_mb=0.0625")  # fmt: skip
-    with pytest.raises(DataError, match=f"{raw}:3457: label"):
+    with pytest.raises(DataError, match=f"{raw}:3457: column label"):
         ensure_prepared(cfg)
 
 
@@ -135,7 +141,7 @@ def test_avazu_bad_rows_count_the_header_line(cfg_factory, tmp_path, avazu_lines
     lines[5] = _edit(lines[5], 1, "x", sep=",")  # file line 6 (line 1 is the header)
     lines[7] = ",".join(lines[7].split(",")[:10]) + "\n"  # line 8: ragged
     raw = _write(tmp_path, "bad.csv", lines)
-    _fails(cfg_factory, tmp_path, "avazu", raw, f"{raw}:6:", "label 'click' must be 0 or 1")
+    _fails(cfg_factory, tmp_path, "avazu", raw, f"{raw}:6:", "column click (the label) must be 0 or 1")
     _skips(cfg_factory, tmp_path, "avazu", raw, 2, N)
     lines = list(avazu_lines)
     lines[7] = ",".join(lines[7].split(",")[:10]) + "\n"

@@ -264,6 +264,25 @@ def open_raw(path: Path) -> pa.NativeFile:
         raise DataError(f"{path}: cannot read ({_one_line(e)})") from e
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _last_good_line(path: Path) -> int:
+    """Complete lines readable before a (truncated or corrupt) compressed stream fails."""
+    import gzip
+
+    n = 0
+    try:
+        with gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break
+                n += 1
+    except (OSError, EOFError):
+        pass
+    return n
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
@@ -290,6 +309,8 @@ def _first_line(path: Path) -> str:
             raise DataError(f"{path}: cannot read ({_one_line(e)})") from e
     if not head.strip():
         raise DataError(f"{path}: empty file (no rows)")
+    if head.startswith(_BOM):
+        head = head[len(_BOM) :]
     return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
@@ -335,6 +356,8 @@ class BadRows:
 
     count: int = 0
     examples: list[tuple[int | None, str]] = field(default_factory=list)
+    #: empty lines (a trailing newline, a blank line between rows): skipped in every mode, counted
+    blank: int = 0
 
     def add(self, n: int, line: int | None, rule: str) -> None:
         self.count += n
@@ -348,7 +371,8 @@ class Block:
 
     keys: list[np.ndarray]
     label: np.ndarray  # int8
-    row_index: np.ndarray  # int64, index among the rows the reader yielded (stable across block sizes)
+    row_index: np.ndarray  # int64, the row's data-line index in its file (line - 1 - header): a skipped
+    # row (blank or malformed) changes no other row's index, so no other row's split
 
     @property
     def n(self) -> int:
@@ -414,7 +438,15 @@ def _read_chunks(path: Path, f: RawFormat, block_size: int) -> Iterator[_Chunk]:
             try:
                 buf = stream.read(block_size)
             except OSError as e:
-                raise DataError(f"{path}: cannot read near line {state['line']} ({_one_line(e)})") from e
+                good = _last_good_line(path)
+                where = (
+                    f"after line {good}, the last complete one" if good else "before its first complete line"
+                )
+                raise DataError(f"{path}: cannot read {where} ({_one_line(e)})") from e
+            if state["bom"]:
+                state["bom"] = False
+                if buf.startswith(_BOM):  # a UTF-8 byte-order mark (spreadsheet exports)
+                    buf = buf[len(_BOM) :]
             if not buf:
                 if not carry:
                     return None
@@ -442,7 +474,7 @@ def _read_chunks(path: Path, f: RawFormat, block_size: int) -> Iterator[_Chunk]:
     from concurrent.futures import ThreadPoolExecutor
 
     stream = open_raw(path)
-    state: dict[str, Any] = {"carry": b"", "line": 1, "skip_header": f.header}
+    state: dict[str, Any] = {"carry": b"", "line": 1, "skip_header": f.header, "bom": True}
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ihas-csv") as pool:
             fut = pool.submit(produce, stream, state)
@@ -469,10 +501,18 @@ def iter_blocks(path: Path, f: RawFormat, block_size: int, on_bad_rows: str, bad
             f"{path}:{line}: expected {len(f.columns)} {sep_name}-separated fields, got {got}{hint} {_HINT}"
         )
 
-    seen = 0  # rows the parser yielded so far: the split's row counter (independent of block size)
+    seen = 0  # rows the parser yielded so far
     any_ragged = False
     for chunk in _read_chunks(path, f, block_size):
         batch, ragged = chunk.table, chunk.ragged
+        # physical line of each parsed row: the parser dropped the ragged lines (blank ones included)
+        lines = chunk.first_line + np.arange(batch.num_rows, dtype=np.int64)
+        for r_line in sorted(r[0] for r in ragged):
+            lines[lines >= r_line] += 1
+        blank = [r for r in ragged if not r[2].strip()]
+        if blank:
+            bad.blank += len(blank)
+            ragged = [r for r in ragged if r[2].strip()]
         if ragged:
             any_ragged = True
             if on_bad_rows == "skip":
@@ -487,12 +527,26 @@ def iter_blocks(path: Path, f: RawFormat, block_size: int, on_bad_rows: str, bad
             name: c.chunk(0) if c.num_chunks == 1 else pa.concat_arrays(c.chunks)
             for name, c in zip(batch.column_names, batch.columns)
         }
+        # an empty line parses as a row of nulls: skipped and counted, never an error
+        empty = np.logical_and.reduce([np.asarray(c.is_null()) for c in cols.values()])
+        if empty.any():
+            bad.blank += int(empty.sum())
+            keep_rows = pa.array(~empty)
+            cols = {name: pc.filter(c, keep_rows) for name, c in cols.items()}
+            lines = lines[~empty]
+            n = len(lines)
+            if n == 0:
+                if ragged and on_bad_rows == "fail":
+                    raise ragged_error(ragged)
+                continue
         # (bad-row mask, column, rule) of each failed check; the rule is formatted with the cell value
         checks: list[tuple[np.ndarray, pa.Array, str]] = []
         # label: exactly "0" or "1"
         lab_col = cols[f.label]
         lk = string_keys(lab_col)
-        checks.append(((lk != _K0) & (lk != _K1), lab_col, f"label '{f.label}' must be 0 or 1, got '{{}}'"))
+        checks.append(
+            ((lk != _K0) & (lk != _K1), lab_col, f"column {f.label} (the label) must be 0 or 1, got '{{}}'")
+        )
         # integer columns
         ints: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for name in f.int_columns:
@@ -525,16 +579,14 @@ def iter_blocks(path: Path, f: RawFormat, block_size: int, on_bad_rows: str, bad
                     keys.append(numeric_keys(wd, None))
                 else:
                     keys.append(string_keys(cols[name]))
-        row_index = np.arange(seen, seen + n, dtype=np.int64)
+        row_index = lines - (2 if f.header else 1)
         checks = [c for c in checks if c[0].any()]
         if checks:
             firsts = [int(np.argmax(m)) for m, _, _ in checks]
             k = int(np.argmin(firsts))
             i, rule = firsts[k], checks[k][2].format(_cell(checks[k][1], firsts[k]))
             bad_mask = np.logical_or.reduce([m for m, _, _ in checks])
-            line = chunk.first_line + i
-            for r_line in sorted(r[0] for r in ragged):
-                line += r_line <= line  # rows dropped by the parser before this one
+            line = int(lines[i])
             if on_bad_rows == "fail":
                 if ragged and min(ragged)[0] < line:
                     raise ragged_error(ragged)
@@ -870,6 +922,9 @@ def prepare_raw(
         raise
     t2 = time.perf_counter()
 
+    blank_by_file = {str(files[r]): b.blank for r, b in bad_pass2.items() if b.blank}
+    for name, nb in blank_by_file.items():
+        log.info("skipped %d blank line(s) in %s", nb, name)
     skipped_by_file = {str(files[r]): b.count for r, b in bad_pass2.items()}
     skipped = sum(skipped_by_file.values())
     if skipped:
@@ -900,6 +955,7 @@ def prepare_raw(
             "split": {"fractions": fractions, "seed": seed} if single else "explicit files",
             "skipped_rows": skipped,
             "skipped_by_file": skipped_by_file,
+            "blank_lines_by_file": blank_by_file,
             "distinct_train_tokens": distinct,
             "seconds": {"pass1": round(t1 - t0, 3), "pass2": round(t2 - t1, 3)},
             "rows_per_second": round(total_rows / max(t2 - t0, 1e-9), 1),
