@@ -464,3 +464,20 @@ def test_input_edge_cases_blank_lines_bom_skips_and_truncated_gzip(
     gz.write_bytes(full[: len(full) // 2])
     with pytest.raises(DataError, match=r"cannot read after line \d+, the last complete one"):
         _prep(cfg_factory, tmp_path, "dataset=criteo", f"dataset.raw_path={gz}", name="e")
+
+
+def test_temp_dirs_of_dead_processes_are_cleaned_on_the_next_run(tmp_path):
+    """A SIGKILL during prepare leaves `.criteo.tmp-<pid>-*`; the next atomic write beside it removes it
+    (a live process's temp dir stays)."""
+    from ihas_lightning.utils import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".criteo.tmp-{dead}-0000abcd"
+    live = tmp_path / f".criteo.tmp-{os.getpid()}-0000beef"
+    stale.mkdir()
+    live.mkdir()
+    (stale / "train.parquet").write_text("half")
+    with atomic_dir(tmp_path / "criteo") as t:
+        (t / "x").write_text("done")
+    assert not stale.exists() and live.is_dir() and (tmp_path / "criteo" / "x").is_file()

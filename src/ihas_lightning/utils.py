@@ -57,6 +57,37 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 @contextlib.contextmanager
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(final: str | os.PathLike) -> list[Path]:
+    """Remove ``final``'s temporary siblings left by processes that died (SIGKILL, power loss):
+    ``.<name>.tmp-<pid>-*`` of a pid that no longer runs. Returns what was removed (logged)."""
+    import logging
+
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        parts = p.name[len(f".{final.name}.tmp-") :].split("-")
+        if p.is_dir() and parts and parts[0].isdigit() and not _alive(int(parts[0])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        logging.getLogger("ihas_lightning").info(
+            "removed %d temporary dir(s) of dead processes beside %s", len(removed), final
+        )
+    return removed
+
+
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``final``.
 
@@ -66,6 +97,7 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_dirs(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
