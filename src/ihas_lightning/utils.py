@@ -56,7 +56,6 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-@contextlib.contextmanager
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,6 +87,7 @@ def clean_stale_temp_dirs(final: str | os.PathLike) -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``final``.
 
