@@ -160,3 +160,46 @@ def test_hydra_multirun_makes_separate_run_dirs(tmp_path):
     assert metrics[0].parent.parent != metrics[1].parent.parent
     seeds = {json.loads((m.parent / "manifest.json").read_text())["config"]["seed"] for m in metrics}
     assert seeds == {0, 1}
+
+
+def test_reuse_is_verified_and_survives_a_move(cfg_factory, tmp_path, caplog):
+    """An output is reused only when its files still match the manifest; a moved run dir is reused (the
+    hashes are of content, not locations); a checkpoint of an unfinished stage is never an input."""
+    import logging
+    import shutil
+
+    from ihas_lightning import pipeline
+    from ihas_lightning.errors import DataError
+    from ihas_lightning.stages import cluster
+
+    out = tmp_path / "a"
+    args = ("stage=all", "dataset.rows=2500", *TINY)
+    pipeline.run(cfg_factory(*args, output_dir=out))
+    man = json.loads((out / "search" / "manifest.json").read_text())
+    assert man["outputs"]["best.ckpt"]["size"] == (out / "search" / "best.ckpt").stat().st_size
+
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    stamps = {p: p.stat().st_mtime_ns for p in moved.rglob("best.ckpt")}
+    pipeline.run(cfg_factory(*args, output_dir=moved))
+    assert stamps == {p: p.stat().st_mtime_ns for p in moved.rglob("best.ckpt")}  # all reused
+
+    # a corrupted checkpoint is not "up to date": that stage runs again, with one line saying why
+    ckpt = moved / "search" / "best.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ihas_lightning"):
+        pipeline.run(cfg_factory(*args, output_dir=moved))
+    assert any("content changed since it was written" in r.getMessage() for r in caplog.records)
+    assert json.loads((moved / "search" / "manifest.json").read_text())["outputs"]["best.ckpt"]["sha256"] == (
+        __import__("ihas_lightning.artifacts", fromlist=["x"]).file_digest(ckpt)
+    )
+
+    # a search dir without its manifest (killed before the end) is not an input
+    (moved / "search" / "manifest.json").unlink()
+    cfg = cfg_factory(
+        "stage=cluster", "dataset.rows=2500", *TINY, f"search.ckpt={ckpt}", output_dir=tmp_path / "c"
+    )
+    with pytest.raises(DataError, match="not the output of a finished search"):
+        cluster.run(cfg)

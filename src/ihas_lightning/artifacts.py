@@ -98,10 +98,48 @@ def make_manifest(
     }
 
 
+def output_entries(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Size and digest of every file directly in ``directory`` (the manifest excluded)."""
+    d = Path(directory)
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": file_digest(p)}
+        for p in sorted(d.iterdir())
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` with the size and digest of each output file beside it (``outputs``):
+    what a later reuse verifies before it trusts the directory."""
     path = Path(directory) / MANIFEST
-    write_json(path, manifest)
+    # where the stage dir sat (its parent; an atomic temp dir is renamed within it): lets a moved run
+    # dir find its parents by their relative location (:func:`parent_path`)
+    where = str(Path(directory).resolve().parent)
+    write_json(path, {**manifest, "outputs": output_entries(directory), "written_in": where})
     return path
+
+
+def verify_outputs(directory: str | os.PathLike) -> str | None:
+    """None when every output recorded in ``directory``'s manifest is there with its size and digest;
+    else why not (one line). A directory without a manifest is incomplete."""
+    d = Path(directory)
+    m = read_manifest(d)
+    if m is None:
+        return f"{d}: no {MANIFEST} (the stage that writes it did not finish)"
+    for name, want in (m.get("outputs") or {}).items():
+        p = d / name
+        if not p.is_file():
+            return f"{p}: missing (listed in {d / MANIFEST})"
+        if p.stat().st_size != want.get("size"):
+            return f"{p}: {p.stat().st_size} bytes, {want.get('size')} when it was written"
+        if file_digest(p) != want.get("sha256"):
+            return f"{p}: its content changed since it was written (digest mismatch)"
+    return None
+
+
+def _content(parents: dict[str, Any]) -> dict[str, Any]:
+    """Parent entries without their locations: a moved run dir is still the same content."""
+    return {k: {kk: vv for kk, vv in (v or {}).items() if kk != "path"} for k, v in (parents or {}).items()}
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -119,14 +157,33 @@ def parent_path(directory: str | os.PathLike, name: str) -> Path | None:
     m = read_manifest(directory)
     if not m or name not in m.get("parents", {}):
         return None
-    return Path(m["parents"][name]["path"])
+    p = Path(m["parents"][name]["path"])
+    if not p.exists() and m.get("written_in"):
+        # the run dir was moved: the parent at the same place relative to this stage dir
+        moved = Path(directory).resolve().parent / os.path.relpath(p, m["written_in"])
+        if moved.exists():
+            return Path(os.path.normpath(moved))
+    return p
 
 
 def is_current(directory: str | os.PathLike, manifest: dict[str, Any], required: list[str]) -> bool:
     """True when ``directory`` holds ``required`` files and a manifest with the same config hash and
-    parents as ``manifest`` (used to skip work on resume)."""
+    parents (by content, not location) as ``manifest``, and every output file it lists still has its
+    recorded size and digest (used to skip work on resume; a mismatch is logged in one line)."""
+    import logging
+
     d = Path(directory)
     old = read_manifest(d)
     if old is None or not all((d / f).is_file() for f in required):
         return False
-    return old.get("config_hash") == manifest["config_hash"] and old.get("parents") == manifest["parents"]
+    if old.get("config_hash") != manifest["config_hash"] or _content(old.get("parents")) != _content(
+        manifest["parents"]
+    ):
+        return False
+    bad = verify_outputs(d)
+    if bad is not None:
+        logging.getLogger("ihas_lightning").warning(
+            "%s; re-running the %s stage", bad, manifest.get("stage", "")
+        )
+        return False
+    return True

@@ -56,6 +56,11 @@ def resolve_search_ckpt(cfg: DictConfig, cluster_dir: Path | None = None) -> Pat
         raise DataError(
             f"{p}: search checkpoint not found ({key}); run stage=search first or set search.ckpt=PATH"
         )
+    from .artifacts import verify_outputs
+
+    bad = verify_outputs(p.parent)
+    if bad is not None:  # a killed search's best.ckpt, or one changed since: never taken as input
+        raise DataError(f"{p}: not the output of a finished search ({key}): {bad}")
     return p
 
 
