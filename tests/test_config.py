@@ -174,3 +174,25 @@ def test_cluster_k_is_checked_against_the_train_rows_before_training(cfg_factory
     ):
         pipeline.run_stage(cfg)
     assert not (tmp_path / "run" / "base").exists()  # no training started
+
+
+def test_console_is_quiet_and_the_log_file_complete(tmp_path):
+    """What a user cannot act on (GPU/TPU lines, Lightning tips, known warnings, wandb's banner) stays
+    off the console but is kept in the run's log file."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    r = subprocess.run(
+        [sys.executable, "-m", "ihas_lightning", "stage=all", "trainer=debug", "dataset.rows=2000",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}"],
+        capture_output=True, text=True, env={**env, "WANDB_MODE": "offline"}, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    console = r.stdout + r.stderr
+    for noise in ("GPU available", "litlogger", "has `__len__` defined", "wandb: "):
+        assert noise not in console, noise
+    log = (run / "__main__.log").read_text()
+    assert "GPU available" in log and "stage=all: finished" in log

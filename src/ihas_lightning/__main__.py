@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> float | None:
             # `import lightning` adds its own console handler; Hydra's root handlers (console + the
             # run dir's log file) already receive those records, so every line would print twice
             logging.getLogger("lightning").handlers.clear()
+        _quiet_console()
         metrics = run_stage(cfg)
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning turns Ctrl-C inside fit() into sys.exit(1) after its graceful shutdown
@@ -77,6 +78,39 @@ def main(cfg: DictConfig) -> float | None:
     return None
 
 
+# console noise a user cannot act on (still written to the run dir's log file)
+_NOISE = (
+    "GPU available",
+    "TPU available",
+    "HPU available",
+    "litlogger",
+    "has `__len__` defined",
+    "log_every_n_steps",
+    "LeafSpec",
+    "does not have many workers",
+    "modules in eval mode",
+    "Restoring states from the checkpoint",
+    "Loaded model weights from the checkpoint",
+)
+
+
+class _ConsoleFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        msg = record.getMessage()
+        return not any(n in msg for n in _NOISE)
+
+
+def _quiet_console() -> None:
+    """Route warnings through logging (so the run's log file keeps them all) and drop the known noise
+    from the console handlers only; progress bars and result tables are untouched."""
+    logging.captureWarnings(True)
+    for h in logging.getLogger().handlers:
+        if not isinstance(h, logging.FileHandler):
+            h.addFilter(_ConsoleFilter())
+
+
 def _to_log_file(message: str) -> None:
     """Write ``message`` to the run's log file(s) only (Hydra's file handler), not the console."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
@@ -97,6 +131,7 @@ def _in_multirun() -> bool:
 
 if __name__ == "__main__":
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    os.environ.setdefault("WANDB_SILENT", "true")  # offline W&B: its lines add nothing to the console
     try:
         main()
     except KeyboardInterrupt:  # before a run dir exists (composing the config, importing)

@@ -58,7 +58,7 @@ def build_logger(cfg: DictConfig, run_name: str):
     save_dir = Path(_get(w, "save_dir", cfg.paths.output_dir))
     save_dir.mkdir(parents=True, exist_ok=True)
     tags = list(_get(w, "tags", []))
-    return WandbLogger(
+    lg = WandbLogger(
         name=run_name,
         project=_get(w, "project", "ihas-lightning"),
         entity=_get(w, "entity", None),
@@ -68,6 +68,9 @@ def build_logger(cfg: DictConfig, run_name: str):
         mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+    # Lightning always passes anonymous=None, which wandb >= 0.19 answers with a deprecation warning
+    getattr(lg, "_wandb_init", {}).pop("anonymous", None)
+    return lg
 
 
 def is_wandb(logger: Any) -> bool:
