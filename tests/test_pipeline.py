@@ -203,3 +203,50 @@ def test_reuse_is_verified_and_survives_a_move(cfg_factory, tmp_path, caplog):
     )
     with pytest.raises(DataError, match="not the output of a finished search"):
         cluster.run(cfg)
+
+
+def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(cfg_factory, tmp_path, monkeypatch):
+    """Kill the Base fit during epoch 2 (an exception from a callback), re-run stage=all into the same
+    run dir: it continues from last.ckpt (the end of epoch 1) to the configured epochs."""
+    import lightning as L
+
+    from ihas_lightning import pipeline, training
+
+    args = ("stage=all", "method=base", "dataset.rows=2500", "search.max_epochs=4", "search.patience=null",
+            "model.batch_size=256", "evaluate.timing_repeats=1")  # fmt: skip
+    ref = tmp_path / "ref"
+    pipeline.run(cfg_factory(*args, output_dir=ref))
+
+    class Kill(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed")
+
+    real = training.selection_callbacks
+
+    def with_kill(*a, **k):
+        cbs, ck = real(*a, **k)
+        return [*cbs, Kill()], ck
+
+    monkeypatch.setattr(training, "selection_callbacks", with_kill)
+    import ihas_lightning.stages.search as search_stage
+
+    monkeypatch.setattr(search_stage, "selection_callbacks", with_kill, raising=False)
+    out = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.run(cfg_factory(*args, output_dir=out))
+    assert (out / "search" / "last.ckpt").is_file() and not (out / "search" / "manifest.json").exists()
+    monkeypatch.undo()
+    pipeline.run(cfg_factory(*args, output_dir=out))
+    a = json.loads((ref / "search" / "metrics.json").read_text())
+    b = json.loads((out / "search" / "metrics.json").read_text())
+    # it continued (fewer samples trained in this process), for the same epochs and steps in total
+    assert b["epochs_run"] == a["epochs_run"] and b["global_step"] == a["global_step"]
+    assert b["train_samples"] < a["train_samples"]
+    # not yet bit-identical to the uninterrupted run (issue 14 is open on this): close, not equal
+    for k in ("val/auc", "test/auc"):
+        assert abs(b[k] - a[k]) < 0.02, k
+    # and the resumed search counts as complete: the next run reuses it
+    stamp = (out / "search" / "best.ckpt").stat().st_mtime_ns
+    pipeline.run(cfg_factory(*args, output_dir=out))
+    assert (out / "search" / "best.ckpt").stat().st_mtime_ns == stamp

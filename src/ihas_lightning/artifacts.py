@@ -137,6 +137,13 @@ def verify_outputs(directory: str | os.PathLike) -> str | None:
     return None
 
 
+def same_origin(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two manifests (or start records) of the same config and parent contents."""
+    return a.get("config_hash") == b.get("config_hash") and _content(a.get("parents")) == _content(
+        b.get("parents")
+    )
+
+
 def _content(parents: dict[str, Any]) -> dict[str, Any]:
     """Parent entries without their locations: a moved run dir is still the same content."""
     return {k: {kk: vv for kk, vv in (v or {}).items() if kk != "path"} for k, v in (parents or {}).items()}

@@ -71,6 +71,19 @@ def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
         m = read_json(out / "metrics.json")
         m["resumed"] = True
         return m
+    last = out / search.LAST
+    started = out / search.STARTED
+    if not cfg.search.get("resume") and last.is_file() and started.is_file():
+        from .artifacts import same_origin
+
+        if same_origin(read_json(started), expected):
+            # a search of this very config was killed: continue from its last epoch (Lightning restores
+            # the weights, the optimizers, the epoch and the callbacks' state)
+            log.info("stage=all: %s holds a killed search of this config; resuming from %s", out, last)
+            cr = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+            with open_dict(cr):
+                cr.search.resume = str(last)
+            return search.run(cr)
     return search.run(cfg)
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import method
 from ..errors import ConfigError, DataError
@@ -59,6 +59,8 @@ log = logging.getLogger("ihas_lightning")
 SEARCH_DIR = "search"
 BEST = "best.ckpt"
 LAST = "last.ckpt"
+#: written when a search starts (config hash + parents): a killed search of the same config resumes
+STARTED = "started.json"
 MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
 
 
@@ -255,6 +257,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / stale).unlink(missing_ok=True)
 
     prepared = Path(ensure_prepared(cfg))
+    if not resume:
+        from ..artifacts import make_manifest
+
+        start = make_manifest("search", cfg, MANIFEST_KEYS, parents=manifest_parents(cfg, prepared))
+        write_json(out / STARTED, {k: start[k] for k in ("stage", "config_hash", "parents", "created")})
     seed_everything(int(cfg.seed))
     fmap = FeatureMap.load(prepared)
     n_train = fmap.rows("train")
@@ -336,6 +343,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:
             max_epochs = search_epochs
         trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root)
+        # the train loader's shuffle is seeded by the trainer's epoch (also when resuming mid-run)
+        dm.trainer = trainer
         t0 = time.perf_counter()
         trainer.fit(
             module,
@@ -440,6 +449,10 @@ def _round(v: float | None) -> float | None:
 def _write_manifest(cfg: DictConfig, out: Path, prepared: Path, fmap, best: Path) -> None:
     from ..artifacts import make_manifest, write_manifest
 
+    # a resumed search is the same search: its manifest must not depend on where it resumed from
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(cfg):
+        cfg.search.resume = None
     manifest = make_manifest(
         "search",
         cfg,
