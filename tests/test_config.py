@@ -196,3 +196,13 @@ def test_console_is_quiet_and_the_log_file_complete(tmp_path):
         assert noise not in console, noise
     log = (run / "__main__.log").read_text()
     assert "GPU available" in log and "stage=all: finished" in log
+
+
+def test_help_shows_our_groups_and_usage():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ihas_lightning", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "Usage: python -m ihas_lightning" in r.stdout
+    assert "backbone: dcn, deepfm, fm, mlp, wide_deep" in r.stdout and "experiment=table2" in r.stdout
