@@ -43,12 +43,7 @@ def gate_histogram_png(
     ax.set_ylabel("share of (sample, dim) pairs")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def histograms_side_by_side_png(
@@ -74,7 +69,7 @@ def histograms_side_by_side_png(
     axes[0][0].set_ylabel("share of (sample, dim) pairs")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def case_study_png(
@@ -114,15 +109,16 @@ def case_study_png(
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_png(fig, path: str | os.PathLike, dpi: int | None = None) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (a temp sibling, then a rename) and close it."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
+    fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path

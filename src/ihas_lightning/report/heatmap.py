@@ -7,8 +7,6 @@ with many (Criteo's 39), fields are rows, so every field name stays horizontal a
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,9 +56,6 @@ def dims_heatmap(
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04 if tall else 0.03, pad=0.02, label="dims")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from .figures import save_png
+
+    return save_png(fig, path, dpi=110)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +190,9 @@ def figure4(dataset: str, summary: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("inference, whole test split (ms)")
     ax.set_title(f"Figure 4: inference time ({dataset})", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    from .figures import save_png
+
+    return save_png(fig, path)
 
 
 def write_table2(ds: str, runs: list[dict[str, Any]], missing: list[dict[str, Any]], root: Path, out: Path,

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..mlp import deep_layers  # noqa: F401 - the deep part, shared with the MLP
+
 
 def field_positions(field_dims: Sequence[int], embed_dim: int, positions=None) -> list[list[int]]:
     """Validated original dim indices of each field's kept dims (default: the first d_f)."""
@@ -99,20 +101,3 @@ class CrossNetwork(nn.Module):
         for w, b in zip(self.w, self.b):
             x = x0 * (x @ w).unsqueeze(1) + b + x
         return x
-
-
-def deep_layers(
-    in_dim: int, hidden: Sequence[int], batchnorm: bool, dropout: float
-) -> tuple[nn.Sequential, int]:
-    """The fully-connected ReLU layers (without the output layer) and their output width."""
-    layers: list[nn.Module] = []
-    d = in_dim
-    for h in hidden:
-        layers.append(nn.Linear(d, int(h)))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(int(h)))
-        layers.append(nn.ReLU())
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        d = int(h)
-    return nn.Sequential(*layers), d
