@@ -91,6 +91,7 @@ _NOISE = (
     "modules in eval mode",
     "Restoring states from the checkpoint",
     "Loaded model weights from the checkpoint",
+    "exists and is not empty",  # our own stage dir (started.json, snapshots/) before Lightning writes
 )
 
 
