@@ -607,7 +607,13 @@ class IHASDataModule(L.LightningDataModule):
     def _train_epoch(self) -> int:
         trainer = self.trainer
         if trainer is not None:
-            return int(trainer.current_epoch)
+            # the epochs the fit loop has processed: equal to current_epoch in a fresh fit, and right
+            # also in the first epoch after resuming from a checkpoint written at an epoch's end (when
+            # current_epoch still lags by one, so the shuffle would repeat the previous epoch's order)
+            try:
+                return int(trainer.fit_loop.epoch_progress.total.processed)
+            except AttributeError:
+                return int(trainer.current_epoch)
         e = self._epoch
         self._epoch += 1
         return e
