@@ -417,6 +417,10 @@ class SearchModule(CTRModule):
         log.info("search: snapshot %r saved to %s", tag, final)
 
     def on_train_start(self) -> None:
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._resume_rng = None
         if self.global_step == 0:
             self.save_snapshot("init")
 
@@ -448,6 +452,8 @@ class SearchModule(CTRModule):
             "search_start_epoch": self.search_start_epoch,
             "lr_scaled": self.lr_scaled,
             "gate_steps": self.gate_steps,
+            # the Gumbel noise's generator: a resumed search draws what the uninterrupted one would
+            "torch_rng": torch.get_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -456,6 +462,8 @@ class SearchModule(CTRModule):
             self.search_start_epoch = phase["search_start_epoch"]
             self.lr_scaled = bool(phase.get("lr_scaled", False))
             self.gate_steps = int(phase.get("gate_steps", 0))
+        # restored when a fit resumes (on_train_start), not when a checkpoint is loaded for evaluation
+        self._resume_rng = phase.get("torch_rng")
 
     def on_fit_end(self) -> None:
         self.eval_mode = "deterministic" if self.selector is not None else "open"
