@@ -15,6 +15,7 @@ from typing import Any
 
 from ..stats import mean_ci
 from .table2 import _pm
+from .tables import _md
 
 # ---- paired comparisons --------------------------------------------------------------------------------
 Series = dict[Any, dict[str, Any]]  # seed -> {"test_auc", "test_logloss", ...}
@@ -69,12 +70,6 @@ def _series(runs: list[dict[str, Any]], row: str | None = None) -> Series:
 def _stats(series: Series) -> dict[str, Any]:
     return {k: mean_ci([float(v[k]) for v in series.values() if v.get(k) is not None])
             for k in ("test_auc", "test_logloss", "embedding_params", "dense_params", "inference_ms")}  # fmt: skip
-
-
-def _md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
-        "| " + " | ".join(str(v) for v in row) + " |" for row in rows
-    ]
 
 
 def _write(out: Path, stem: str, md: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -133,7 +128,7 @@ def table3_markdown(
              "and iHAS reuse the frozen controller / Bernoulli gates of an MLP search (`transfer.from`). Test "
              "AUC / logloss: mean ± std over seeds; differences from original are paired by seed, 95% "
              "t-interval (better / worse / tie: the interval excludes 0 or not).", ""]  # fmt: skip
-    lines += _md_table(T3_COLUMNS, rows)
+    lines += _md(T3_COLUMNS, rows).splitlines()
     lines += ["", "## The paper's claims (RQ2)", ""]
     for b, rec in t3.items():
         if rec["ihas"].get("minus_original"):
@@ -220,7 +215,7 @@ def table4_markdown(
              f"From the run dirs under `{root}` (MLP backbone). iHAS-1 is the search row of each iHAS run. Test "
              "AUC / logloss: mean ± std over seeds; differences from iHAS paired by seed with a 95% t-interval "
              "(better / worse / tie for the row against iHAS).", ""]  # fmt: skip
-    lines += _md_table(T4_COLUMNS, rows)
+    lines += _md(T4_COLUMNS, rows).splitlines()
     lines += ["", "## The paper's claims (RQ3, RQ5)", ""]
     names = {"i_vs_base": "(i) iHAS beats Base", "ii_ihas_vs_ihas1": "(ii) iHAS > iHAS-1",
              "ii_ihas1_vs_ihas2": "(ii) iHAS-1 > iHAS-2", "iii_polarization": "(iii) polarization helps",

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .parts import CrossNetwork, deep_layers
+from ..mlp import deep_layers
+from .parts import CrossNetwork
 
 
 class DCNBackbone(nn.Module):

@@ -1,5 +1,5 @@
 """Pieces shared by the backbones: the first-order (per-id) term, FM's pairwise interactions with
-per-field dims at their original positions, the DCN cross network, and the deep part.
+per-field dims at their original positions, the DCN cross network (the deep part is :func:`ihas_lightning.models.mlp.deep_layers`).
 
 Positions. A retrained model keeps, per field, some of the search model's ``embed_dim`` dims
 (``positions[f]``: their original indices; default ``0..d_f-1``). Its tables are physically small
@@ -16,8 +16,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from ..mlp import deep_layers  # noqa: F401 - the deep part, shared with the MLP
 
 
 def field_positions(field_dims: Sequence[int], embed_dim: int, positions=None) -> list[list[int]]:
