@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bench bench-data bench-train acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: install ## run the default (fast) test suite
 
 test-all: install ## run every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
+
+bad-inputs: install ## 49 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
+	$(PY) -m ihas_lightning.bench.bad_inputs
 
 bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
 

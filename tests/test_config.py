@@ -149,7 +149,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("model.embed_dim=0", "model.embed_dim"), ("model.lr=-1", "model.lr"), ("seed=abc", "seed"),
+    [("model.embed_dim=0", "model.embed_dim"), ("model.lr=-1", "model.lr"), ("seed=-1", "seed"),
      ("model.hidden=[0]", "model.hidden"), ("model.dropout=2", "model.dropout"),
      ("model.weight_decay=-1", "model.weight_decay")],
 )  # fmt: skip
@@ -161,6 +161,58 @@ def test_common_keys_are_checked_before_prepare(cfg_factory, tmp_path, override,
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
         pipeline.run_stage(cfg)
     assert not (tmp_path / "data").exists()  # nothing prepared
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("seed=abc", "error: config key 'seed': Value 'abc' of type 'str' could not be converted to Integer"),
+     ("cluster.batch_size=x", "error: config key 'cluster.batch_size': Value 'x'"),
+     ("model.hidden=abc", "error: config key 'model.hidden': Invalid value assigned: str is not a ListConfig"),
+     ("model.lrr=1", "error: config key 'model.lrr': no such key (the keys of model: name, backbone, "),
+     ("+model.lrr=1", "error: config key 'model.lrr': no such key in model (the schema"),
+     ("+search.pretrain.foo=1", "error: config key 'search.pretrain.foo': no such key in search.pretrain"),
+     ("trainer.bogus=1", "error: config key 'trainer.bogus': no such key (add a new one with +trainer.bogus=...)"),
+     ("search.gate_evry=3", "error: config key 'search.gate_evry': no such key"),
+     ("method=nope", "error: Could not find 'method/nope'; available: adafs_hard, adafs_soft, autofield, base,"),
+     ("seed=[1", "error: a command-line override does not parse: no viable alternative at input '[1'")],
+)  # fmt: skip
+def test_a_config_that_does_not_compose_is_one_line_and_exit_2(tmp_path, override, expected):
+    """Types and key names are checked by Hydra against the schema while composing (no stage module is
+    imported yet); the entry point prints Hydra's report as one line."""
+    r = subprocess.run(
+        [sys.executable, "-m", "ihas_lightning", "stage=all", override, f"paths.log_dir={tmp_path}",
+         f"paths.data_dir={tmp_path}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(expected), r.stderr
+    assert not list(tmp_path.glob("synthetic-*"))  # nothing prepared
+
+
+def test_the_schema_types_every_value_of_every_group_option():
+    """Each group option composes into the schema, and the composed values have the schema's types
+    (an int key given as 1.0 in a YAML would fail here, not in the middle of a run)."""
+    from omegaconf import OmegaConf
+
+    from ihas_lightning.schema import Config
+
+    cfg = compose(["stage=all", "dataset=criteo", "method=pep", "backbone=deepfm", "logger=csv"])
+    assert OmegaConf.get_type(cfg) is Config
+    assert isinstance(cfg.seed, int) and isinstance(cfg.model.lr, float) and isinstance(cfg.cluster.k, int)
+    assert OmegaConf.missing_keys(cfg.method) == set() and OmegaConf.missing_keys(cfg.model) == set()
+    with pytest.raises(Exception, match="not in 'ModelConfig'"):
+        cfg.model.lrr = 1
+
+
+def test_trainer_values_are_checked_by_building_a_trainer(cfg_factory):
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.validate import check_config
+
+    with pytest.raises(ConfigError, match="config key 'trainer.accelerator'"):
+        check_config(cfg_factory("stage=all", "trainer.accelerator=tpu"))
+    with pytest.raises(ConfigError, match="config key 'trainer.precision'"):
+        check_config(cfg_factory("stage=search", "trainer.precision=7"))
+    check_config(cfg_factory("stage=prepare", "trainer.accelerator=tpu"))  # prepare trains nothing
 
 
 def test_cluster_k_is_checked_against_the_train_rows_before_training(cfg_factory, tmp_path):

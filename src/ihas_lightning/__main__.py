@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 _SIGINT = {"seen": False}
+_STARTED = {"job": False}
 
 
 def _on_sigint(signum, frame):
@@ -36,9 +37,12 @@ log = logging.getLogger("ihas_lightning")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    _STARTED["job"] = True  # from here on an uncaught exception is ours (a bug: full traceback)
     try:
         from .pipeline import run_stage
+        from .validate import check_config
 
+        check_config(cfg, trainer=False)  # every key but trainer.*, before importing Lightning (~4 s)
         if cfg.stage.name != "prepare":  # prepare never pays for importing Lightning
             import lightning  # noqa: F401
 
@@ -130,11 +134,59 @@ def _in_multirun() -> bool:
         return False
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+def config_error_line(e: BaseException) -> str:
+    """Hydra's / OmegaConf's multi-line composition error as one line naming the key (or group)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else None
+    src = cause if cause is not None else e
+    key = getattr(src, "full_key", None)
+    lines = [ln.strip() for ln in str(src).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if not ln.startswith(("full_key:", "reference_type=", "object_type="))]
+    if key:
+        what = detail[0] if detail else type(src).__name__
+        if "is not in struct" in what:  # an open node (trainer, dataset): keys may be added with +
+            what = "no such key (add a new one with +" + str(key) + "=...)"
+        elif "Key '" in what and " not in '" in what:  # a schema node: its keys are fixed
+            from dataclasses import fields
+
+            from . import schema
+
+            node = getattr(schema, what.split(" not in '")[1].rstrip("'"), None)
+            names = ", ".join(f.name for f in fields(node)) if node is not None else ""
+            what = f"no such key (the keys of {key.rsplit('.', 1)[0]}: {names})" if names else "no such key"
+        return f"config key '{key}': {what}"
+    msg = str(e).split("Config search path:")[0].splitlines()
+    first = msg[0].strip().removeprefix("In 'config': ") if msg else type(e).__name__
+    options = [ln.strip() for ln in msg[1:] if ln.startswith("\t") and not ln.strip().startswith("_")]
+    if options:  # "Could not find 'method/nope'" + "Available options in 'method':" + one per line
+        return f"{first}; available: {', '.join(options)}"
+    if type(e).__name__ == "OverrideParseException":
+        return f"a command-line override does not parse: {first} (syntax: key=value, group=option)"
+    return first
+
+
+def _cli() -> None:
+    """Run :func:`main`; a config that does not compose (unknown key or option, wrong type, bad
+    override syntax) is one line and exit 2, like every other user error. ``HYDRA_FULL_ERROR=1`` set
+    by the user keeps Hydra's full report."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
     os.environ.setdefault("WANDB_SILENT", "true")  # offline W&B: its lines add nothing to the console
     try:
         main()
     except KeyboardInterrupt:  # before a run dir exists (composing the config, importing)
         print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.exit(130)
+    except (HydraException, OmegaConfBaseException) as e:
+        if user_full or _STARTED["job"]:
+            raise
+        print(f"error: {config_error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -16,7 +16,11 @@ _UID = f"{os.getpid():x}{secrets.token_hex(2)}"
 
 
 def register_resolvers() -> None:
-    """``${ihas_uid:}``: a per-process id, so run dirs of jobs started in the same second differ."""
+    """``${ihas_uid:}``: a per-process id, so run dirs of jobs started in the same second differ; and
+    the config schema (:mod:`ihas_lightning.schema`) in Hydra's ConfigStore."""
+    from . import schema
+
+    schema.register()
     if not OmegaConf.has_resolver("ihas_uid"):
         OmegaConf.register_new_resolver("ihas_uid", lambda: _UID)
 

@@ -122,11 +122,10 @@ def transfer_source(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     from .loggers import run_scope, scope_prefix
     from .rundir import output_dir, prepared_dir
+    from .validate import check_config
 
+    check_config(cfg)  # every key every stage of this run will use, before any work
     phases = method.phases(cfg)
-    # every stage's keys are checked before any work (prepare included)
-    for name in dict.fromkeys(["search", *phases]):
-        stage_module(name).check_cfg(cfg)
     out = output_dir(cfg)
     (out / "error.txt").unlink(missing_ok=True)  # a previous failure of this run dir (multirun jobs)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
@@ -166,8 +165,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage.name``: one stage, or ``all`` (this module)."""
-    from .validate import check_common
+    from .validate import check_config
 
-    check_common(cfg)
-    name = str(cfg.stage.name)
-    return run(cfg) if name == "all" else stage_module(name).run(cfg)
+    if str(cfg.stage.name) == "all":
+        return run(cfg)
+    check_config(cfg)  # every key the stage will use, before any work
+    return stage_module(str(cfg.stage.name)).run(cfg)

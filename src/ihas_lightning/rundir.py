@@ -26,6 +26,8 @@ DERIVE_DIR = "derive"
 RETRAIN_DIR = "retrain"
 EVALUATE_DIR = "evaluate"
 BEST = "best.ckpt"
+LAST = "last.ckpt"
+STARTED = "started.json"  # a fit in progress: its config hash and parents (a killed fit resumes)
 
 
 def output_dir(cfg: DictConfig) -> Path:

@@ -61,6 +61,32 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def check_trainer(cfg: DictConfig) -> None:
+    """``trainer.*`` as Lightning reads them: a Trainer is built from them (no logger, no checkpoints)
+    and thrown away, so ``trainer.accelerator=tpu`` or ``trainer.precision=7`` fail before any work."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    errors = (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError)
+
+    def build(**kw: Any) -> None:
+        L.Trainer(**kw, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+    kw = trainer_kwargs(cfg)
+    kw.pop("enable_progress_bar", None)
+    try:
+        build(**kw)
+    except errors as e:
+        key = "trainer"
+        for k, v in kw.items():  # the key that fails on its own
+            try:
+                build(**{k: v})
+            except errors:
+                key = f"trainer.{k}"
+                break
+        raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
+
+
 def check_monitor(value: Any, key: str, allowed: tuple[str, ...] = ("val/logloss", "val/auc")) -> None:
     if value not in allowed:
         raise ConfigError(f"config key '{key}': must be one of {list(allowed)} (got {value!r})")
@@ -174,20 +200,27 @@ def fit_ctr(
     logger: Any = None,
     monitor_val: bool = True,
     monitor: str = "val/logloss",
+    ckpt_dir: Path | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
     ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
-    checkpoint, epochs run, seconds, params}."""
+    checkpoint, epochs run, seconds, params}.
+
+    ``ckpt_dir``: where the fit keeps its checkpoints meanwhile (``best.ckpt`` and ``last.ckpt``, so a
+    killed fit can continue: ``resume`` = a ``last.ckpt`` of the same fit); default ``out``, no last."""
     callbacks: list[Any] = []
     ckpt_cb = None
     overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
     if monitor_val:
-        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, save_last=False)
+        callbacks, ckpt_cb = selection_callbacks(
+            ckpt_dir or out, monitor, patience, save_last=ckpt_dir is not None
+        )
     else:
         overrides["limit_val_batches"] = 0
     trainer = build_trainer(cfg, max_epochs, callbacks, logger, out, **overrides)
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     fit_s = time.perf_counter() - t0
     import torch
 

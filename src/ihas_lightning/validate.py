@@ -1,6 +1,13 @@
-"""Checks of the keys every stage uses (``seed``, ``model.*``), before any work: one line naming the
-key, exit 2. Each stage checks its own group in its ``check_cfg``; checks that need the data (e.g.
-``cluster.k`` against the training rows) run right after ``prepare`` (:func:`check_against_data`)."""
+"""The config is checked before any work, in three tiers, each failing with one line naming the key
+(exit 2):
+
+1. **types and key names** -- Hydra, while composing, against the schema (:mod:`ihas_lightning.schema`);
+2. **values** -- :func:`check_config`: ``seed``, ``model.*`` (:func:`check_common`) and the
+   ``check_cfg`` of every stage the run will execute (ranges, choices, cross-key rules), then the
+   ``trainer.*`` arguments (a Lightning Trainer is built from them and thrown away);
+3. **against the data** -- :func:`check_against_data` right after ``prepare`` and before any training
+   (``cluster.k`` against the training rows).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,15 @@ def _int(v: Any) -> bool:
 
 
 def check_common(cfg: DictConfig) -> None:
+    from .schema import unknown_keys
+
+    extra = unknown_keys(cfg)
+    if extra:
+        group = extra[0].rsplit(".", 1)[0] if "." in extra[0] else "the config"
+        raise ConfigError(
+            f"config key '{extra[0]}': no such key in {group} (the schema, src/ihas_lightning/schema.py, "
+            "lists every key)"
+        )
     seed = cfg.get("seed")
     if not _int(seed) or seed < 0:
         raise ConfigError(f"config key 'seed': must be an integer >= 0 (got {seed!r})")
@@ -39,6 +55,33 @@ def check_common(cfg: DictConfig) -> None:
     hidden = m.get("hidden")
     if hidden is not None and (isinstance(hidden, (str, int)) or not all(_int(h) and h >= 1 for h in hidden)):
         raise ConfigError(f"config key 'model.hidden': must be a list of integers >= 1 (got {hidden!r})")
+
+
+def stages_of(cfg: DictConfig) -> list[str]:
+    """The stages a run will execute, in order (``stage=all``: prepare, search and the method's phases)."""
+    from . import method
+
+    name = str(cfg.stage.name)
+    if name == "report":
+        return ["report"]
+    if name == "all":
+        return list(dict.fromkeys(["prepare", "search", *method.phases(cfg)]))
+    return list(dict.fromkeys(["prepare", name]))
+
+
+def check_config(cfg: DictConfig, trainer: bool = True) -> None:
+    """Tier 2: every value the run will use. ``trainer=False`` skips the Trainer check (it imports
+    Lightning, ~4 s), so the entry point can report every other key in about a second."""
+    from .stages import stage_module
+
+    check_common(cfg)
+    stages = stages_of(cfg)
+    for name in stages:
+        stage_module(name).check_cfg(cfg)
+    if trainer and any(s in ("search", "retrain") for s in stages):
+        from .training import check_trainer
+
+        check_trainer(cfg)
 
 
 def check_against_data(cfg: DictConfig, feature_map: Any, phases: list[str]) -> None:

@@ -78,12 +78,29 @@ def raw_files(dcfg: Any) -> dict[str, Path] | None:
     return None
 
 
+def dataset_keys(fmt: str) -> set[str]:
+    """The ``dataset.*`` keys of a format: those its options in ``conf/dataset/`` set (the dataset group
+    is open in the schema because each format has its own keys)."""
+    from ..config import CONFIG_DIR
+
+    keys: set[str] = set()
+    for f in sorted((CONFIG_DIR / "dataset").glob("*.yaml")):
+        node = OmegaConf.load(f).get("dataset") or {}
+        if node.get("format") == fmt:
+            keys |= set(node.keys())
+    return keys
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check dataset.* and prepare.* values; raise ConfigError naming the key."""
     d, p = cfg.dataset, cfg.get("prepare", {})
     fmt = _get(d, "format")
     require(fmt in (*RAW_FORMATS, "synthetic"), "dataset.format",
             f"must be one of criteo, avazu, synthetic (got {fmt!r})")  # fmt: skip
+    known = dataset_keys(str(fmt))
+    extra = [k for k in d.keys() if k not in known] if known else []
+    require(not extra, f"dataset.{extra[0] if extra else ''}",
+            f"no such key for a {fmt} dataset (its keys: {', '.join(sorted(known))})")  # fmt: skip
     split = _container(_get(d, "split", [0.8, 0.1, 0.1]))
     ok = isinstance(split, list | tuple) and len(split) == 3
     ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in split)

@@ -11,7 +11,12 @@ from omegaconf import DictConfig
 from ..data.dataset_dir import ensure_prepared, validate_config
 from ..data.feature_map import SPLITS, FeatureMap
 
-__all__ = ["ensure_prepared", "run", "validate_config"]
+__all__ = ["check_cfg", "ensure_prepared", "run", "validate_config"]
+
+
+def check_cfg(cfg: DictConfig) -> None:
+    """``dataset.*`` and ``prepare.*``, before anything is read."""
+    validate_config(cfg)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -51,16 +51,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .. import method
 from ..errors import ConfigError, DataError
 from ..method import check_gate_cfg  # noqa: F401 - re-exported for callers of the stage
-from ..rundir import checkpoint_epoch, load_search_model  # noqa: F401 - re-exported
+from ..rundir import BEST, LAST, STARTED, checkpoint_epoch, load_search_model  # noqa: F401 - re-exported
 from ..utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger("ihas_lightning")
 
 SEARCH_DIR = "search"
-BEST = "best.ckpt"
-LAST = "last.ckpt"
-#: written when a search starts (config hash + parents): a killed search of the same config resumes
-STARTED = "started.json"
 MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
 
 
@@ -150,8 +146,29 @@ def check_backbone(model: DictConfig) -> None:
     if name not in BACKBONES:
         raise ConfigError(f"config key 'model.backbone': must be one of {sorted(BACKBONES)} (got {name!r})")
     args = model.get("backbone_args") or {}
+    args = dict(OmegaConf.to_container(args, resolve=True)) if not isinstance(args, dict) else dict(args)
+    import inspect
+
+    # the backbones take the shared model keys as **kwargs, so an unknown knob would be ignored
+    shared = (
+        "self",
+        "field_dims",
+        "_",
+        "hidden",
+        "batchnorm",
+        "dropout",
+        "embed_dim",
+        "vocab_sizes",
+        "positions",
+    )
+    own = [p for p in inspect.signature(BACKBONES[name]).parameters if p not in shared]
+    for key in args:
+        if key not in own:
+            raise ConfigError(
+                f"config key 'model.backbone_args.{key}': {name} has no such argument (its own: "
+                f"{', '.join(own) or 'none'}; the shared ones are model.hidden, model.dropout, ...)"
+            )
     try:
-        args = dict(OmegaConf.to_container(args, resolve=True)) if not isinstance(args, dict) else dict(args)
         build_backbone(str(name), [2, 2], vocab_sizes=[3, 3], embed_dim=2, hidden=(2,), **args)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config key 'model.backbone_args': {name}: {e}") from None
@@ -160,7 +177,7 @@ def check_backbone(model: DictConfig) -> None:
 def check_cfg(cfg: DictConfig) -> None:
     """Every key the search stage (and the Base fit) will use, checked before any work."""
     from .. import schedule
-    from ..training import MONITORS, check_fit_cfg, check_monitor, trainer_kwargs
+    from ..training import MONITORS, check_fit_cfg, check_monitor
 
     sc = cfg.search
     check_fit_cfg(sc, "search")
@@ -168,7 +185,6 @@ def check_cfg(cfg: DictConfig) -> None:
     ob = cfg.model.output_bias
     if ob not in OUTPUT_BIAS:
         raise ConfigError(f"config key 'model.output_bias': must be one of {list(OUTPUT_BIAS)} (got {ob!r})")
-    trainer_kwargs(cfg)
     check_backbone(cfg.model)
     method.check(cfg)
     if not method.has_selector(cfg):
