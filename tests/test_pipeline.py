@@ -205,13 +205,14 @@ def test_reuse_is_verified_and_survives_a_move(cfg_factory, tmp_path, caplog):
         cluster.run(cfg)
 
 
-@pytest.mark.parametrize("method", ["base"])  # iHAS: see README known limits (the gate's batch stream)
+@pytest.mark.parametrize("method", ["base", "ihas"])
 def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
     cfg_factory, tmp_path, monkeypatch, method
 ):
-    """Kill the Base fit at the end of epoch 3 (an exception from a callback), re-run stage=all into the same
+    """Kill the fit at the end of epoch 3 (an exception from a callback), re-run stage=all into the same
     run dir: it continues from last.ckpt to the configured epochs and ends with the uninterrupted
-    run's metrics."""
+    run's metrics. iHAS: epoch 3 is in the search phase (1 pretrain epoch), so the gate steps, their
+    held-out batch stream and the Gumbel noise all continue where they stopped."""
     import lightning as L
 
     from ihas_lightning import pipeline, training
@@ -254,3 +255,49 @@ def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
     stamp = (out / "search" / "best.ckpt").stat().st_mtime_ns
     pipeline.run(cfg_factory(*args, output_dir=out))
     assert (out / "search" / "best.ckpt").stat().st_mtime_ns == stamp
+
+
+def test_a_killed_retrain_resumes_the_cluster_it_was_fitting(cfg_factory, tmp_path, monkeypatch):
+    """Kill the retrain of cluster 1 after its epoch 2 (cluster 0 finished): the re-run reuses cluster 0,
+    continues cluster 1 from cluster_1.partial/last.ckpt, and ends with the uninterrupted run's metrics."""
+    import lightning as L
+
+    from ihas_lightning import pipeline, training
+    from ihas_lightning.modules.retrain import RetrainModule
+
+    args = ("stage=all", "method=ihas", "stage.train_base=false", "dataset.rows=2500", "cluster.k=2",
+            "cluster.min_cluster_size=100", "search.max_epochs=2", "search.pretrain.max_epochs=1",
+            "retrain.max_epochs=4", "retrain.patience=null", "model.batch_size=256", "evaluate.timing_repeats=1")  # fmt: skip
+    ref = tmp_path / "ref"
+    pipeline.run(cfg_factory(*args, output_dir=ref))
+
+    class Kill(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if (
+                isinstance(pl_module, RetrainModule)
+                and pl_module.cluster_id == 1
+                and trainer.current_epoch == 2
+            ):
+                raise RuntimeError("killed")
+
+    real = training.selection_callbacks
+
+    def with_kill(*a, **k):
+        cbs, ck = real(*a, **k)
+        return [*cbs, Kill()], ck
+
+    monkeypatch.setattr(training, "selection_callbacks", with_kill)
+    out = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="killed"):
+        pipeline.run(cfg_factory(*args, output_dir=out))
+    partial = out / "retrain" / "cluster_1.partial"
+    assert (partial / "last.ckpt").is_file() and not (out / "retrain" / "cluster_1").exists()
+    monkeypatch.undo()
+    pipeline.run(cfg_factory(*args, output_dir=out))
+    assert not partial.exists()
+    a = json.loads((ref / "retrain" / "retrain.json").read_text())["clusters"]
+    b = json.loads((out / "retrain" / "retrain.json").read_text())["clusters"]
+    assert b[0]["resumed"] is True and b[1]["resumed_from_epoch"] is not None
+    assert b[1]["epochs_run"] == a[1]["epochs_run"]
+    for k in ("val_auc", "val_logloss", "test_auc", "test_logloss"):
+        assert b[1][k] == pytest.approx(a[1][k], abs=1e-6), k

@@ -143,6 +143,7 @@ class _BatchDataset(IterableDataset):
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.stream, self.infinite = stream, infinite
         self.epoch = 0
+        self.start_batch = 0  # an endless stream: batches to pass over at the next iter() (a resume)
         self.start, self.sizes = rank_plan(n, world, rank, batch_size, drop_last)
         if infinite and len(self.sizes) == 0:
             raise DataError("IHASDataModule: the search split has no rows for this rank; it cannot cycle")
@@ -159,9 +160,19 @@ class _BatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         worker, num_workers = _worker()
         in_worker = get_worker_info() is not None
-        cycle = 0
+        cycle, skip = 0, 0
+        if self.infinite and self.start_batch:
+            if num_workers != 1:
+                raise RuntimeError("an endless stream resumes at a batch only without loader workers")
+            # whole passes cost nothing (each pass's order depends only on its index), the rest is
+            # read and passed over: the stream continues exactly where it stopped
+            cycle, skip = divmod(int(self.start_batch), len(self.sizes))
+            self.start_batch = 0
         while True:
             for bx, by in self.iter_shard(self.epoch, worker, num_workers, cycle=cycle):
+                if skip:
+                    skip -= 1
+                    continue
                 # a view would ship its whole base storage (the split / the shuffle pool) to the main process
                 if in_worker and bx._base is not None:
                     bx, by = bx.clone(), by.clone()
@@ -344,6 +355,11 @@ class BatchLoader(DataLoader):
     def __init__(self, dataset: _BatchDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
         kwargs.setdefault("batch_size", None)
         kwargs.setdefault("collate_fn", _identity)
+        # DataLoader.__iter__ draws a base seed from this generator -- by default the global torch RNG,
+        # which the Gumbel masks and dropout also draw from: a loader iterated once more (a resumed
+        # search re-opens its gate stream) would shift every later draw. The batch order never comes
+        # from it (the datasets seed their own shuffles).
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, **kwargs)
         self.epoch_fn = epoch_fn
 
@@ -351,6 +367,10 @@ class BatchLoader(DataLoader):
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
         return super().__iter__()
+
+    def start_at(self, batches: int) -> None:
+        """The next ``iter()`` of an endless stream starts after its first ``batches`` batches."""
+        self.dataset.start_batch = int(batches)
 
 
 class IHASDataModule(L.LightningDataModule):

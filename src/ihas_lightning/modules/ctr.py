@@ -100,6 +100,20 @@ class CTRModule(L.LightningModule):
         opts = self.optimizers()
         return opts[0], opts[1]
 
+    # ---- exact resume: the torch RNG (Gumbel noise, dropout) continues where the checkpoint stopped --
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["torch_rng"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # restored when a fit resumes (on_train_start), not when a checkpoint is loaded for evaluation
+        self._resume_rng = checkpoint.get("torch_rng")
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_resume_rng", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._resume_rng = None
+
     def forward(self, x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
         return self.model(x, mode or self.eval_mode)
 

@@ -355,6 +355,7 @@ class SearchModule(CTRModule):
         self.gate_stats = {s: GateStats(dim, self.model.field_dims) for s in ("val", "test")}
         self.last_gate_summary: dict[str, dict[str, Any]] = {}
         self.gate_steps = 0
+        self.search_batches_drawn = 0  # the gate stream's position (checkpointed: an exact resume)
         self._reg_sum: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -397,7 +398,11 @@ class SearchModule(CTRModule):
                 "SearchModule: no search loader; call set_search_loader(dm.search_dataloader())"
             )
         if self._search_iter is None:
+            if self.search_batches_drawn and hasattr(self._search_source, "start_at"):
+                # a resumed fit: continue the stream where the checkpointed one stopped
+                self._search_source.start_at(self.search_batches_drawn)
             self._search_iter = iter(self._search_source)
+        self.search_batches_drawn += 1
         try:
             return next(self._search_iter)
         except StopIteration:
@@ -417,10 +422,7 @@ class SearchModule(CTRModule):
         log.info("search: snapshot %r saved to %s", tag, final)
 
     def on_train_start(self) -> None:
-        rng = getattr(self, "_resume_rng", None)
-        if rng is not None:
-            torch.set_rng_state(rng)
-            self._resume_rng = None
+        super().on_train_start()
         if self.global_step == 0:
             self.save_snapshot("init")
 
@@ -452,9 +454,9 @@ class SearchModule(CTRModule):
             "search_start_epoch": self.search_start_epoch,
             "lr_scaled": self.lr_scaled,
             "gate_steps": self.gate_steps,
-            # the Gumbel noise's generator: a resumed search draws what the uninterrupted one would
-            "torch_rng": torch.get_rng_state(),
+            "search_batches_drawn": self.search_batches_drawn,  # the gate stream's position
         }
+        super().on_save_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         phase = checkpoint.get("search_phase") or {}
@@ -462,8 +464,8 @@ class SearchModule(CTRModule):
             self.search_start_epoch = phase["search_start_epoch"]
             self.lr_scaled = bool(phase.get("lr_scaled", False))
             self.gate_steps = int(phase.get("gate_steps", 0))
-        # restored when a fit resumes (on_train_start), not when a checkpoint is loaded for evaluation
-        self._resume_rng = phase.get("torch_rng")
+            self.search_batches_drawn = int(phase.get("search_batches_drawn", 0))
+        super().on_load_checkpoint(checkpoint)
 
     def on_fit_end(self) -> None:
         self.eval_mode = "deterministic" if self.selector is not None else "open"

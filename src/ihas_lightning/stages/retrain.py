@@ -26,6 +26,7 @@ dir) is retrained.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch
 from omegaconf import DictConfig
 
 from .. import method
-from ..artifacts import is_current, make_manifest, write_manifest
+from ..artifacts import is_current, make_manifest, same_origin, write_manifest
 from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..loggers import PrefixedLogger, build_logger, finish_loggers
@@ -42,6 +43,7 @@ from ..modules.retrain import INITS, RetrainModule
 from ..rundir import (  # noqa: F401 - check_cluster_fits, data_dir_for, load_cluster_models re-exported
     BEST,
     RETRAIN_DIR,
+    STARTED,
     check_cluster_fits,
     data_dir_for,
     load_arch_dir,
@@ -78,7 +80,7 @@ CONFIG_KEYS = [
 def check_cfg(cfg: DictConfig) -> None:
     """Every key the retrain stage will use, checked before any work."""
     from ..schedule import check_batch_size
-    from ..training import check_fit_cfg, trainer_kwargs
+    from ..training import check_fit_cfg
 
     check_fit_cfg(cfg.retrain, "retrain")
     init = cfg.retrain.get("init")
@@ -88,7 +90,6 @@ def check_cfg(cfg: DictConfig) -> None:
         )
     method.check(cfg)
     check_batch_size(cfg.model)
-    trainer_kwargs(cfg)
 
 
 def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
@@ -244,6 +245,20 @@ def _train_cluster(
             "retrain stage: cluster %d has no val samples: no early stopping, the last epoch is kept", c
         )
     sub = PrefixedLogger(logger, f"retrain/cluster_{c}") if logger is not None else None
+    # the fit's checkpoints live in cluster_<c>.partial/ until it finishes: a killed retrain continues
+    # this cluster from its last epoch (same config and parents: started.json), not from scratch
+    partial = cdir.with_name(cdir.name + ".partial")
+    resume = None
+    if (partial / "last.ckpt").is_file() and (partial / STARTED).is_file():
+        if same_origin(read_json(partial / STARTED), manifest):
+            resume = partial / "last.ckpt"
+            log.info("retrain stage: cluster %d: resuming a killed fit from %s", c, resume)
+    if resume is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write_json(
+            partial / STARTED, {k: manifest[k] for k in ("stage", "config_hash", "parents", "created")}
+        )
     with atomic_dir(cdir, overwrite=True) as tmp:
         res = fit_ctr(
             module,
@@ -255,6 +270,13 @@ def _train_cluster(
             logger=sub,
             monitor_val=monitor,
             monitor=str(cfg.retrain.monitor),
+            ckpt_dir=partial if monitor else None,
+            resume=resume,
+        )
+        res["resumed_from_epoch"] = (
+            int(torch.load(resume, map_location="cpu", weights_only=True).get("epoch", -1))
+            if resume
+            else None
         )
         res["best_ckpt"] = str((cdir / BEST).resolve())
         metrics = {
@@ -271,4 +293,5 @@ def _train_cluster(
         }
         write_json(tmp / "metrics.json", metrics)
         write_manifest(tmp, manifest)
+    shutil.rmtree(partial, ignore_errors=True)
     return metrics
