@@ -96,6 +96,7 @@ def test_paired_differences_from_ihas_match_a_hand_computation():
     assert "test_auc_minus_ihas" not in s["ihas"]
 
 
+@pytest.mark.slow  # 18 s; Tables 2 and 3 run the same multirun + callback path in the default suite
 def test_table4_multirun_writes_the_ablation_table_and_figures(tmp_path):
     sweep = tmp_path / "t4"
     r = _cli("-m", "experiment=table4", "dataset=synthetic", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}",
