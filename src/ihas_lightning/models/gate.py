@@ -175,8 +175,10 @@ def threshold_search(
     ones = torch.ones(1, 1, dtype=torch.int32, device=p.device).expand(b_, d_)
     counts = torch.zeros(b_, bins, dtype=torch.int32, device=p.device).scatter_add_(1, idx, ones)
     left, mid, right = counts[:, :-2], counts[:, 1:-1], counts[:, 2:]
-    # suffix max of counts strictly right of each middle bin: max(count[b+1:])
-    suffix_max = counts.flip(1).cummax(1).values.flip(1)[:, 2:]
+    # suffix max of counts strictly right of each middle bin: max(count[b+1:]), as a max over a
+    # [bins, bins] upper-triangular 0/1 mask (counts are >= 0): no cummax, so the graph exports to ONNX
+    upper = torch.ones(bins, bins, dtype=torch.bool, device=p.device).triu()
+    suffix_max = (counts.unsqueeze(1) * upper).amax(2)[:, 2:]
     valley = (mid < left) & (mid <= right) & (suffix_max > mid)  # [B, bins-2] for b = 1..bins-2
     has = valley.any(1)
     first = valley.int().argmax(1) + 1  # first True (argmax returns the first max)
