@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-serve acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip
 	# the pinned CPU torch first: an unpinned `torch` would pull a multi-GB CUDA build
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev,serve]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with torch==$(TORCH_VERSION) (CPU) and the package in editable mode
@@ -33,6 +33,9 @@ test-all: install ## run every test, the slow ones included
 
 bad-inputs: install ## 49 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
 	$(PY) -m ihas_lightning.bench.bad_inputs
+
+bench-serve: install ## inference: Base vs routed iHAS (exact, graph, models only, onnxruntime) at batch 1/256/4096 -> experiments/results/bench_serve.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_serve
 
 bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
 

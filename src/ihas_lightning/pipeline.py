@@ -127,6 +127,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)  # every key every stage of this run will use, before any work
     phases = method.phases(cfg)
     out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    from .serving import save_run_config
+
+    save_run_config(cfg, out)  # what stage=predict rebuilds the run's models from
     (out / "error.txt").unlink(missing_ok=True)  # a previous failure of this run dir (multirun jobs)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
 

@@ -112,6 +112,30 @@ class ReportConfig:
 
 
 @dataclass
+class PredictConfig:
+    run: str | None = MISSING
+    input: Any = MISSING  # a path or a list of paths
+    output: str | None = MISSING
+    model: str = MISSING
+    batch_size: int = MISSING
+    passthrough: str | None = MISSING
+    on_bad_rows: str = MISSING
+    block_size_mb: float = MISSING
+    progress: bool = MISSING
+
+
+@dataclass
+class ExportConfig:
+    run: str | None = MISSING
+    dir: str | None = MISSING
+    model: str = MISSING
+    formats: list[str] = MISSING
+    opset: int = MISSING
+    tolerance: float = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
 class StageConfig:
     name: str = MISSING
     train_base: bool = True  # stage=all only: also train the Base row
@@ -218,6 +242,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     transfer: dict[str, Any] = field(default_factory=dict)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -36,6 +36,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _json_default(o: Any) -> Any:
     try:
         import numpy as np

@@ -62,8 +62,12 @@ def stages_of(cfg: DictConfig) -> list[str]:
     from . import method
 
     name = str(cfg.stage.name)
-    if name == "report":
-        return ["report"]
+    if name in (
+        "report",
+        "predict",
+        "export",
+    ):  # they read a finished run / multirun, not the configured dataset
+        return [name]
     if name == "all":
         return list(dict.fromkeys(["prepare", "search", *method.phases(cfg)]))
     return list(dict.fromkeys(["prepare", name]))

@@ -203,12 +203,14 @@ class RawFormat:
     kinds: dict[str, str]
     numeric_transform: str = "log_square"
     hour_transform: str = "raw"
+    has_label: bool = True  # False: new rows to score (stage=predict), the label column absent
+    passthrough: tuple[str, ...] = ()  # columns read as they are and carried in Block.extra (e.g. id)
 
     @property
     def read_columns(self) -> list[str]:
         if self.name == "criteo":
             return list(self.columns)
-        return [c for c in self.columns if c != "id"]
+        return [c for c in self.columns if c != "id" or "id" in self.passthrough]
 
 
 def make_format(dcfg: Mapping[str, Any]) -> RawFormat:
@@ -314,11 +316,14 @@ def _first_line(path: Path) -> str:
     return head.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "replace")
 
 
-def sniff(path: Path, f: RawFormat) -> RawFormat:
-    """Check the first line (separator, Avazu header) and return the format with its file columns."""
+def sniff(path: Path, f: RawFormat, label_optional: bool = False) -> RawFormat:
+    """Check the first line (separator, Avazu header) and return the format with its file columns.
+    ``label_optional`` (new rows to score): a file without the label column is accepted."""
     line = _first_line(path)
     if f.name == "criteo":
         n = line.count("\t") + 1
+        if label_optional and n == len(CRITEO_COLUMNS) - 1:
+            return RawFormat(**{**f.__dict__, "columns": CRITEO_COLUMNS[1:], "has_label": False})
         if n != len(CRITEO_COLUMNS):
             hint = ""
             if line.count(",") + 1 >= len(CRITEO_COLUMNS) - 1:
@@ -333,6 +338,9 @@ def sniff(path: Path, f: RawFormat) -> RawFormat:
         # a headerless split file (e.g. the Lapis-Hong dev/test files): the standard column order
         return RawFormat(**{**f.__dict__, "header": False})
     missing = [c for c in AVAZU_COLUMNS if c not in header]
+    if label_optional and "click" in missing:  # the Kaggle test file: no click column
+        missing.remove("click")
+        f = RawFormat(**{**f.__dict__, "has_label": False})
     hint = " (the file looks tab-separated; Avazu raw files are comma-separated)" if "\t" in line else ""
     if len(missing) == len(AVAZU_COLUMNS):
         raise DataError(
@@ -370,9 +378,11 @@ class Block:
     """One block of valid rows: token keys per output field, labels, global row indices."""
 
     keys: list[np.ndarray]
-    label: np.ndarray  # int8
+    label: np.ndarray  # int8 (-1: a file without labels)
     row_index: np.ndarray  # int64, the row's data-line index in its file (line - 1 - header): a skipped
     # row (blank or malformed) changes no other row's index, so no other row's split
+    extra: dict[str, pa.Array] = field(default_factory=dict)  # the format's passthrough columns
+    line: np.ndarray | None = None  # int64, the row's physical line in its file (1-based)
 
     @property
     def n(self) -> int:
@@ -542,11 +552,18 @@ def iter_blocks(path: Path, f: RawFormat, block_size: int, on_bad_rows: str, bad
         # (bad-row mask, column, rule) of each failed check; the rule is formatted with the cell value
         checks: list[tuple[np.ndarray, pa.Array, str]] = []
         # label: exactly "0" or "1"
-        lab_col = cols[f.label]
-        lk = string_keys(lab_col)
-        checks.append(
-            ((lk != _K0) & (lk != _K1), lab_col, f"column {f.label} (the label) must be 0 or 1, got '{{}}'")
-        )
+        if f.has_label:
+            lab_col = cols[f.label]
+            lk = string_keys(lab_col)
+            checks.append(
+                (
+                    (lk != _K0) & (lk != _K1),
+                    lab_col,
+                    f"column {f.label} (the label) must be 0 or 1, got '{{}}'",
+                )
+            )
+        else:
+            lk = np.full(n, _K0, dtype=np.uint64)
         # integer columns
         ints: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for name in f.int_columns:
@@ -594,11 +611,15 @@ def iter_blocks(path: Path, f: RawFormat, block_size: int, on_bad_rows: str, bad
             bad.add(int(bad_mask.sum()), line, rule)
             keep = ~bad_mask
             keys = [k[keep] for k in keys]
-            lk, row_index = lk[keep], row_index[keep]
+            lk, row_index, lines = lk[keep], row_index[keep], lines[keep]
+            extra = {c: pc.filter(cols[c], pa.array(keep)) for c in f.passthrough}
+        else:
+            extra = {c: cols[c] for c in f.passthrough}
         if ragged and on_bad_rows == "fail":
             raise ragged_error(ragged)
         seen += n
-        yield Block(keys=keys, label=(lk == _K1).astype(np.int8), row_index=row_index)
+        label = (lk == _K1).astype(np.int8) if f.has_label else np.full(len(lk), -1, dtype=np.int8)
+        yield Block(keys=keys, label=label, row_index=row_index, extra=extra, line=lines)
     if seen == 0 and not any_ragged:
         raise DataError(f"{path}: no data rows" + (" after the header" if f.header else ""))
 
@@ -814,7 +835,8 @@ class PrepareOptions:
         return max(1 << 16, int(float(self.block_size_mb) * (1 << 20)))
 
 
-def _progress(enabled: bool):
+def rows_progress(enabled: bool):
+    """A rich progress bar counting rows (rows/s, elapsed, remaining); off when ``enabled`` is false."""
     from rich.progress import (
         BarColumn,
         Progress,
@@ -867,7 +889,7 @@ def prepare_raw(
     counters = [TokenCounter() for _ in range(nf)]
     train_role = "raw" if single else "train"
     rows_seen = 0
-    with _progress(opts.progress) as prog:
+    with rows_progress(opts.progress) as prog:
         task = prog.add_task(f"pass 1/2 count  {files[train_role].name}", total=None)
         bad_pass1[train_role] = BadRows()
         for blk in iter_blocks(
@@ -898,7 +920,7 @@ def prepare_raw(
     # ---- pass 2: encode + write -----------------------------------------------------------------
     writers = {s: SplitWriter(out_dir / f"{s}.parquet", fields, int(dcfg["row_group_size"])) for s in SPLITS}
     try:
-        with _progress(opts.progress) as prog:
+        with rows_progress(opts.progress) as prog:
             order = ["raw"] if single else list(SPLITS)
             total = rows_seen if single else None
             for role in order:

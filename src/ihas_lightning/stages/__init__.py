@@ -21,6 +21,8 @@ STAGES = {
     "retrain": "ihas_lightning.stages.retrain",
     "evaluate": "ihas_lightning.stages.evaluate",
     "report": "ihas_lightning.stages.report",
+    "predict": "ihas_lightning.stages.predict",
+    "export": "ihas_lightning.stages.export",
 }
 
 

@@ -31,53 +31,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from .. import method
 from ..artifacts import make_manifest, write_manifest
-from ..data.feature_map import FeatureMap
-from ..errors import ConfigError, DataError
-from ..routing import RoutedModel, dispatch
+from ..errors import ConfigError
+from ..routing import dispatch
 from ..rundir import (
-    BASE_DIR,
-    BEST,
     EVALUATE_DIR,
-    SEARCH_DIR,
-    _given,
-    check_cluster_fits,
-    data_dir_for,
-    load_arch_dir,
-    load_cluster_models,
-    load_search_model,
     make_datamodule,
     output_dir,
-    prepared_dir,
-    resolve_arch_dir,
-    resolve_retrain_dir,
-    resolve_search_ckpt,
     split_batches,
 )
+from ..serving import auc_logloss, base_checkpoint, load_run_models  # noqa: F401 - re-exported
 from ..utils import read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
 CONFIG_KEYS = ["seed", "evaluate.batch_size", "evaluate.timing_repeats"]
-
-
-def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
-    if len(y) == 0:
-        return None, None
-    from sklearn.metrics import roc_auc_score
-
-    ll = float(F.binary_cross_entropy_with_logits(logits.double(), y.double()))
-    yy = y.numpy()
-    auc = float(roc_auc_score(yy, torch.sigmoid(logits).numpy())) if 0 < yy.sum() < len(yy) else None
-    return auc, ll
 
 
 SPLITS = ("val", "test")
@@ -155,16 +129,6 @@ def time_inference(
     return best * 1000.0
 
 
-def base_checkpoint(cfg: DictConfig) -> Path | None:
-    p = _given(cfg.evaluate.get("base_ckpt"))
-    if p is not None:
-        if not p.is_file():
-            raise DataError(f"{p}: Base checkpoint not found (evaluate.base_ckpt)")
-        return p
-    p = output_dir(cfg) / BASE_DIR / SEARCH_DIR / BEST
-    return p if p.is_file() else None
-
-
 def check_cfg(cfg: DictConfig) -> None:
     for key in ("timing_repeats", "batch_size"):
         v = cfg.evaluate.get(key)
@@ -188,68 +152,17 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     repeats = int(cfg.evaluate.timing_repeats)
     name = str(cfg.method.name)
     is_base = not method.has_selector(cfg)
-    retrain_dir = arch_dir = ainfo = None
-    if "retrain" in method.phases(cfg):
-        retrain_dir = resolve_retrain_dir(cfg)
-        arch_dir, _ = resolve_arch_dir(cfg, retrain_dir)
-        ainfo = load_arch_dir(arch_dir)
-        search_ckpt = resolve_search_ckpt(cfg, arch_dir)
-        prepared = data_dir_for(cfg, ainfo)
-    else:
-        search_ckpt = resolve_search_ckpt(cfg)
-        prepared = prepared_dir(cfg)
-    fmap = FeatureMap.load(prepared)
-    search = load_search_model(search_ckpt, fmap).model.eval()
-
-    # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
-    entries: list[tuple[str, Callable, Any, str]] = []
-    base_ckpt = None
-    if is_base:
-        entries.append(("Base", lambda x: search(x, "open"), search, "all fields, full dims"))
-    else:
-        base_ckpt = base_checkpoint(cfg)
-        if base_ckpt is not None:
-            base = load_search_model(base_ckpt, fmap).model.eval()
-            entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
-        search_row = method.row_name(cfg, "search") or name
-        note = "search model" if retrain_dir is not None else "selector at inference"
-        if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
-            entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
-    routed = None
-    modules: list[Any] = []
-    k = 0
-    if retrain_dir is not None:
-        check_cluster_fits(arch_dir, ainfo, fmap)
-        k = int(ainfo["k"])
-        modules = load_cluster_models(retrain_dir, k)
-        for c, m in enumerate(modules):
-            if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
-                raise DataError(
-                    f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
-                )
-        final_row = method.row_name(cfg, "final") or name
-        if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
-            if search.gate is None:
-                raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
-            routed = RoutedModel(
-                search, ainfo["centroids"], [m.model for m in modules],
-                input=str(ainfo.get("input", "masked_embedding")),
-            ).eval()  # fmt: skip
-            entries.append((final_row, routed, None, ""))
-        else:
-            single = modules[0].model.eval()
-            kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
-            note = f"{len(kept)}/{len(single.field_dims)} fields"
-            full = len(single.field_dims) * int(ainfo["embed_dim"])
-            if sum(single.field_dims) != len(kept) * int(ainfo["embed_dim"]):
-                note += f", {sum(single.field_dims)}/{full} dims"
-            if single.embedding.pruned:
-                rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
-                note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
-            if single.embedding.entry_masked:
-                note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
-            entries.append((final_row, lambda x: single(x, "open"), single, note))
-    final = entries[-1][0]
+    rm = load_run_models(cfg)
+    fmap, prepared, search_ckpt, entries, routed = rm.fmap, rm.prepared, rm.search_ckpt, rm.entries, rm.routed
+    modules, k, ainfo, arch_dir, retrain_dir, base_ckpt = (
+        rm.modules,
+        rm.k,
+        rm.ainfo,
+        rm.arch_dir,
+        rm.retrain_dir,
+        rm.base_ckpt,
+    )
+    final = rm.final
 
     bs = int(cfg.evaluate.batch_size)
     dm = make_datamodule(cfg, prepared, batch_size=bs)

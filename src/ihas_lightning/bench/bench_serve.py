@@ -1,0 +1,222 @@
+"""``make bench-serve``: inference latency and throughput of Base against routed iHAS, side by side in
+one process on the same rows, on CPU.
+
+Models, each on the same input ids:
+
+* ``base`` -- the Base model;
+* ``ihas_exact`` -- routed iHAS as ``stage=evaluate`` / ``stage=predict`` run it: searched embedding +
+  gate (deterministic threshold) -> nearest centroid -> each cluster's rows through its own model
+  (:func:`ihas_lightning.routing.dispatch`);
+* ``ihas_graph`` -- the exported graph's formulation (:class:`ihas_lightning.serving.ServingModule`:
+  every cluster model on the batch, a gather);
+* ``ihas_models_only`` -- the cluster models alone, clusters given (what the paper most likely timed);
+* ``onnx_base`` / ``onnx_ihas`` -- the exported graphs in onnxruntime (same thread count).
+
+At batch 1: p50 / p99 latency over single rows; batch 256: mean ms per batch; batch 4096: rows/s over
+the whole set. Two sets: the test split of a trained synthetic run (``--run``, else one is trained,
+~1 min), and a Criteo-shaped model (39 fields, ~1M ids, untrained weights: timing only) on random
+Zipf ids. Writes ``experiments/results/bench_serve.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import DLRM
+from ..routing import RoutedModel, cluster_features, dispatch
+from ..serving import ServingModule
+
+
+def _split(fn: Any) -> tuple[Any, Any]:
+    """A candidate is ``fn(batch)`` or ``(prep, run)``: ``prep(batch)`` is done before the clock starts
+    (the models-only row: its clusters), ``run(batch, prepped)`` is timed."""
+    if isinstance(fn, tuple):
+        return fn
+    return (lambda b: None), (lambda b, _: fn(b))
+
+
+def _time(fn: Any, batches: list[torch.Tensor], repeats: int = 3) -> float:
+    """Seconds of one pass over ``batches`` (min over repeats, one warm-up batch)."""
+    prep, run = _split(fn)
+    with torch.inference_mode():
+        state = [prep(b) for b in batches]
+        run(batches[0], state[0])
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for b, st in zip(batches, state):
+                run(b, st)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _latency(fn: Any, x: torch.Tensor, n: int) -> tuple[float, float]:
+    prep, run = _split(fn)
+    rows = [x[i : i + 1] for i in range(min(n, len(x)))]
+    out = []
+    with torch.inference_mode():
+        state = [prep(r) for r in rows]
+        for r, st in zip(rows[:20], state[:20]):
+            run(r, st)
+        for r, st in zip(rows, state):
+            t0 = time.perf_counter()
+            run(r, st)
+            out.append(time.perf_counter() - t0)
+    return float(np.percentile(out, 50) * 1e3), float(np.percentile(out, 99) * 1e3)
+
+
+def measure(fns: dict[str, Any], x: torch.Tensor, single: int = 300) -> dict[str, dict[str, float]]:
+    res: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+        p50, p99 = _latency(fn, x, single)
+        b256 = [x[i : i + 256] for i in range(0, min(len(x), 256 * 100), 256)]
+        b4096 = [x[i : i + 4096] for i in range(0, len(x), 4096)]
+        res[name] = {
+            "b1_p50_ms": round(p50, 4),
+            "b1_p99_ms": round(p99, 4),
+            "b256_ms": round(_time(fn, b256) / len(b256) * 1e3, 4),
+            "b4096_rows_per_s": round(len(x) / _time(fn, b4096), 1),
+        }
+        print(f"  {name:18s} " + "  ".join(f"{k} {v:,.3f}" for k, v in res[name].items()), flush=True)
+    return res
+
+
+def _onnx(module: torch.nn.Module, x: torch.Tensor, path: Path):
+    import onnxruntime as ort
+
+    torch.onnx.export(module, (x[:8],), str(path), input_names=["x"], output_names=["probability", "cluster"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+                      external_data=False)  # fmt: skip
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return lambda b: sess.run(None, {"x": b.numpy()})
+
+
+def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[str, Any]:
+    graph = ServingModule(routed=routed).eval()
+    fns: dict[str, Any] = {
+        "base": lambda b: base(b, "open"),
+        "ihas_exact": routed.forward,
+        "ihas_graph": graph,
+    }
+    fns["ihas_models_only"] = (routed.route, lambda b, c: dispatch(b, c, routed.cluster_models))
+    if onnx:
+        fns["onnx_base"] = _onnx(ServingModule(model=base, mode="open").eval(), x, tmp / "base.onnx")
+        fns["onnx_ihas"] = _onnx(graph, x, tmp / "ihas.onnx")
+    return fns
+
+
+def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    from ..serving import load_run_config, load_run_models
+
+    rm = load_run_models(load_run_config(run))
+    if rm.routed is None:
+        raise SystemExit(f"{run}: not a routed iHAS run")
+    base = rm.entry("base")[2].eval()
+    t = pq.read_table(rm.prepared / "test.parquet")
+    x = torch.from_numpy(np.stack([t.column(n).to_numpy() for n in rm.fmap.field_names], 1).astype(np.int64))
+    info = {"run": str(run), "fields": rm.fmap.num_fields, "ids": int(sum(rm.fmap.vocab_sizes)), "rows": len(x),
+            "clusters": rm.k, "trained": True}  # fmt: skip
+    return base, rm.routed, x, info
+
+
+def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, seed: int = 0):
+    """A Criteo-shaped Base and routed iHAS with untrained weights (timing only): 13 numeric fields of
+    100 values and the 26 categorical fields scaled from the full data's cardinalities to ~total_ids."""
+    from ..config import group_defaults
+    from ..data.rawgen import CRITEO_CARD
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    scale = (total_ids - 1300) / sum(CRITEO_CARD)
+    vocab = [100] * 13 + [max(3, int(c * scale)) for c in CRITEO_CARD]
+    gate = {
+        k_: v
+        for k_, v in group_defaults("method", "ihas", "gate").items()
+        if k_ not in ("lr", "weight_decay")
+    }
+    base = DLRM(vocab, 16).eval()
+    search = DLRM(vocab, 16, gate=gate).eval()
+    x = torch.from_numpy(
+        np.stack([np.minimum(rng.zipf(1.2, rows) - 1, v - 1) for v in vocab], 1).astype(np.int64)
+    )
+    models = []
+    for _ in range(k):  # each cluster keeps about half of the dims, in whole fields and half fields
+        dims = rng.choice([0, 8, 16], size=len(vocab), p=[0.3, 0.3, 0.4]).tolist()
+        models.append(DLRM(vocab, 16, field_dims=dims).eval())
+    with torch.inference_mode():
+        feats, _ = cluster_features(search, x[:4096])
+    centroids = feats[torch.from_numpy(rng.choice(len(feats), size=k, replace=False))]
+    routed = RoutedModel(search, centroids, models).eval()
+    info = {"fields": len(vocab), "ids": int(sum(vocab)), "rows": rows, "clusters": k, "trained": False}
+    return base, routed, x, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", help="a finished routed iHAS run dir (default: train one on the synthetic data)")
+    ap.add_argument("--out", default="experiments/results/bench_serve")
+    ap.add_argument("--ids", type=int, default=1_000_000)
+    ap.add_argument("--no-onnx", action="store_true")
+    args = ap.parse_args(argv)
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+                               "sets": {}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        run = Path(args.run) if args.run else None
+        if run is None:
+            from ..config import compose
+            from ..pipeline import run as run_all
+
+            run = tmp / "run"
+            run_all(compose(["stage=all", "logger=none", f"paths.data_dir={tmp / 'data'}",
+                             "trainer.enable_progress_bar=false", "prepare.progress=false"], output_dir=run))  # fmt: skip
+        sets = {"synthetic": from_run(run), "criteo_shaped": criteo_shaped(args.ids)}
+        for name, (base, routed, x, info) in sets.items():
+            print(f"{name}: {info}", flush=True)
+            fns = candidates(base, routed, x, tmp, onnx=not args.no_onnx)
+            res = measure(fns, x)
+            r = res["ihas_exact"]["b4096_rows_per_s"]
+            ratio = {
+                k_: round(res["base"]["b4096_rows_per_s"] / v["b4096_rows_per_s"], 2) for k_, v in res.items()
+            }
+            results["sets"][name] = {
+                **info,
+                "results": res,
+                "time_vs_base_b4096": ratio,
+                "ihas_exact_rows_per_s": r,
+            }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")
+    md = [f"# Serving benchmark ({results['machine']}, torch {results['torch']})", "",
+          "Time relative to Base at batch 4096 (whole set): `time x` = Base rows/s / model rows/s.", ""]  # fmt: skip
+    for name, s in results["sets"].items():
+        md += [f"## {name}: {s['fields']} fields, {s['ids']:,} ids, {s['rows']:,} rows, {s['clusters']} clusters"
+               + ("" if s["trained"] else " (untrained weights: timing only)"), "",
+               "| model | batch 1 p50 ms | batch 1 p99 ms | batch 256 ms | batch 4096 rows/s | time x Base |",
+               "|---|---|---|---|---|---|"]  # fmt: skip
+        for m, v in s["results"].items():
+            md.append(f"| {m} | {v['b1_p50_ms']:.3f} | {v['b1_p99_ms']:.3f} | {v['b256_ms']:.3f} | "
+                      f"{v['b4096_rows_per_s']:,.0f} | {s['time_vs_base_b4096'][m]:.2f} |")  # fmt: skip
+        md.append("")
+    Path(f"{out}.md").write_text("\n".join(md))
+    print(f"-> {out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""A finished run dir's models, loaded as ``stage=evaluate`` scores them and as ``stage=predict``
+serves them: Base, the method's search model and its final model (for iHAS the routed set of cluster
+models: searched embedding + gate -> nearest centroid -> that cluster's retrained model).
+
+Below the stages (each may import it; it imports none of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from . import method
+from .data.feature_map import FeatureMap
+from .errors import DataError
+from .routing import RoutedModel, cluster_features, nearest_centroid
+from .rundir import (
+    BASE_DIR,
+    BEST,
+    SEARCH_DIR,
+    _given,
+    check_cluster_fits,
+    data_dir_for,
+    load_arch_dir,
+    load_cluster_models,
+    load_search_model,
+    output_dir,
+    prepared_dir,
+    resolve_arch_dir,
+    resolve_retrain_dir,
+    resolve_search_ckpt,
+)
+
+#: (row name, logits function x -> [B], model for the parameter counts or None, note)
+Entry = tuple[str, Callable, Any, str]
+
+
+@dataclass
+class RunModels:
+    """The models of one run dir, in table order (``entries``; the last is the method's final model)."""
+
+    fmap: FeatureMap
+    prepared: Path
+    search_ckpt: Path
+    search: Any
+    entries: list[Entry]
+    routed: RoutedModel | None = None
+    modules: list[Any] = field(default_factory=list)  # the retrained cluster modules (RetrainModule)
+    k: int = 0
+    ainfo: dict[str, Any] | None = None
+    arch_dir: Path | None = None
+    retrain_dir: Path | None = None
+    base_ckpt: Path | None = None
+    search_row: str | None = None  # the search model's row (None for Base, or under transfer)
+    modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
+
+    def serving_module(self, which: str = "final") -> ServingModule:
+        """One of the models as a plain ``nn.Module``: ``x int64 [B, F] -> (probability [B], cluster [B])``."""
+        name, fn, model, _ = self.entry(which)
+        if fn is self.routed:
+            return ServingModule(routed=self.routed)
+        return ServingModule(model=model, mode=self.modes[name])
+
+    @property
+    def final(self) -> str:
+        return self.entries[-1][0]
+
+    def entry(self, which: str = "final") -> Entry:
+        """``final`` (the method's final model), ``base``, ``search`` (the search model with its selector
+        at inference), or a row name."""
+        names = [e[0] for e in self.entries]
+        row = {"final": names[-1], "base": "Base", "search": self.search_row}.get(which, which)
+        if row in names:
+            return self.entries[names.index(row)]
+        raise ValueError(f"the run has no {which!r} model (its models: {', '.join(names)})")
+
+
+class ServingModule(nn.Module):
+    """What an exported artifact computes: ``x int64 [B, F]`` (the prepared ids) -> ``(probability
+    float32 [B], cluster int64 [B])``; ``cluster`` is 0 for a model that does not route.
+
+    The routed model runs every cluster model on the batch and gathers each row's own output: the
+    same numbers as :func:`ihas_lightning.routing.dispatch` (which runs each model on its rows only),
+    in a graph without data-dependent shapes (ONNX, ``torch.export``); K is small (2-5)."""
+
+    def __init__(self, routed: RoutedModel | None = None, model: nn.Module | None = None, mode: str = "open"):
+        super().__init__()
+        self.routed, self.model, self.mode = routed, model, mode
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.routed is None:
+            logits = self.model(x, self.mode)
+            return torch.sigmoid(logits), torch.zeros_like(logits, dtype=torch.int64)
+        r = self.routed
+        feats, _ = cluster_features(r.search_model, x, r.input)
+        c = nearest_centroid(feats, r.centroids)
+        logits = torch.stack([m(x) for m in r.cluster_models], 1).gather(1, c.unsqueeze(1)).squeeze(1)
+        return torch.sigmoid(logits), c
+
+
+def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    """(AUC, logloss) of logits against 0/1 labels (None when undefined)."""
+    if len(y) == 0:
+        return None, None
+    from sklearn.metrics import roc_auc_score
+
+    ll = float(F.binary_cross_entropy_with_logits(logits.double(), y.double()))
+    yy = y.numpy()
+    auc = float(roc_auc_score(yy, torch.sigmoid(logits).numpy())) if 0 < yy.sum() < len(yy) else None
+    return auc, ll
+
+
+def base_checkpoint(cfg: DictConfig) -> Path | None:
+    p = _given(cfg.evaluate.get("base_ckpt"))
+    if p is not None:
+        if not p.is_file():
+            raise DataError(f"{p}: Base checkpoint not found (evaluate.base_ckpt)")
+        return p
+    p = output_dir(cfg) / BASE_DIR / SEARCH_DIR / BEST
+    return p if p.is_file() else None
+
+
+RUN_CONFIG = "config.yaml"
+
+
+def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's resolved config, beside its stage dirs: what ``stage=predict`` rebuilds the models from."""
+    from omegaconf import OmegaConf
+
+    from .utils import atomic_write_text
+
+    atomic_write_text(
+        Path(run_dir) / RUN_CONFIG, OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True))
+    )
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The config a finished run dir was made with (``config.yaml``, else Hydra's ``.hydra/config.yaml``),
+    with ``paths.output_dir`` pointing at ``run_dir`` (a moved run dir still works)."""
+    from omegaconf import OmegaConf, open_dict
+
+    run_dir = Path(run_dir)
+    for p in (run_dir / RUN_CONFIG, run_dir / ".hydra" / "config.yaml"):
+        if p.is_file():
+            cfg = OmegaConf.load(p)
+            break
+    else:
+        raise DataError(f"{run_dir}: not a run dir of stage=all (no {RUN_CONFIG}; run stage=all there first)")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def load_run_models(cfg: DictConfig) -> RunModels:
+    """Every model of the run dir ``paths.output_dir`` that ``cfg.method`` produced, in eval mode."""
+    name = str(cfg.method.name)
+    is_base = not method.has_selector(cfg)
+    retrain_dir = arch_dir = ainfo = None
+    if "retrain" in method.phases(cfg):
+        retrain_dir = resolve_retrain_dir(cfg)
+        arch_dir, _ = resolve_arch_dir(cfg, retrain_dir)
+        ainfo = load_arch_dir(arch_dir)
+        search_ckpt = resolve_search_ckpt(cfg, arch_dir)
+        prepared = data_dir_for(cfg, ainfo)
+    else:
+        search_ckpt = resolve_search_ckpt(cfg)
+        prepared = prepared_dir(cfg)
+    fmap = FeatureMap.load(prepared)
+    search = load_search_model(search_ckpt, fmap).model.eval()
+
+    # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
+    entries: list[tuple[str, Callable, Any, str]] = []
+    modes: dict[str, str] = {}  # each plain model's forward mode (open / deterministic)
+    base_ckpt = None
+    search_row = None
+    if is_base:
+        entries.append(("Base", lambda x: search(x, "open"), search, "all fields, full dims"))
+        modes["Base"] = "open"
+    else:
+        base_ckpt = base_checkpoint(cfg)
+        if base_ckpt is not None:
+            base = load_search_model(base_ckpt, fmap).model.eval()
+            entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
+            modes["Base"] = "open"
+        note = "search model" if retrain_dir is not None else "selector at inference"
+        if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
+            search_row = method.row_name(cfg, "search") or name
+            entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
+            modes[search_row] = "deterministic"
+    routed = None
+    modules: list[Any] = []
+    k = 0
+    if retrain_dir is not None:
+        check_cluster_fits(arch_dir, ainfo, fmap)
+        k = int(ainfo["k"])
+        modules = load_cluster_models(retrain_dir, k)
+        for c, m in enumerate(modules):
+            if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
+                raise DataError(
+                    f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
+                )
+        final_row = method.row_name(cfg, "final") or name
+        if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
+            if search.gate is None:
+                raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
+            routed = RoutedModel(
+                search, ainfo["centroids"], [m.model for m in modules],
+                input=str(ainfo.get("input", "masked_embedding")),
+            ).eval()  # fmt: skip
+            entries.append((final_row, routed, None, ""))
+        else:
+            single = modules[0].model.eval()
+            kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
+            note = f"{len(kept)}/{len(single.field_dims)} fields"
+            full = len(single.field_dims) * int(ainfo["embed_dim"])
+            if sum(single.field_dims) != len(kept) * int(ainfo["embed_dim"]):
+                note += f", {sum(single.field_dims)}/{full} dims"
+            if single.embedding.pruned:
+                rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
+                note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
+            if single.embedding.entry_masked:
+                note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
+            entries.append((final_row, lambda x: single(x, "open"), single, note))
+            modes[final_row] = "open"
+    return RunModels(
+        fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=entries, routed=routed,
+        modules=modules, k=k, ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir, base_ckpt=base_ckpt,
+        search_row=search_row, modes=modes,
+    )  # fmt: skip
