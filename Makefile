@@ -31,7 +31,7 @@ test: install ## run the default (fast) test suite
 test-all: install ## run every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
 
-bad-inputs: install ## 49 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
+bad-inputs: install ## 53 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
 	$(PY) -m ihas_lightning.bench.bad_inputs
 
 bench-serve: install ## inference: Base vs routed iHAS (exact, graph, models only, onnxruntime) at batch 1/256/4096 -> experiments/results/bench_serve.{json,md}

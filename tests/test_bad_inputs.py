@@ -1,5 +1,5 @@
 """Every bad command line of ``make bad-inputs`` ends in one ``error:`` line with exit 2, before any
-training (49 CLI runs, ~2 min: slow)."""
+training (53 CLI runs, ~2 min: slow)."""
 
 from __future__ import annotations
 

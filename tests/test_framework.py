@@ -252,7 +252,7 @@ def test_every_method_runs_stage_all(tmp_path, name):
     rows = [r["model"] for r in res["rows"]]
     expect = {
         "base": ["Base"],
-        "ihas": ["Base", "iHAS-1", "iHAS"],
+        "ihas": ["Base", "iHAS-1", "iHAS (fast routing)", "iHAS"],
         "adafs_soft": ["Base", "AdaFS-soft"],
         "adafs_hard": ["Base", "AdaFS-hard"],
         "autofield": ["Base", "AutoField (search)", "AutoField"],

@@ -29,7 +29,11 @@ TINY = [
 def _check_run(out: Path, expect_base: bool = True) -> dict:
     res = json.loads((out / "evaluate" / "results.json").read_text())
     models = [r["model"] for r in res["rows"]]
-    assert models == (["Base", "iHAS-1", "iHAS"] if expect_base else ["iHAS-1", "iHAS"]) + ["Constant"]
+    assert models == (
+        ["Base", "iHAS-1", "iHAS (fast routing)", "iHAS"]
+        if expect_base
+        else ["iHAS-1", "iHAS (fast routing)", "iHAS"]
+    ) + ["Constant"]
     for r in res["rows"][:-1]:
         assert (
             0.0 <= r["test_auc"] <= 1.0

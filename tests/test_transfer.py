@@ -74,7 +74,12 @@ def test_transfer_of_frozen_selectors_to_another_backbone(cfg_factory, tmp_path)
     parents = json.loads((out / "cluster" / "manifest.json").read_text())["parents"]
     assert Path(parents["search_ckpt"]["path"]) == (src["ihas"] / "search" / "best.ckpt").resolve()
     rows = _rows(out)
-    assert list(rows)[:-1] == ["Base", "iHAS", "Constant"]  # no search row: the source is an MLP
+    assert list(rows)[:-1] == [
+        "Base",
+        "iHAS (fast routing)",
+        "iHAS",
+        "Constant",
+    ]  # no search row: the source is an MLP
     assert rows["_res"]["transfer_from"] == str(src["ihas"])
     info = json.loads((out / "cluster" / "cluster.json").read_text())
     assert all(m.model.backbone_name == "deepfm" for m in load_cluster_models(out / "retrain", info["k"]))

@@ -83,7 +83,10 @@ class RoutedModel(nn.Module):
         centroids: torch.Tensor,
         cluster_models: Sequence[DLRM],
         input: str = "masked_embedding",
+        router: nn.Module | None = None,
     ):
+        """``router``: a distilled router (:class:`~ihas_lightning.models.router.LinearRouter`); with
+        it, ``fast=True`` routes by the router instead of the searched embedding + gate."""
         super().__init__()
         if input not in CLUSTER_INPUTS:
             raise ValueError(f"cluster input must be one of {CLUSTER_INPUTS}, got {input!r}")
@@ -95,6 +98,18 @@ class RoutedModel(nn.Module):
         self.search_model = search_model
         self.register_buffer("centroids", centroids.detach().float().clone())
         self.cluster_models = nn.ModuleList(cluster_models)
+        self.router = router
+        self.fast = False
+
+    def with_fast_routing(self) -> RoutedModel:
+        """The same models routed by the distilled router (shares every module with this one)."""
+        if self.router is None:
+            raise ValueError("no distilled router (re-run stage=cluster with cluster.router.enabled=true)")
+        fast = RoutedModel(
+            self.search_model, self.centroids, list(self.cluster_models), self.input, self.router
+        )
+        fast.fast = True
+        return fast.eval()
 
     @property
     def num_clusters(self) -> int:
@@ -103,6 +118,8 @@ class RoutedModel(nn.Module):
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Cluster id [B] of each sample."""
+        if self.fast:
+            return self.router.route(x)
         feats, _ = cluster_features(self.search_model, x, self.input)
         return nearest_centroid(feats, self.centroids)
 

@@ -26,6 +26,7 @@ DERIVE_DIR = "derive"
 RETRAIN_DIR = "retrain"
 EVALUATE_DIR = "evaluate"
 BEST = "best.ckpt"
+ROUTER = "router.pt"  # cluster/: the distilled router (fast routing)
 LAST = "last.ckpt"
 STARTED = "started.json"  # a fit in progress: its config hash and parents (a killed fit resumes)
 
@@ -219,6 +220,8 @@ def load_cluster_dir(cluster_dir: Path) -> dict[str, Any]:
         if not p.is_file():
             raise DataError(f"{p}: missing cluster assignment file (re-run stage=cluster)")
         info[f"assign_{s}"] = np.load(p)
+    if (cluster_dir / ROUTER).is_file():
+        info["router_state"] = torch.load(cluster_dir / ROUTER, map_location="cpu", weights_only=True)
     return info
 
 

@@ -73,6 +73,15 @@ class SearchConfig:
 
 
 @dataclass
+class RouterConfig:
+    enabled: bool = MISSING
+    max_rows: int = MISSING
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class ClusterConfig:
     k: int = MISSING
     batch_size: int = MISSING
@@ -80,6 +89,7 @@ class ClusterConfig:
     dir: str | None = MISSING
     min_cluster_size: int = MISSING
     input: str = MISSING
+    router: RouterConfig = field(default_factory=RouterConfig)
 
 
 @dataclass
@@ -117,6 +127,7 @@ class PredictConfig:
     input: Any = MISSING  # a path or a list of paths
     output: str | None = MISSING
     model: str = MISSING
+    routing: str = MISSING
     batch_size: int = MISSING
     passthrough: str | None = MISSING
     on_bad_rows: str = MISSING
@@ -129,6 +140,7 @@ class ExportConfig:
     run: str | None = MISSING
     dir: str | None = MISSING
     model: str = MISSING
+    routing: str = MISSING
     formats: list[str] = MISSING
     opset: int = MISSING
     tolerance: float = MISSING

@@ -52,6 +52,7 @@ class RunModels:
     search: Any
     entries: list[Entry]
     routed: RoutedModel | None = None
+    routed_fast: RoutedModel | None = None  # the same models routed by the distilled router
     modules: list[Any] = field(default_factory=list)  # the retrained cluster modules (RetrainModule)
     k: int = 0
     ainfo: dict[str, Any] | None = None
@@ -61,12 +62,22 @@ class RunModels:
     search_row: str | None = None  # the search model's row (None for Base, or under transfer)
     modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
 
-    def serving_module(self, which: str = "final") -> ServingModule:
-        """One of the models as a plain ``nn.Module``: ``x int64 [B, F] -> (probability [B], cluster [B])``."""
+    def serving_module(self, which: str = "final", routing: str = "exact") -> ServingModule:
+        """One of the models as a plain ``nn.Module``: ``x int64 [B, F] -> (probability [B], cluster [B])``;
+        ``routing=fast``: the routed model with the distilled router."""
         name, fn, model, _ = self.entry(which)
         if fn is self.routed:
-            return ServingModule(routed=self.routed)
+            return ServingModule(routed=self.routed_model(routing))
         return ServingModule(model=model, mode=self.modes[name])
+
+    def routed_model(self, routing: str = "exact") -> RoutedModel | None:
+        """The routed model with exact (searched embedding + gate) or fast (distilled router) routing."""
+        if routing == "fast":
+            if self.routed_fast is None:
+                raise DataError("routing=fast: the run has no distilled router (cluster/router.pt; re-run "
+                                "stage=cluster with cluster.router.enabled=true)")  # fmt: skip
+            return self.routed_fast
+        return self.routed
 
     @property
     def final(self) -> str:
@@ -99,8 +110,11 @@ class ServingModule(nn.Module):
             logits = self.model(x, self.mode)
             return torch.sigmoid(logits), torch.zeros_like(logits, dtype=torch.int64)
         r = self.routed
-        feats, _ = cluster_features(r.search_model, x, r.input)
-        c = nearest_centroid(feats, r.centroids)
+        if r.fast:
+            c = r.router.forward(x).argmax(1)
+        else:
+            feats, _ = cluster_features(r.search_model, x, r.input)
+            c = nearest_centroid(feats, r.centroids)
         logits = torch.stack([m(x) for m in r.cluster_models], 1).gather(1, c.unsqueeze(1)).squeeze(1)
         return torch.sigmoid(logits), c
 
@@ -178,6 +192,7 @@ def load_run_models(cfg: DictConfig) -> RunModels:
     # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
     entries: list[tuple[str, Callable, Any, str]] = []
     modes: dict[str, str] = {}  # each plain model's forward mode (open / deterministic)
+    routed_fast = None
     base_ckpt = None
     search_row = None
     if is_base:
@@ -214,6 +229,15 @@ def load_run_models(cfg: DictConfig) -> RunModels:
                 search, ainfo["centroids"], [m.model for m in modules],
                 input=str(ainfo.get("input", "masked_embedding")),
             ).eval()  # fmt: skip
+            if ainfo.get("router_state") is not None:
+                from .models.router import LinearRouter
+
+                st = ainfo["router_state"]
+                router = LinearRouter(st["vocab_sizes"], int(st["k"]))
+                router.load_state_dict(st["state_dict"])
+                routed.router = router.eval()
+                routed_fast = routed.with_fast_routing()
+                entries.append((f"{final_row} (fast routing)", routed_fast, None, ""))
             entries.append((final_row, routed, None, ""))
         else:
             single = modules[0].model.eval()
@@ -232,5 +256,5 @@ def load_run_models(cfg: DictConfig) -> RunModels:
     return RunModels(
         fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=entries, routed=routed,
         modules=modules, k=k, ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir, base_ckpt=base_ckpt,
-        search_row=search_row, modes=modes,
+        search_row=search_row, modes=modes, routed_fast=routed_fast,
     )  # fmt: skip

@@ -10,7 +10,10 @@ Models, each on the same input ids:
 * ``ihas_graph`` -- the exported graph's formulation (:class:`ihas_lightning.serving.ServingModule`:
   every cluster model on the batch, a gather);
 * ``ihas_models_only`` -- the cluster models alone, clusters given (what the paper most likely timed);
-* ``onnx_base`` / ``onnx_ihas`` -- the exported graphs in onnxruntime (same thread count).
+* ``ihas_fast`` -- routed by the distilled router (:mod:`ihas_lightning.models.router`) instead of the
+  searched embedding + gate;
+* ``onnx_base`` / ``onnx_ihas`` / ``onnx_ihas_fast`` -- the exported graphs in onnxruntime (same
+  thread count).
 
 At batch 1: p50 / p99 latency over single rows; batch 256: mean ms per batch; batch 4096: rows/s over
 the whole set. Two sets: the test split of a trained synthetic run (``--run``, else one is trained,
@@ -32,6 +35,7 @@ import numpy as np
 import torch
 
 from ..models import DLRM
+from ..models.router import LinearRouter
 from ..routing import RoutedModel, cluster_features, dispatch
 from ..serving import ServingModule
 
@@ -110,9 +114,14 @@ def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx
         "ihas_graph": graph,
     }
     fns["ihas_models_only"] = (routed.route, lambda b, c: dispatch(b, c, routed.cluster_models))
+    fast = routed.with_fast_routing() if routed.router is not None else None
+    if fast is not None:
+        fns["ihas_fast"] = fast.forward
     if onnx:
         fns["onnx_base"] = _onnx(ServingModule(model=base, mode="open").eval(), x, tmp / "base.onnx")
         fns["onnx_ihas"] = _onnx(graph, x, tmp / "ihas.onnx")
+        if fast is not None:
+            fns["onnx_ihas_fast"] = _onnx(ServingModule(routed=fast).eval(), x, tmp / "ihas_fast.onnx")
     return fns
 
 
@@ -129,6 +138,9 @@ def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]
     x = torch.from_numpy(np.stack([t.column(n).to_numpy() for n in rm.fmap.field_names], 1).astype(np.int64))
     info = {"run": str(run), "fields": rm.fmap.num_fields, "ids": int(sum(rm.fmap.vocab_sizes)), "rows": len(x),
             "clusters": rm.k, "trained": True}  # fmt: skip
+    res = run / "evaluate" / "results.json"
+    if res.is_file():  # the fast routing's agreement and AUC cost, as evaluate measured them
+        info["fast_routing"] = json.loads(res.read_text()).get("fast_routing")
     return base, rm.routed, x, info
 
 
@@ -159,7 +171,9 @@ def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, see
     with torch.inference_mode():
         feats, _ = cluster_features(search, x[:4096])
     centroids = feats[torch.from_numpy(rng.choice(len(feats), size=k, replace=False))]
-    routed = RoutedModel(search, centroids, models).eval()
+    router = LinearRouter(vocab, k)
+    torch.nn.init.normal_(router.weight.weight, std=0.1)  # untrained: some rows to each cluster
+    routed = RoutedModel(search, centroids, models, router=router).eval()
     info = {"fields": len(vocab), "ids": int(sum(vocab)), "rows": rows, "clusters": k, "trained": False}
     return base, routed, x, info
 
@@ -212,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         for m, v in s["results"].items():
             md.append(f"| {m} | {v['b1_p50_ms']:.3f} | {v['b1_p99_ms']:.3f} | {v['b256_ms']:.3f} | "
                       f"{v['b4096_rows_per_s']:,.0f} | {s['time_vs_base_b4096'][m]:.2f} |")  # fmt: skip
+        fr = s.get("fast_routing")
+        if fr:
+            md.append("")
+            md.append(f"Fast routing (evaluate on this run's test split): agreement with the exact assignment "
+                      f"{fr['agreement_test']:.3f}, test AUC {fr['test_auc_minus_exact']:+.4f} against the exact "
+                      "routing.")  # fmt: skip
         md.append("")
     Path(f"{out}.md").write_text("\n".join(md))
     print(f"-> {out}.md")

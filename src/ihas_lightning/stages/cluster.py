@@ -48,6 +48,7 @@ from ..models import DLRM
 from ..routing import CLUSTER_INPUTS, cluster_features, nearest_centroid
 from ..rundir import (
     CLUSTER_DIR,
+    ROUTER,
     iter_split,
     load_cluster_dir,
     load_search,
@@ -70,6 +71,7 @@ CONFIG_KEYS = [
     "cluster.input",
     "retrain.keep_threshold",
     "model.embed_dim",
+    "cluster.router",
 ]
 REQUIRED = ["cluster.json", "centroids.pt", "assign_train.npy", "assign_val.npy", "assign_test.npy"]
 
@@ -285,6 +287,12 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
         )
+    rc = cfg.cluster.router
+    for key in ("max_rows", "epochs", "batch_size"):
+        if int(rc[key]) < 1:
+            raise ConfigError(f"config key 'cluster.router.{key}': must be >= 1 (got {rc[key]})")
+    if not float(rc.lr) > 0:
+        raise ConfigError(f"config key 'cluster.router.lr': must be > 0 (got {rc.lr})")
     thr = float(cfg.retrain.keep_threshold)
     if not 0.0 < thr <= 1.0:
         raise ConfigError(f"config key 'retrain.keep_threshold': must be in (0, 1] (got {thr})")
@@ -366,9 +374,15 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         truth = read_json(truth_path)
         group = np.asarray(dm.extra_column("train", "_group"))
         info["recovery"] = planted_recovery(res["field_dims"], names, assigns["train"], group, truth)
+    router = None
+    if bool(cfg.cluster.router.enabled) and k > 1:
+        router, info["router"] = train_router(cfg, dm, fmap, assigns, out)
     info["seconds"] = round(time.perf_counter() - t0, 3)
 
     with atomic_dir(out, overwrite=True) as tmp:
+        if router is not None:
+            torch.save({"state_dict": router.state_dict(), "vocab_sizes": fmap.vocab_sizes, "k": int(k)},
+                       tmp / ROUTER)  # fmt: skip
         torch.save(
             {
                 "centroids": centroids.contiguous(),
@@ -392,6 +406,56 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     return metrics
 
 
+def _rows_of(dm: Any, split: str, assign: np.ndarray, max_rows: int, seed: int, bs: int, fields: int):
+    """(x [n, F], exact cluster [n]) of a seeded random subset of at most ``max_rows`` rows of
+    ``split``, read in one streaming pass (memory: the subset only)."""
+    n = len(assign)
+    keep = np.random.default_rng([seed, 0x2007]).random(n) < min(1.0, max_rows / max(n, 1))
+    xs, pos = [], 0
+    for x, _ in iter_split(dm, split, bs):
+        m = torch.from_numpy(keep[pos : pos + len(x)])
+        xs.append(x[m])
+        pos += len(x)
+    x = torch.cat(xs) if xs else torch.zeros(0, fields, dtype=torch.long)
+    return x.long(), torch.from_numpy(assign[keep].astype(np.int64))
+
+
+def train_router(cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, np.ndarray], out: Path):
+    """The distilled router (:class:`~ihas_lightning.models.router.LinearRouter`): fitted on at most
+    ``cluster.router.max_rows`` train rows and their exact clusters; returns (router, its report with
+    the agreement with the exact assignment on each split's subset)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ..modules.router import RouterModule
+    from ..training import build_trainer
+
+    rc = cfg.cluster.router
+    t0 = time.perf_counter()
+    k = int(max(a.max() for a in assigns.values() if len(a))) + 1
+    bs, seed = int(cfg.cluster.batch_size), int(cfg.seed)
+    data = {s: _rows_of(dm, s, a, int(rc.max_rows), seed, bs, fmap.num_fields) for s, a in assigns.items()}
+    torch.manual_seed(seed)
+    module = RouterModule(fmap.vocab_sizes, k, lr=float(rc.lr))
+    gen = torch.Generator().manual_seed(seed)
+    train = DataLoader(
+        TensorDataset(*data["train"]), batch_size=int(rc.batch_size), shuffle=True, generator=gen
+    )
+    val = DataLoader(TensorDataset(*data["val"]), batch_size=bs)
+    trainer = build_trainer(cfg, int(rc.epochs), [], None, out.parent, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, train, val if len(data["val"][1]) else None)
+    router = module.router.eval()
+    agreement = {}
+    with torch.no_grad():
+        for s, (x, c) in data.items():
+            agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
+    report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "epochs": int(rc.epochs),
+              "agreement": agreement, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
+             f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
+    return router, report
+
+
 def _metrics(info: dict[str, Any]) -> dict[str, Any]:
     m: dict[str, Any] = {"cluster/k": info["k"]}
     for c, n in enumerate(info["sizes"]["train"]):
@@ -399,6 +463,9 @@ def _metrics(info: dict[str, Any]) -> dict[str, Any]:
         m[f"cluster/dims_{c}"] = int(sum(info["field_dims"][c]))
     if "recovery" in info:
         m["cluster/recovery_min_f1"] = info["recovery"]["min_f1"]
+    for split, a in ((info.get("router") or {}).get("agreement") or {}).items():
+        if a is not None:
+            m[f"cluster/router_agreement_{split}"] = a
     return m
 
 

@@ -129,6 +129,10 @@ def time_inference(
     return best * 1000.0
 
 
+def rows_by(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(r for r in rows if r["model"] == name)
+
+
 def check_cfg(cfg: DictConfig) -> None:
     for key in ("timing_repeats", "batch_size"):
         v = cfg.evaluate.get(key)
@@ -228,7 +232,13 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for row, fn, model, note in entries:
         (va, vl), (ta, tl) = metrics_of["val"][row], metrics_of["test"][row]
-        if fn is routed:
+        if fn is rm.routed_fast:
+            counts = {"embedding": 0, "dense": 0, "index": 0}
+            for m in modules:
+                for key, v in _counts(m.model).items():
+                    counts[key] += v
+            note = f"distilled router ({sum(p.numel() for p in rm.routed_fast.router.parameters()):,} params)"
+        elif fn is routed:
             counts = {"embedding": 0, "dense": 0, "index": 0}
             for m in modules:
                 for key, v in _counts(m.model).items():
@@ -245,6 +255,24 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                  "val_logloss": constant["val"], "params": 1, "inference_ms": None,
                  "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
     warnings = evaluate_warnings(rows, final=final)
+    fast_routing = None
+    if rm.routed_fast is not None:
+        fast_row = next(r for r in rows if r["model"] == f"{final} (fast routing)")
+        with torch.inference_mode():
+            fast_c = (
+                torch.cat([rm.routed_fast.route(x) for x in xs]) if xs else torch.zeros(0, dtype=torch.long)
+            )
+        fast_routing = {
+            "agreement_test": float((fast_c == clusters["test"]).float().mean()) if len(fast_c) else None,
+            "test_auc_minus_exact": None if fast_row["test_auc"] is None or rows_by(rows, final)["test_auc"] is None
+            else fast_row["test_auc"] - rows_by(rows, final)["test_auc"],
+            "inference_ms": fast_row["inference_ms"],
+            "exact_inference_ms": rows_by(rows, final)["inference_ms"],
+        }  # fmt: skip
+        d = fast_routing["test_auc_minus_exact"]
+        if d is not None and d < -SIGNIFICANT:
+            warnings.append(f"fast routing costs {-d:.4f} test AUC against the exact routing (> {SIGNIFICANT}): "
+                            "serve with routing=exact")  # fmt: skip
     for w in warnings:
         log.warning("evaluate: %s", w)
     keys = {"Base": "base", "Constant": "constant"}
@@ -282,6 +310,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             "prepared_dir": str(prepared.resolve()),
         },
     }
+    if fast_routing is not None:
+        results["fast_routing"] = fast_routing
     if routed is not None:
         results.update(
             cluster_input=routed.input,

@@ -48,6 +48,8 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError("config key 'export.run': the run dir of a finished stage=all")
     if e.model not in MODELS:
         raise ConfigError(f"config key 'export.model': must be one of {list(MODELS)} (got {e.model!r})")
+    if e.routing not in ("exact", "fast"):
+        raise ConfigError(f"config key 'export.routing': must be exact or fast (got {e.routing!r})")
     if not e.formats or any(f not in FORMATS for f in e.formats):
         raise ConfigError(
             f"config key 'export.formats': a non-empty list of {list(FORMATS)} (got {list(e.formats)})"
@@ -132,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rcfg = load_run_config(run_dir)
     rm = load_run_models(rcfg)
     name = rm.entry(str(e.model))[0]
-    module = rm.serving_module(str(e.model)).eval()
+    module = rm.serving_module(str(e.model), str(e.routing)).eval()
     final = Path(str(e.dir or run_dir / "export"))
     if final.exists() and not e.overwrite:
         raise DataError(f"{final}: an artifact is already there; set export.overwrite=true to replace it")
@@ -173,6 +175,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "model": name,
             "method": str(rcfg.method.name),
             "routed": module.routed is not None,
+            "routing": ("fast (distilled router)" if module.routed.fast else "exact")
+            if module.routed
+            else None,
             "clusters": int(rm.k) if module.routed is not None else 1,
             "input": {
                 "name": "x",

@@ -55,6 +55,8 @@ def check_cfg(cfg: DictConfig) -> None:
     _inputs(cfg)
     if p.model not in MODELS:
         raise ConfigError(f"config key 'predict.model': must be one of {list(MODELS)} (got {p.model!r})")
+    if p.routing not in ("exact", "fast"):
+        raise ConfigError(f"config key 'predict.routing': must be exact or fast (got {p.routing!r})")
     if p.batch_size < 1:
         raise ConfigError(f"config key 'predict.batch_size': must be an integer >= 1 (got {p.batch_size})")
     if p.on_bad_rows not in ("fail", "skip"):
@@ -69,9 +71,11 @@ def check_cfg(cfg: DictConfig) -> None:
 class Scorer:
     """One of the run's models as ``x int32 [B, F] -> (logits float32 [B], clusters or None)``."""
 
-    def __init__(self, rm: Any, which: str, batch_size: int):
+    def __init__(self, rm: Any, which: str, batch_size: int, routing: str = "exact"):
         self.name, fn, _, _ = rm.entry(which)
-        self.routed = rm.routed if fn is rm.routed else None
+        self.routed = rm.routed_model(routing) if fn is rm.routed else None
+        if self.routed is not None and routing == "fast":
+            self.name = f"{self.name} (fast routing)"
         self.fn, self.batch_size = fn, int(batch_size)
 
     @torch.inference_mode()
@@ -161,7 +165,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rcfg = load_run_config(run_dir)
     t0 = time.perf_counter()
     rm = load_run_models(rcfg)
-    scorer = Scorer(rm, str(cfg.predict.model), int(cfg.predict.batch_size))
+    scorer = Scorer(rm, str(cfg.predict.model), int(cfg.predict.batch_size), str(cfg.predict.routing))
     raw = [p for p in inputs if not p.name.endswith(".parquet")]
     encoders = load_encoders(rm.prepared, rm.fmap) if raw else None
     out = Path(str(cfg.predict.output or run_dir / "predict" / f"{inputs[0].name.split('.')[0]}.parquet"))

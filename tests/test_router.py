@@ -1,0 +1,107 @@
+"""The distilled router (fast routing): its forward against a loop, its training in the cluster stage, and
+its use by evaluate, predict and export (the exact routing stays the default)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+TINY = ["search.max_epochs=2", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
+        "search.search_every=2", "retrain.max_epochs=1", "cluster.min_cluster_size=10",
+        "evaluate.timing_repeats=1"]  # fmt: skip
+
+
+def test_linear_router_is_a_sum_of_per_id_weights():
+    from ihas_lightning.models.router import LinearRouter
+
+    torch.manual_seed(0)
+    vocab = [3, 5, 2]
+    r = LinearRouter(vocab, k=4)
+    torch.nn.init.normal_(r.weight.weight)
+    torch.nn.init.normal_(r.bias)
+    x = torch.tensor([[0, 4, 1], [2, 0, 0], [1, 3, 1]])
+    want = torch.stack(
+        [r.bias + sum(r.weight.weight[sum(vocab[:f]) + int(row[f])] for f in range(3)) for row in x]
+    )
+    assert torch.allclose(r(x), want) and torch.equal(r.route(x), want.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def run_with_router(tmp_path_factory):
+    from ihas_lightning import pipeline
+    from ihas_lightning.config import compose
+
+    root = tmp_path_factory.mktemp("router")
+    cfg = compose([f"paths.data_dir={root / 'data'}", "logger=none", "trainer.enable_progress_bar=false",
+                   "prepare.progress=false", "stage=all", "dataset.rows=4000", *TINY], output_dir=root / "run")  # fmt: skip
+    pipeline.run(cfg)
+    return root / "run", Path(str(cfg.dataset.prepared_dir))
+
+
+def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_routings(run_with_router):
+    run, _ = run_with_router
+    info = json.loads((run / "cluster" / "cluster.json").read_text())
+    agree = info["router"]["agreement"]
+    assert (run / "cluster" / "router.pt").is_file() and set(agree) == {"train", "val", "test"}
+    assert all(0.5 < a <= 1.0 for a in agree.values())  # far better than chance for k=2 on planted groups
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    names = [r["model"] for r in res["rows"]]
+    assert (
+        names == ["Base", "iHAS-1", "iHAS (fast routing)", "iHAS", "Constant"] and res["final_row"] == "iHAS"
+    )
+    fr = res["fast_routing"]
+    fast = next(r for r in res["rows"] if r["model"] == "iHAS (fast routing)")
+    exact = next(r for r in res["rows"] if r["model"] == "iHAS")
+    assert fr["test_auc_minus_exact"] == pytest.approx(fast["test_auc"] - exact["test_auc"])
+    assert fr["agreement_test"] == pytest.approx(agree["test"], abs=1e-6)  # evaluate routes as the stage did
+
+
+def test_predict_and_export_with_fast_routing(cfg_factory, run_with_router):
+    from ihas_lightning import pipeline
+
+    run, prepared = run_with_router
+    out = run / "predict" / "fast.parquet"
+    pipeline.run_stage(cfg_factory("stage=predict", f"predict.run={run}", f"predict.input={prepared / 'test.parquet'}",
+                                   f"predict.output={out}", "predict.routing=fast", "predict.progress=false"))  # fmt: skip
+    summary = json.loads(out.with_suffix(".json").read_text())
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    fast = next(r for r in res["rows"] if r["model"] == "iHAS (fast routing)")
+    assert summary["model"] == "iHAS (fast routing)" and summary["auc"] == pytest.approx(
+        fast["test_auc"], abs=1e-9
+    )
+    pytest.importorskip("onnxruntime")
+    pipeline.run_stage(cfg_factory("stage=export", f"export.run={run}", "export.routing=fast",
+                                   f"export.dir={run / 'export_fast'}"))  # fmt: skip
+    man = json.loads((run / "export_fast" / "manifest.json").read_text())
+    assert man["routing"].startswith("fast") and all(f["ok"] for f in man["formats"].values())
+    import onnxruntime as ort
+
+    t = pq.read_table(prepared / "test.parquet")
+    x = np.stack(
+        [t.column(n).to_numpy() for n in t.column_names if n != "label" and not n.startswith("_")], 1
+    )
+    p, c = ort.InferenceSession(str(run / "export_fast" / "model.onnx")).run(None, {"x": x.astype(np.int64)})
+    got = pq.read_table(out)
+    assert np.abs(p - np.asarray(got.column("probability").to_pylist())).max() <= 1e-6
+    assert c.tolist() == got.column("cluster").to_pylist()
+
+
+def test_without_a_router_fast_routing_is_a_one_line_error(cfg_factory, tmp_path):
+    from ihas_lightning import pipeline
+    from ihas_lightning.errors import DataError
+
+    run = tmp_path / "run"
+    cfg = cfg_factory("stage=all", "dataset.rows=3000", "cluster.router.enabled=false", *TINY, output_dir=run)
+    pipeline.run(cfg)
+    assert not (run / "cluster" / "router.pt").exists()
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    assert "fast_routing" not in res and "iHAS (fast routing)" not in [r["model"] for r in res["rows"]]
+    prepared = Path(str(cfg.dataset.prepared_dir))
+    with pytest.raises(DataError, match="no distilled router"):
+        pipeline.run_stage(cfg_factory("stage=predict", f"predict.run={run}", "predict.routing=fast",
+                                       f"predict.input={prepared / 'test.parquet'}", "predict.progress=false"))  # fmt: skip
