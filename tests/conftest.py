@@ -96,3 +96,15 @@ def stage_cfg_factory(root: Path):
         return compose(base + list(overrides), output_dir=out or root / "run")
 
     return make
+
+
+def stage_all(root: Path, *overrides: str) -> tuple[Path, Path]:
+    """``stage=all`` into ``root/run`` (data under ``root/data``, no logger): (run dir, prepared dir).
+    For module-scoped fixtures that share one trained run across tests."""
+    from ihas_lightning import pipeline
+    from ihas_lightning.config import compose
+
+    cfg = compose([f"paths.data_dir={root / 'data'}", "logger=none", "trainer.enable_progress_bar=false",
+                   "prepare.progress=false", "stage=all", *overrides], output_dir=root / "run")  # fmt: skip
+    pipeline.run(cfg)
+    return root / "run", Path(str(cfg.dataset.prepared_dir))

@@ -209,27 +209,16 @@ def test_reuse_is_verified_and_survives_a_move(cfg_factory, tmp_path, caplog):
         cluster.run(cfg)
 
 
-@pytest.mark.parametrize("method", ["base", "ihas"])
-def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
-    cfg_factory, tmp_path, monkeypatch, method
-):
-    """Kill the fit at the end of epoch 3 (an exception from a callback), re-run stage=all into the same
-    run dir: it continues from last.ckpt to the configured epochs and ends with the uninterrupted
-    run's metrics. iHAS: epoch 3 is in the search phase (1 pretrain epoch), so the gate steps, their
-    held-out batch stream and the Gumbel noise all continue where they stopped."""
+def _kill_fits_at(monkeypatch, when) -> None:
+    """Every fit that selects checkpoints raises 'killed' at the end of an epoch where ``when(trainer,
+    module)`` holds (after Lightning wrote that epoch's last.ckpt): a process killed mid-fit."""
     import lightning as L
 
-    from ihas_lightning import pipeline, training
-
-    args = ("stage=all", f"method={method}", "stage.train_base=false", "dataset.rows=2500", "search.max_epochs=4",
-            "search.patience=null", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
-            "method.early_stop=false", "model.batch_size=256", "evaluate.timing_repeats=1", "retrain.max_epochs=1")  # fmt: skip
-    ref = tmp_path / "ref"
-    pipeline.run(cfg_factory(*args, output_dir=ref))
+    from ihas_lightning import training
 
     class Kill(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
+            if when(trainer, pl_module):
                 raise RuntimeError("killed")
 
     real = training.selection_callbacks
@@ -239,9 +228,26 @@ def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
         return [*cbs, Kill()], ck
 
     monkeypatch.setattr(training, "selection_callbacks", with_kill)
-    import ihas_lightning.stages.search as search_stage
 
-    monkeypatch.setattr(search_stage, "selection_callbacks", with_kill, raising=False)
+
+@pytest.mark.parametrize("method", ["base", "ihas"])
+def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
+    cfg_factory, tmp_path, monkeypatch, method
+):
+    """Kill the fit at the end of epoch 3 (an exception from a callback), re-run stage=all into the same
+    run dir: it continues from last.ckpt to the configured epochs and ends with the uninterrupted
+    run's metrics. iHAS: epoch 3 is in the search phase (1 pretrain epoch), so the gate steps, their
+    held-out batch stream and the Gumbel noise all continue where they stopped."""
+
+    from ihas_lightning import pipeline
+
+    args = ("stage=all", f"method={method}", "stage.train_base=false", "dataset.rows=2500", "search.max_epochs=4",
+            "search.patience=null", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
+            "method.early_stop=false", "model.batch_size=256", "evaluate.timing_repeats=1", "retrain.max_epochs=1")  # fmt: skip
+    ref = tmp_path / "ref"
+    pipeline.run(cfg_factory(*args, output_dir=ref))
+
+    _kill_fits_at(monkeypatch, lambda trainer, module: trainer.current_epoch == 2)
     out = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.run(cfg_factory(*args, output_dir=out))
@@ -264,9 +270,8 @@ def test_a_killed_search_resumes_from_last_ckpt_with_the_same_result(
 def test_a_killed_retrain_resumes_the_cluster_it_was_fitting(cfg_factory, tmp_path, monkeypatch):
     """Kill the retrain of cluster 1 after its epoch 2 (cluster 0 finished): the re-run reuses cluster 0,
     continues cluster 1 from cluster_1.partial/last.ckpt, and ends with the uninterrupted run's metrics."""
-    import lightning as L
 
-    from ihas_lightning import pipeline, training
+    from ihas_lightning import pipeline
     from ihas_lightning.modules.retrain import RetrainModule
 
     args = ("stage=all", "method=ihas", "stage.train_base=false", "dataset.rows=2500", "cluster.k=2",
@@ -275,22 +280,10 @@ def test_a_killed_retrain_resumes_the_cluster_it_was_fitting(cfg_factory, tmp_pa
     ref = tmp_path / "ref"
     pipeline.run(cfg_factory(*args, output_dir=ref))
 
-    class Kill(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if (
-                isinstance(pl_module, RetrainModule)
-                and pl_module.cluster_id == 1
-                and trainer.current_epoch == 2
-            ):
-                raise RuntimeError("killed")
-
-    real = training.selection_callbacks
-
-    def with_kill(*a, **k):
-        cbs, ck = real(*a, **k)
-        return [*cbs, Kill()], ck
-
-    monkeypatch.setattr(training, "selection_callbacks", with_kill)
+    _kill_fits_at(
+        monkeypatch,
+        lambda trainer, m: isinstance(m, RetrainModule) and m.cluster_id == 1 and trainer.current_epoch == 2,
+    )
     out = tmp_path / "killed"
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.run(cfg_factory(*args, output_dir=out))

@@ -35,14 +35,9 @@ def _final_row(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
-    from ihas_lightning import pipeline
-    from ihas_lightning.config import compose
+    from conftest import stage_all
 
-    root = tmp_path_factory.mktemp("predict_syn")
-    cfg = compose([f"paths.data_dir={root / 'data'}", "logger=none", "trainer.enable_progress_bar=false",
-                   "prepare.progress=false", "stage=all", "dataset.rows=3000", *TINY], output_dir=root / "run")  # fmt: skip
-    pipeline.run(cfg)
-    return root / "run", Path(str(cfg.dataset.prepared_dir))
+    return stage_all(tmp_path_factory.mktemp("predict_syn"), "dataset.rows=3000", *TINY)
 
 
 def test_predict_on_the_prepared_test_split_equals_evaluate(cfg_factory, synthetic_run):

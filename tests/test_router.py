@@ -33,14 +33,9 @@ def test_linear_router_is_a_sum_of_per_id_weights():
 
 @pytest.fixture(scope="module")
 def run_with_router(tmp_path_factory):
-    from ihas_lightning import pipeline
-    from ihas_lightning.config import compose
+    from conftest import stage_all
 
-    root = tmp_path_factory.mktemp("router")
-    cfg = compose([f"paths.data_dir={root / 'data'}", "logger=none", "trainer.enable_progress_bar=false",
-                   "prepare.progress=false", "stage=all", "dataset.rows=4000", *TINY], output_dir=root / "run")  # fmt: skip
-    pipeline.run(cfg)
-    return root / "run", Path(str(cfg.dataset.prepared_dir))
+    return stage_all(tmp_path_factory.mktemp("router"), "dataset.rows=4000", *TINY)
 
 
 def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_routings(run_with_router):

@@ -66,7 +66,7 @@ def token_table(prepared: Path, fmap: Any) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..data.prepare import VOCAB_FILE, key_to_token, numeric_key_to_token
+    from ..data.prepare import VOCAB_FILE, numeric_key_to_token
 
     path = prepared / VOCAB_FILE
     if not path.is_file():
@@ -83,15 +83,20 @@ def token_table(prepared: Path, fmap: Any) -> Any:
             v = numeric_key_to_token(key)
             tokens.append(None if v is None else str(v))
         else:
-            raw = int(key).to_bytes(8, "big")
-            # a packed token has its bytes then zero padding; a hashed (> 8 bytes) one has no spelling
-            tokens.append(
-                key_to_token(key)
-                if raw.rstrip(b"\x00").isascii() and b"\x00" not in raw.rstrip(b"\x00")
-                else None
-            )
+            tokens.append(_spelled(key))
     return pa.table({"field": pa.array(fields, pa.string()), "token": pa.array(tokens, pa.string()),
                      "id": t.column("id"), "key": t.column("key")})  # fmt: skip
+
+
+def _spelled(key: int) -> str | None:
+    """The token a packed key spells: prepare packs a token of <= 8 bytes into its key (zero padded);
+    a longer token is hashed and has no spelling (None). A hash that happens to look like printable
+    ASCII + zero padding (p ~ 3e-4 per long token; Criteo and Avazu tokens are <= 8 bytes) is spelled
+    as that garbage string, which no raw value matches: such a token serves as unseen (id 0)."""
+    from ..data.prepare import key_to_token
+
+    body = int(key).to_bytes(8, "big").rstrip(b"\x00")
+    return key_to_token(key) if body and all(0x20 <= b < 0x7F for b in body) else None
 
 
 def _test_inputs(rm: Any) -> torch.Tensor:
