@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --upgrade pip
 	# the pinned CPU torch first: an unpinned `torch` would pull a multi-GB CUDA build
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install -e '.[dev,serve]'
+	$(PIP) install -e '.[dev,serve,launch]'
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with torch==$(TORCH_VERSION) (CPU) and the package in editable mode
