@@ -16,9 +16,10 @@ Models, each on the same input ids:
   thread count).
 
 At batch 1: p50 / p99 latency over single rows; batch 256: mean ms per batch; batch 4096: rows/s over
-the whole set. Two sets: the test split of a trained synthetic run (``--run``, else one is trained,
-~1 min), and a Criteo-shaped model (39 fields, ~1M ids, untrained weights: timing only) on random
-Zipf ids. Writes ``experiments/results/bench_serve.{json,md}``.
+the whole set. Three sets: the test split of a trained synthetic run (``--run``, else one is trained,
+~1 min); a run trained on ``--criteo-rows`` generated Criteo-format rows (prepared, every fit one epoch;
+2M rows give ~1M ids); and a Criteo-shaped model (39 fields, ``--ids`` ids, untrained weights: timing
+only) on random Zipf ids. Writes ``experiments/results/bench_serve.{json,md}``.
 """
 
 from __future__ import annotations
@@ -178,12 +179,32 @@ def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, see
     return base, routed, x, info
 
 
+def criteo_prepared(tmp: Path, rows: int, seed: int = 0) -> Path:
+    """A trained routed iHAS run on ``rows`` generated Criteo-format rows (the raw generator, prepared
+    with ``min_count=1``, every fit one epoch): the serving set with a realistic vocabulary."""
+    from ..config import compose
+    from ..data.rawgen import generate
+    from ..pipeline import run as run_all
+
+    raw = generate("criteo", rows, tmp / "criteo_gen.txt", seed=seed)
+    run = tmp / "criteo_run"
+    run_all(compose(["stage=all", "dataset=criteo", f"dataset.raw_path={raw}", "dataset.min_count=1",
+                     "logger=none", f"paths.data_dir={tmp / 'data'}", "search.max_epochs=1",
+                     "search.pretrain.max_epochs=1", "retrain.max_epochs=1", "trainer.enable_progress_bar=false",
+                     "prepare.progress=false", "evaluate.timing_repeats=1", "cluster.router.max_rows=200000"],
+                    output_dir=run))  # fmt: skip
+    raw.unlink()
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="a finished routed iHAS run dir (default: train one on the synthetic data)")
     ap.add_argument("--out", default="experiments/results/bench_serve")
     ap.add_argument("--ids", type=int, default=1_000_000)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--criteo-rows", type=int, default=2_000_000,
+                    help="generated Criteo rows for the prepared, trained Criteo set (0: skip it)")  # fmt: skip
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
@@ -198,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             run = tmp / "run"
             run_all(compose(["stage=all", "logger=none", f"paths.data_dir={tmp / 'data'}",
                              "trainer.enable_progress_bar=false", "prepare.progress=false"], output_dir=run))  # fmt: skip
-        sets = {"synthetic": from_run(run), "criteo_shaped": criteo_shaped(args.ids)}
+        sets = {"synthetic": from_run(run)}
+        if args.criteo_rows:
+            sets["criteo_generated"] = from_run(criteo_prepared(tmp, args.criteo_rows))
+        sets["criteo_shaped"] = criteo_shaped(args.ids)
         for name, (base, routed, x, info) in sets.items():
             print(f"{name}: {info}", flush=True)
             fns = candidates(base, routed, x, tmp, onnx=not args.no_onnx)
