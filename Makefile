@@ -34,7 +34,7 @@ test-all: install ## run every test, the slow ones included
 bad-inputs: install ## 53 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
 	$(PY) -m ihas_lightning.bench.bad_inputs
 
-bench-serve: install ## inference: Base vs routed iHAS (exact, graph, models only, onnxruntime) at batch 1/256/4096 -> experiments/results/bench_serve.{json,md}
+bench-serve: install ## inference, ~8 min: Base vs routed iHAS (exact, fast, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_serve
 
 bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
