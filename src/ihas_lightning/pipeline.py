@@ -122,9 +122,11 @@ def transfer_source(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     from .loggers import run_scope, scope_prefix
     from .rundir import output_dir, prepared_dir
+    from .threads import apply as apply_threads
     from .validate import check_config
 
     check_config(cfg)  # every key every stage of this run will use, before any work
+    apply_threads(cfg)
     phases = method.phases(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,9 +171,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage.name``: one stage, or ``all`` (this module)."""
+    from .threads import apply as apply_threads
     from .validate import check_config
 
     if str(cfg.stage.name) == "all":
-        return run(cfg)
+        return run(cfg)  # checks and sets the threads itself
     check_config(cfg)  # every key the stage will use, before any work
+    apply_threads(cfg)
     return stage_module(str(cfg.stage.name)).run(cfg)

@@ -43,6 +43,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
     tcfg = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
     assert isinstance(tcfg, dict)
+    tcfg.pop("threads", None)  # ours, not Lightning's: the torch thread count (ihas_lightning.threads)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     out = {}
     for key, value in tcfg.items():
