@@ -25,6 +25,17 @@ def shared_file(*parts: str) -> Path:
     return p
 
 
+#: the smallest budgets that still run every phase of stage=all (one epoch each, a gate step every 2
+#: batches, one timing repeat): the test files add their own data size and batch sizes
+FAST_FITS = [
+    "search.max_epochs=1",
+    "search.pretrain.max_epochs=1",
+    "search.pretrain.patience=null",
+    "search.search_every=2",
+    "retrain.max_epochs=1",
+    "evaluate.timing_repeats=1",
+]
+
 CRITEO_DIR = ("data", "criteo", "Lapis-Hong_Wide-ResDNN")
 AVAZU_DIR = ("data", "avazu", "Lapis-Hong_Wide-ResDNN")
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import FAST_FITS
+
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime comes with the serve extra (make install)")
 
-TINY = ["search.max_epochs=1", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
-        "search.search_every=2", "retrain.max_epochs=1", "cluster.min_cluster_size=10",
-        "evaluate.timing_repeats=1"]  # fmt: skip
+TINY = [*FAST_FITS, "cluster.min_cluster_size=10"]
 
 
 def _run(cfg_factory, out: Path, *overrides: str) -> Path:

@@ -11,19 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST_FITS
+
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "search.max_epochs=1",
-    "search.pretrain.max_epochs=1",
-    "search.pretrain.patience=null",
-    "search.search_every=2",
-    "retrain.max_epochs=1",
-    "cluster.min_cluster_size=20",
-    "cluster.batch_size=1024",
-    "model.batch_size=512",
-    "evaluate.timing_repeats=1",
-]
+TINY = [*FAST_FITS, "cluster.min_cluster_size=20", "cluster.batch_size=1024", "model.batch_size=512"]
 
 
 def _check_run(out: Path, expect_base: bool = True) -> dict:

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-TINY = ["search.max_epochs=1", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
-        "search.search_every=2", "retrain.max_epochs=1", "cluster.min_cluster_size=10",
-        "evaluate.timing_repeats=1"]  # fmt: skip
+from conftest import FAST_FITS
+
+TINY = [*FAST_FITS, "cluster.min_cluster_size=10"]
 
 
 def _predict(cfg_factory, run: Path, inp, *extra: str) -> tuple[dict, dict]:

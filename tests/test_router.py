@@ -11,9 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-TINY = ["search.max_epochs=2", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
-        "search.search_every=2", "retrain.max_epochs=1", "cluster.min_cluster_size=10",
-        "evaluate.timing_repeats=1"]  # fmt: skip
+from conftest import FAST_FITS
+
+# the shared run of these tests searches two epochs (one more than FAST_FITS)
+TINY = [*(o for o in FAST_FITS if not o.startswith("search.max_epochs")), "search.max_epochs=2",
+        "cluster.min_cluster_size=10"]  # fmt: skip
 
 
 def test_linear_router_is_a_sum_of_per_id_weights():

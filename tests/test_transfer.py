@@ -8,20 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FAST_FITS
 from ihas_lightning.models.backbones import BACKBONES
 
 TINY = [
+    *FAST_FITS,
     "dataset.rows=2500",
-    "search.max_epochs=1",
-    "search.pretrain.max_epochs=1",
-    "search.pretrain.patience=null",
-    "search.search_every=2",
-    "retrain.max_epochs=1",
     "cluster.min_cluster_size=20",
     "cluster.batch_size=1024",
     "model.batch_size=512",
     "method.max_epochs=1",
-    "evaluate.timing_repeats=1",
 ]
 
 
@@ -115,7 +111,8 @@ def test_transfer_errors_are_one_line(cfg_factory, tmp_path):
         cfg_factory("stage=all", "method=adafs_soft", "stage.train_base=false", *TINY, output_dir=src)
     )
     cfg = cfg_factory("stage=all", "method=adafs_soft", "stage.train_base=false", "dataset.rows=3000",
-                      f"transfer.from={src}", *TINY[1:], output_dir=tmp_path / "other")  # fmt: skip
+                      f"transfer.from={src}", *(o for o in TINY if not o.startswith("dataset.rows")),
+                      output_dir=tmp_path / "other")  # fmt: skip
     with pytest.raises(DataError, match="in the checkpoint but"):
         pipeline.run(cfg)
 

@@ -6,17 +6,9 @@ import json
 import os
 from pathlib import Path
 
-TINY = [
-    "dataset.rows=4000",
-    "search.max_epochs=1",
-    "search.pretrain.max_epochs=1",
-    "search.pretrain.patience=null",
-    "search.search_every=2",
-    "retrain.max_epochs=1",
-    "cluster.min_cluster_size=20",
-    "model.batch_size=512",
-    "evaluate.timing_repeats=1",
-]
+from conftest import FAST_FITS
+
+TINY = [*FAST_FITS, "dataset.rows=4000", "cluster.min_cluster_size=20", "model.batch_size=512"]
 
 
 def test_stage_all_wandb_offline_run_holds_logged_keys(cfg_factory, monkeypatch):
