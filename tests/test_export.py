@@ -129,8 +129,15 @@ def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path)
         graph = fns["ihas_graph"](x)[0]
         prep, run = fns["ihas_models_only"]
         models = torch.sigmoid(run(x, prep(x)))
+        prep, run = fns["ihas_models_only_trained_layout"]
+        trained = torch.sigmoid(run(x, prep(x)))
+        fast, fast_trained = fns["ihas_fast"](x), fns["ihas_fast_trained_layout"](x)
     onnx_p = fns["onnx_ihas"](x)[0]
     assert torch.allclose(exact, graph, atol=1e-6) and torch.equal(exact, models)
+    # the serving layout computes what the trained layout does
+    assert torch.allclose(exact, trained, rtol=0, atol=1e-6) and torch.allclose(
+        fast, fast_trained, rtol=0, atol=1e-6
+    )
     assert np.abs(onnx_p - exact.numpy()).max() <= 1e-6
     res = bench_serve.measure({"base": fns["base"], "ihas_models_only": fns["ihas_models_only"]}, x, single=5)
     assert set(res["base"]) == {"b1_p50_ms", "b1_p99_ms", "b256_ms", "b4096_rows_per_s"}

@@ -66,8 +66,13 @@ def dispatch(x: torch.Tensor, clusters: torch.Tensor, models: Sequence[nn.Module
     k = len(models)
     order = torch.argsort(clusters, stable=True)
     counts = torch.bincount(clusters, minlength=k).tolist()
-    parts = x.index_select(0, order).split(counts)
-    outs = [models[j](part) for j, part in enumerate(parts) if counts[j] > 0]
+    rows = order.split(counts)
+    # a serving layout (CompactMLP) gathers exactly the ids it reads; any other model takes its rows
+    outs = [
+        models[j].forward_rows(x, rows[j]) if hasattr(models[j], "forward_rows")
+        else models[j](x.index_select(0, rows[j]))
+        for j in range(k) if counts[j] > 0
+    ]  # fmt: skip
     out = torch.empty(x.shape[0], dtype=outs[0].dtype if outs else torch.float32, device=x.device)
     if outs:
         out.index_copy_(0, order, torch.cat(outs))
@@ -100,6 +105,22 @@ class RoutedModel(nn.Module):
         self.cluster_models = nn.ModuleList(cluster_models)
         self.router = router
         self.fast = False
+
+    def compact(self) -> RoutedModel:
+        """The same routed model with each cluster model in its serving layout
+        (:class:`~ihas_lightning.models.compact.CompactMLP` where one applies): the same logits in fewer,
+        larger ops. Shares the search model, centroids and router."""
+        from .models.compact import compact
+
+        out = RoutedModel(
+            self.search_model,
+            self.centroids,
+            [compact(m) for m in self.cluster_models],
+            self.input,
+            self.router,
+        )
+        out.fast = self.fast
+        return out.eval()
 
     def with_fast_routing(self) -> RoutedModel:
         """The same models routed by the distilled router (shares every module with this one)."""

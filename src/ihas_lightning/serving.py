@@ -226,9 +226,11 @@ def load_run_models(cfg: DictConfig) -> RunModels:
             if search.gate is None:
                 raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
             routed = RoutedModel(
-                search, ainfo["centroids"], [m.model for m in modules],
+                search,
+                ainfo["centroids"],
+                [m.model for m in modules],
                 input=str(ainfo.get("input", "masked_embedding")),
-            ).eval()  # fmt: skip
+            ).compact()  # fmt: skip  (each cluster model in its serving layout: the same logits, fewer ops)
             if ainfo.get("router_state") is not None:
                 from .models.router import LinearRouter
 

@@ -12,6 +12,10 @@ Models, each on the same input ids:
 * ``ihas_models_only`` -- the cluster models alone, clusters given (what the paper most likely timed);
 * ``ihas_fast`` -- routed by the distilled router (:mod:`ihas_lightning.models.router`) instead of the
   searched embedding + gate;
+* every ``ihas_*`` row serves the cluster models in their serving layout
+  (:class:`ihas_lightning.models.compact.CompactMLP`, as evaluate / predict / export do);
+  ``ihas_models_only_trained_layout`` / ``ihas_fast_trained_layout`` time the layout they were trained
+  in (packed by field size, one lookup per distinct size, a reorder), side by side;
 * ``onnx_base`` / ``onnx_ihas`` / ``onnx_ihas_fast`` -- the exported graphs in onnxruntime (same
   thread count).
 
@@ -108,21 +112,30 @@ def _onnx(module: torch.nn.Module, x: torch.Tensor, path: Path):
 
 
 def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[str, Any]:
-    graph = ServingModule(routed=routed).eval()
+    """``routed``: the cluster models as trained (packed by field size); every ``ihas_*`` row serves them
+    in their serving layout (:meth:`RoutedModel.compact`, as evaluate / predict / export do), and the
+    ``*_trained_layout`` rows time the trained layout side by side."""
+    served = routed.compact()
+    graph = ServingModule(routed=served).eval()
     fns: dict[str, Any] = {
         "base": lambda b: base(b, "open"),
-        "ihas_exact": routed.forward,
+        "ihas_exact": served.forward,
         "ihas_graph": graph,
     }
-    fns["ihas_models_only"] = (routed.route, lambda b, c: dispatch(b, c, routed.cluster_models))
-    fast = routed.with_fast_routing() if routed.router is not None else None
-    if fast is not None:
-        fns["ihas_fast"] = fast.forward
+    fns["ihas_models_only"] = (served.route, lambda b, c: dispatch(b, c, served.cluster_models))
+    fns["ihas_models_only_trained_layout"] = (
+        routed.route,
+        lambda b, c: dispatch(b, c, routed.cluster_models),
+    )
+    if routed.router is not None:
+        fns["ihas_fast"] = served.with_fast_routing().forward
+        fns["ihas_fast_trained_layout"] = routed.with_fast_routing().forward
     if onnx:
         fns["onnx_base"] = _onnx(ServingModule(model=base, mode="open").eval(), x, tmp / "base.onnx")
         fns["onnx_ihas"] = _onnx(graph, x, tmp / "ihas.onnx")
-        if fast is not None:
-            fns["onnx_ihas_fast"] = _onnx(ServingModule(routed=fast).eval(), x, tmp / "ihas_fast.onnx")
+        if routed.router is not None:
+            fns["onnx_ihas_fast"] = _onnx(ServingModule(routed=served.with_fast_routing()).eval(), x,
+                                          tmp / "ihas_fast.onnx")  # fmt: skip
     return fns
 
 
@@ -135,6 +148,8 @@ def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]
     if rm.routed is None:
         raise SystemExit(f"{run}: not a routed iHAS run")
     base = rm.entry("base")[2].eval()
+    r = rm.routed  # rebuilt with the cluster models as trained (candidates() times both layouts)
+    routed = RoutedModel(r.search_model, r.centroids, [m.model.eval() for m in rm.modules], r.input, r.router)
     t = pq.read_table(rm.prepared / "test.parquet")
     x = torch.from_numpy(np.stack([t.column(n).to_numpy() for n in rm.fmap.field_names], 1).astype(np.int64))
     info = {"run": str(run), "fields": rm.fmap.num_fields, "ids": int(sum(rm.fmap.vocab_sizes)), "rows": len(x),
@@ -142,7 +157,7 @@ def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]
     res = run / "evaluate" / "results.json"
     if res.is_file():  # the fast routing's agreement and AUC cost, as evaluate measured them
         info["fast_routing"] = json.loads(res.read_text()).get("fast_routing")
-    return base, rm.routed, x, info
+    return base, routed.eval(), x, info
 
 
 def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, seed: int = 0):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -33,7 +34,11 @@ class LinearRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cluster logits [B, K] of ids x [B, F]."""
-        return self.weight(x.long() + self.offsets).sum(1) + self.bias
+        idx = x.long() + self.offsets
+        if torch.compiler.is_exporting():  # ONNX has no bag op (its decomposition is a loop): lookup + sum
+            return self.weight(idx).sum(1) + self.bias
+        # one bag-sum over the fields: no [B, F, K] intermediate (2x faster than a lookup + sum on CPU)
+        return F.embedding_bag(idx, self.weight.weight, mode="sum", sparse=self.weight.sparse) + self.bias
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> torch.Tensor:
