@@ -13,7 +13,7 @@ here (3 on gate batches in search): budgets are therefore set in EPOCHS (``max_e
 the log-odds of the training rows' positive rate, ``zero`` passes None: PyTorch's default init).
 
 Validation and test log ``{split}/auc`` (torchmetrics BinaryAUROC) and ``{split}/logloss`` (mean
-BCE) computed over the whole split.
+BCE, torchmetrics MeanMetric) computed over the whole split (under DDP over every rank's shard).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from ..config import group_defaults
@@ -75,8 +76,10 @@ class CTRModule(L.LightningModule):
             # start at the base rate (the log-odds of the train split's positive rate), as well-kept
             # CTR libraries do: the first steps then learn features, not the class prior
             self.model.backbone.set_output_bias(float(output_bias))
+        # torchmetrics states: under DDP both are reduced over every rank's rows at compute(), so the
+        # logged AUC / logloss are those of the whole split (each rank scores its shard)
         self.metrics = torch.nn.ModuleDict({s: BinaryAUROC() for s in ("val", "test")})
-        self._loss_sum: dict[str, torch.Tensor] = {}
+        self.loglosses = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self._count: dict[str, int] = {}
 
     # ---- optimisation ------------------------------------------------------------------------
@@ -139,18 +142,19 @@ class CTRModule(L.LightningModule):
     def _eval_step(self, split: str, batch) -> None:
         x, y = batch
         logits = self(x)
-        loss = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        self._loss_sum[split] = self._loss_sum.get(split, 0.0) + loss.detach()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
+        self.loglosses[split].update(loss.detach())
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
 
     def _eval_epoch_end(self, split: str) -> None:
         if not self._count.get(split):
             return
+        # computed (and synced) on every rank; logged as the same value everywhere (no further reduction)
         self.log(f"{split}/auc", self.metrics[split].compute(), prog_bar=True)
-        self.log(f"{split}/logloss", self._loss_sum[split] / self._count[split], prog_bar=True)
+        self.log(f"{split}/logloss", self.loglosses[split].compute(), prog_bar=True)
         self.metrics[split].reset()
-        self._loss_sum[split] = 0.0
+        self.loglosses[split].reset()
         self._count[split] = 0
 
     def validation_step(self, batch, batch_idx):

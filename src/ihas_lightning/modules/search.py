@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from torchmetrics import MeanMetric
 
 from ..config import group_defaults
 from ..models.selectors import ARCH_UPDATES
@@ -356,7 +357,8 @@ class SearchModule(CTRModule):
         self.last_gate_summary: dict[str, dict[str, Any]] = {}
         self.gate_steps = 0
         self.search_batches_drawn = 0  # the gate stream's position (checkpointed: an exact resume)
-        self._reg_sum: dict[str, torch.Tensor] = {}
+        # the selector regularizer's mean per split (a torchmetrics state: reduced over ranks under DDP)
+        self.regs = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
 
     @torch.no_grad()
     def load_transfer(self, source: torch.nn.Module) -> list[str]:
@@ -562,22 +564,21 @@ class SearchModule(CTRModule):
             return super()._eval_step(split, batch)
         x, y = batch
         logits, aux = self.model.forward_aux(x, "deterministic")
-        loss = F.binary_cross_entropy_with_logits(logits, y, reduction="sum")
-        self._loss_sum[split] = self._loss_sum.get(split, 0.0) + loss.detach()
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
+        self.loglosses[split].update(loss.detach())
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
         if "threshold" in aux:  # a per-dim gate with the threshold searcher (iHAS)
             self.gate_stats[split].update(aux["mask"], aux["p"], aux["threshold"], aux["found"])
         reg = self.selector.regularizer(aux)
-        reg = 0.0 if reg is None else reg.detach() * len(y)
-        self._reg_sum[split] = self._reg_sum.get(split, 0.0) + reg
+        self.regs[split].update(0.0 if reg is None else reg.detach().float(), weight=len(y))
 
     def _eval_epoch_end(self, split: str) -> None:
-        if self._count.get(split) and split in self._reg_sum:
+        if self._count.get(split) and self.regs[split].update_count:
             # the upper-level objective of the search on this split: logloss of the deterministic
             # selection + the selector's regularizer (what the architecture steps minimise)
-            n = self._count[split]
-            self.log(f"{split}/objective", (self._loss_sum[split] + self._reg_sum.pop(split)) / n)
+            self.log(f"{split}/objective", self.loglosses[split].compute() + self.regs[split].compute())
+            self.regs[split].reset()
         super()._eval_epoch_end(split)
         if self.selector is not None and not self.in_pretrain():
             for k, v in self.selector.statistics().items():
