@@ -285,3 +285,36 @@ def test_streaming_shuffles_within_row_groups(prepared):
     order = rows_of(list(dm.train_dataloader()))
     # row groups are permuted AND rows mixed: few neighbours are still file-order neighbours
     assert np.mean(np.diff(order) == 1) < 0.2
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_device_resident_batches_equal_the_host_path(prepared, world):
+    """dataset.device_resident: the split lives on the device and batches are torch gathers there (on
+    the CPU here: the same code path); the batches, their order and the sharding are the host path's."""
+    for rank in range(world):
+        for epoch in (0, 1):
+            got, want = [], []
+            for resident, out in ((True, got), (False, want)):
+                dm = IHASDataModule(prepared, batch_size=64, mode="in_memory", rank=rank, world_size=world,
+                                    device_resident=resident, device="cpu", num_workers=2 if resident else 0)  # fmt: skip
+                dm.set_epoch(epoch)
+                loader = dm.train_dataloader()
+                assert loader.num_workers == 0  # device slices take no workers even when asked
+                assert loader.dataset.device_resident is resident
+                out.extend(list(loader))
+                out.extend(list(dm.val_dataloader()))
+            assert len(got) == len(want)
+            for (gx, gy), (wx, wy) in zip(got, want):
+                assert torch.equal(gx, wx) and torch.equal(gy, wy)
+
+
+def test_device_resident_is_the_default_on_a_gpu_trainer(tmp_path):
+    from ihas_lightning.config import compose
+    from ihas_lightning.rundir import device_resident
+
+    assert not device_resident(compose([], output_dir=tmp_path))
+    assert device_resident(compose(["trainer=gpu"], output_dir=tmp_path))
+    assert not device_resident(
+        compose(["trainer=gpu", "+dataset.device_resident=false"], output_dir=tmp_path)
+    )
+    assert device_resident(compose(["+dataset.device_resident=true"], output_dir=tmp_path))

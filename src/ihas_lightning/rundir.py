@@ -124,7 +124,17 @@ def make_datamodule(cfg: DictConfig, prepared: Path, batch_size: int, **kw: Any)
 
     bs = int(batch_size)
     eval_bs = int(cfg.evaluate.get("batch_size") or bs)
+    kw.setdefault("device_resident", device_resident(cfg))
     return IHASDataModule(str(prepared), batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), **kw)
+
+
+def device_resident(cfg: DictConfig) -> bool:
+    """``dataset.device_resident``; unset (null): on when ``trainer.accelerator`` is not the CPU."""
+    v = cfg.dataset.get("device_resident")
+    if v is None:
+        acc = str(cfg.trainer.get("accelerator", "cpu"))
+        return acc in ("gpu", "cuda", "mps") or (acc == "auto" and torch.cuda.is_available())
+    return bool(v)
 
 
 def iter_split(dm: Any, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

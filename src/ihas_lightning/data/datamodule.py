@@ -15,6 +15,11 @@ per-row ``__getitem__`` + collate anywhere. Two modes:
     the Parquet row groups are the shards; only a few of them are in memory at a time. For training
     the row-group order is permuted per epoch and rows are mixed in a shuffle buffer of
     ``shuffle_buffer_batches`` batches; evaluation reads in file order.
+``device_resident`` (in_memory only; ``dataset.device_resident``, on by default when the trainer's
+    accelerator is not the CPU) moves each split's arrays once to the training device; a training
+    batch is then an ``index_select`` there by the epoch's permutation (drawn on the host as above, so
+    the batch order is the host path's, and copied to the device once per epoch): no per-batch copy,
+    no collate, no workers.
 ``auto`` (default) picks ``in_memory`` when all three splits (``rows * (F + 1) * 4`` bytes) fit in
 ``memory_budget_gb``, else ``streaming``.
 
@@ -192,16 +197,29 @@ class _BatchDataset(IterableDataset):
 class InMemoryBatches(_BatchDataset):
     """Batches sliced out of one contiguous ``int32 [N, F]`` tensor (see the module docstring)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, **kw: Any):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, device_resident: bool = False, **kw: Any):
+        """``device_resident``: ``x`` / ``y`` already live on the training device (or are used as if
+        they did: the same code path on the CPU); batches are gathered there with torch ops."""
         super().__init__(n=len(y), **kw)
         self.x, self.y = x, y
+        self.device_resident = bool(device_resident) or x.device.type != "cpu"
 
     def iter_shard(
         self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
     ) -> Iterator[Batch]:
         pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
         x, y = self.x, self.y
-        if self.shuffle:
+        if self.shuffle and self.device_resident:
+            # the split lives on the device: the epoch's permutation goes there once (the same order as
+            # on the host, so a GPU run sees the CPU run's batches) and a batch is one index_select there
+            order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
+            perm = torch.from_numpy(order[pos : pos + int(sizes.sum())]).to(x.device)
+            at = 0
+            for s in sizes.tolist():
+                idx = perm[at : at + s]
+                at += s
+                yield x.index_select(0, idx), y.index_select(0, idx)
+        elif self.shuffle:
             # numpy's single-threaded take: torch's index_select splits a 2048-row gather over the
             # intra-op threads and stalls badly when the cores are busy (10x slower under load)
             xn, yn = x.numpy(), y.numpy()
@@ -392,6 +410,8 @@ class IHASDataModule(L.LightningDataModule):
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        device_resident: bool = False,
+        device: str | torch.device | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -414,6 +434,11 @@ class IHASDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = rank, world_size
+        # device_resident (in_memory mode): each split's arrays are moved once to ``device`` (default:
+        # the attached Trainer's root device) and batches are sliced there: no per-batch host-to-device
+        # copy and no collate. Ignored in streaming mode (the data does not fit in memory).
+        self.device_resident = bool(device_resident)
+        self.device = torch.device(device) if device is not None else None
         self._row_filter_arg = dict(row_filter) if row_filter else {}
         self._fm: FeatureMap | None = None
         self._mode: str | None = None
@@ -556,6 +581,23 @@ class IHASDataModule(L.LightningDataModule):
             self._arrays[split] = arrays
         return arrays
 
+    def data_device(self) -> torch.device:
+        """Where device-resident splits live: ``device``, else the attached Trainer's root device."""
+        if self.device is not None:
+            return self.device
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def device_arrays(self, split: str) -> Batch:
+        """The split's arrays on :meth:`data_device` (moved once, cached per device)."""
+        dev = self.data_device()
+        key = f"{split}@{dev}"
+        if key not in self._arrays:
+            x, y = self.split_arrays(split)
+            self._arrays[key] = (x.to(dev), y.to(dev)) if dev.type != "cpu" else (x, y)
+        return self._arrays[key]
+
     def extra_column(self, split: str, name: str) -> np.ndarray:
         """A non-feature column (e.g. the synthetic ``_group``) in file order, row_filter applied."""
         self._ensure()
@@ -606,6 +648,9 @@ class IHASDataModule(L.LightningDataModule):
             drop_last=drop_last, stream=stream, infinite=infinite,
         )  # fmt: skip
         if self._mode == "in_memory":
+            if self.device_resident:
+                x, y = self.device_arrays(split)
+                return InMemoryBatches(x, y, device_resident=True, **kw)
             x, y = self.split_arrays(split)
             return InMemoryBatches(x, y, **kw)
         return StreamingBatches(
@@ -618,6 +663,8 @@ class IHASDataModule(L.LightningDataModule):
         )
 
     def _loader(self, ds: _BatchDataset, epoch_fn: Callable[[], int] | None, num_workers: int) -> BatchLoader:
+        if getattr(ds, "device_resident", False):  # batches are device slices: no workers, nothing to pin
+            return BatchLoader(ds, epoch_fn=epoch_fn, num_workers=0)
         return BatchLoader(ds, epoch_fn=epoch_fn, num_workers=num_workers, pin_memory=self.pin_memory)
 
     def set_epoch(self, epoch: int) -> None:

@@ -78,12 +78,16 @@ def raw_files(dcfg: Any) -> dict[str, Path] | None:
     return None
 
 
+#: keys every format accepts without its yaml setting them (read where the data is loaded)
+COMMON_KEYS = ("device_resident",)
+
+
 def dataset_keys(fmt: str) -> set[str]:
     """The ``dataset.*`` keys of a format: those its options in ``conf/dataset/`` set (the dataset group
     is open in the schema because each format has its own keys)."""
     from ..config import CONFIG_DIR
 
-    keys: set[str] = set()
+    keys: set[str] = set(COMMON_KEYS)
     for f in sorted((CONFIG_DIR / "dataset").glob("*.yaml")):
         node = OmegaConf.load(f).get("dataset") or {}
         if node.get("format") == fmt:
@@ -101,6 +105,9 @@ def validate_config(cfg: DictConfig) -> None:
     extra = [k for k in d.keys() if k not in known] if known else []
     require(not extra, f"dataset.{extra[0] if extra else ''}",
             f"no such key for a {fmt} dataset (its keys: {', '.join(sorted(known))})")  # fmt: skip
+    dr = _get(d, "device_resident", None)
+    require(dr is None or isinstance(dr, bool), "dataset.device_resident",
+            f"must be true, false or null (null: on when trainer.accelerator is a GPU; got {dr!r})")  # fmt: skip
     split = _container(_get(d, "split", [0.8, 0.1, 0.1]))
     ok = isinstance(split, list | tuple) and len(split) == 3
     ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in split)
@@ -156,7 +163,7 @@ def config_hash(cfg: DictConfig) -> str:
     d = cfg.dataset
     fmt = d.format
     if fmt == "synthetic":
-        values = {k: v for k, v in _container(d).items() if k not in ("prepared_dir", "name")}
+        values = {k: v for k, v in _container(d).items() if k not in ("prepared_dir", "name", *COMMON_KEYS)}
         return stable_hash({"synthetic": values})
     files = raw_files(d) or {}
     values: dict[str, Any] = {

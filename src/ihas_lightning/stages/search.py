@@ -51,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .. import method
 from ..errors import ConfigError, DataError
 from ..method import check_gate_cfg  # noqa: F401 - re-exported for callers of the stage
-from ..rundir import BEST, LAST, STARTED, checkpoint_epoch, load_search_model  # noqa: F401 - re-exported
+from ..rundir import BEST, LAST, STARTED, checkpoint_epoch, device_resident, load_search_model  # noqa: F401 - re-exported
 from ..utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger("ihas_lightning")
@@ -295,6 +295,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         search_batch_size=sbs,
         row_filter={"train": ~hold} if hold is not None else None,
+        device_resident=device_resident(cfg),
     )
     bpe = schedule.batches_per_epoch(model_rows, bs)
     every = method.search_every(cfg, bpe) if bilevel else None
@@ -323,6 +324,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 seed=int(cfg.seed),
                 search_batch_size=sbs,
                 row_filter={"train": hold},
+                device_resident=device_resident(cfg),
             )
             module.set_search_loader(gate_dm.search_dataloader("train"))
             budget["gate_rows"] = int(hold.sum())
