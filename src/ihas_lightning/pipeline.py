@@ -42,6 +42,9 @@ from .utils import read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
 
+#: the phases that train (every rank takes part under trainer=ddp); the others run on rank 0 alone
+FIT_STAGES = ("search", "retrain")
+
 
 def base_config(cfg: DictConfig) -> DictConfig:
     """The Base model's config: ``method=base`` (no selector), output under ``<run dir>/base``."""
@@ -130,18 +133,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     phases = method.phases(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    from .distributed import barrier, is_global_zero
     from .serving import save_run_config
 
-    save_run_config(cfg, out)  # what stage=predict rebuilds the run's models from
-    (out / "error.txt").unlink(missing_ok=True)  # a previous failure of this run dir (multirun jobs)
+    # trainer=ddp: every rank runs this function (Lightning's launcher starts the other ranks at the
+    # first fit and they re-run the command); all ranks take part in the fits, rank 0 alone writes the
+    # run dir and runs the stages that do not train (the others wait at a barrier)
+    zero = is_global_zero()
+    if zero:
+        save_run_config(cfg, out)  # what stage=predict rebuilds the run's models from
+        (out / "error.txt").unlink(missing_ok=True)  # a previous failure of this run dir (multirun jobs)
     status: dict[str, Any] = {"run_dir": str(out.resolve()), "stages": {}}
+
+    def rank_zero_stage(name: str):
+        if zero:
+            res = stage_module(name).run(cfg)
+            barrier()
+            return res
+        barrier()  # rank 0 runs it; its outputs exist after the barrier
+        return {}
 
     def timed(name: str, fn):
         t0 = time.perf_counter()
         res = fn()
         status["stages"][name] = {"seconds": round(time.perf_counter() - t0, 3)}
         log.info("stage=all: %s done in %.1f s", name, status["stages"][name]["seconds"])
-        write_json(out / "pipeline.json", status)
+        if zero:
+            write_json(out / "pipeline.json", status)
         return res
 
     with run_scope(cfg, str(cfg.tag)):
@@ -161,10 +179,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if name == "search":
                 with scope_prefix("search"):
                     metrics = timed("search", lambda: run_search_or_resume(cfg, prepared))
-            else:
+            elif name in FIT_STAGES:
                 metrics = timed(name, lambda name=name: stage_module(name).run(cfg))
+            else:
+                metrics = timed(name, lambda name=name: rank_zero_stage(name))
     status["total_seconds"] = round(sum(s["seconds"] for s in status["stages"].values()), 3)
-    write_json(out / "pipeline.json", status)
+    if zero:
+        write_json(out / "pipeline.json", status)
     log.info("stage=all: finished in %.1f s; results in %s", status["total_seconds"], out / "evaluate")
     return metrics
 

@@ -59,6 +59,21 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
         if key in OWNED_KEYS:
             raise ConfigError(f"config key 'trainer.{key}': set by the stages themselves; leave it out")
         out[key] = value
+    strategy = out.get("strategy")
+    if (
+        isinstance(strategy, str)
+        and strategy != "auto"
+        and strategy.split("_")[0] in ("ddp", "fsdp", "deepspeed")
+    ):
+        if strategy != "ddp":
+            raise ConfigError(
+                f"config key 'trainer.strategy': {strategy!r} is not supported; multi-process training is "
+                "trainer=ddp (strategy=ddp: Lightning's DDP launcher with our own gradient averaging, "
+                "ihas_lightning/distributed.py)"
+            )
+        from .distributed import manual_ddp_strategy
+
+        out["strategy"] = manual_ddp_strategy()
     return out
 
 
@@ -225,11 +240,19 @@ def fit_ctr(
     fit_s = time.perf_counter() - t0
     import torch
 
+    from .distributed import is_global_zero
+
     best = out / "best.ckpt"
     best_score = None
-    if ckpt_cb is not None and ckpt_cb.best_model_path and Path(ckpt_cb.best_model_path).is_file():
-        if Path(ckpt_cb.best_model_path).resolve() != best.resolve():
+    have_best = (
+        ckpt_cb is not None and bool(ckpt_cb.best_model_path) and Path(ckpt_cb.best_model_path).is_file()
+    )
+    # trainer=ddp: every rank takes rank 0's decision (rank 0 moves the file right after deciding)
+    if trainer.strategy.broadcast(have_best):
+        if is_global_zero() and Path(ckpt_cb.best_model_path).resolve() != best.resolve():
             Path(ckpt_cb.best_model_path).replace(best)
+        best = Path(trainer.strategy.broadcast(str(best)))  # rank 0's file (trainer=ddp)
+        trainer.strategy.barrier("fit_ctr best")
         best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
         best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
         module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)

@@ -101,10 +101,21 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
 
     On any exception the temporary directory is removed and ``final`` is left untouched, so a
     half-written output never passes for complete. With ``overwrite`` an existing ``final`` is
-    replaced only after the new one is fully written.
+    replaced only after the new one is fully written. Under trainer=ddp only global rank 0 renames;
+    the other ranks get a scratch directory that is removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    from .distributed import is_global_zero
+
+    if not is_global_zero():  # trainer=ddp: rank 0 writes the outputs; another rank's are scratch
+        tmp = final.with_name(f".{final.name}.scratch-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     clean_stale_temp_dirs(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()

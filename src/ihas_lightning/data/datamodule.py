@@ -23,8 +23,14 @@ per-row ``__getitem__`` + collate anywhere. Two modes:
 ``auto`` (default) picks ``in_memory`` when all three splits (``rows * (F + 1) * 4`` bytes) fit in
 ``memory_budget_gb``, else ``streaming``.
 
-Sharding (both modes, see :func:`rank_plan`). An epoch has a *virtual row order*: the permutation
-(in-memory train), the permuted row groups (streaming train) or file order (evaluation). Rank ``r``
+Sharding, training streams (the shuffled train loader and the gate's search stream): ``batch_size``
+is the GLOBAL batch. Every rank follows the one-process stream (the same permutation, or the same
+row-group order and shuffle buffer) and keeps its slice ``[r * m // W, (r + 1) * m // W)`` of each
+global batch of ``m`` rows, so W ranks together train on exactly the batches one process trains on
+(and the hyper-parameters do not change with W). A slice is empty only when a global batch has fewer
+rows than ranks. The price in streaming mode: every rank reads every row group (and keeps 1/W of it).
+
+Sharding, evaluation (and ``rank_plan``). An epoch has a *virtual row order*: file order. Rank ``r``
 of ``W`` takes the contiguous range ``[r * N // W, (r + 1) * N // W)`` of it, so ranks differ by at
 most one row, and EVERY rank yields the same number of batches ``ceil(ceil(N / W) / B)``: a rank
 with fewer rows makes its last batch (rarely the last two) smaller, never empty. Equal counts keep
@@ -143,13 +149,21 @@ class _BatchDataset(IterableDataset):
         drop_last: bool,
         stream: int,
         infinite: bool = False,
+        interleave: bool = False,
     ):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.stream, self.infinite = stream, infinite
         self.epoch = 0
         self.start_batch = 0  # an endless stream: batches to pass over at the next iter() (a resume)
-        self.start, self.sizes = rank_plan(n, world, rank, batch_size, drop_last)
+        # interleave (training streams under DDP): every rank follows the one-process stream of GLOBAL
+        # batches of batch_size and keeps its slice of each, so ranks train on exactly the batches one
+        # process would (see the module docstring)
+        self.interleave = bool(interleave) and world > 1
+        if self.interleave:
+            self.start, self.sizes = rank_plan(n, 1, 0, batch_size, drop_last)
+        else:
+            self.start, self.sizes = rank_plan(n, world, rank, batch_size, drop_last)
         if infinite and len(self.sizes) == 0:
             raise DataError("IHASDataModule: the search split has no rows for this rank; it cannot cycle")
 
@@ -191,6 +205,15 @@ class _BatchDataset(IterableDataset):
     ) -> Iterator[Batch]:
         """The batches of (this rank, ``worker`` of ``num_workers``) in ``epoch`` (pass ``cycle`` of
         an endless stream)."""
+        for bx, by in self._batches(epoch, worker, num_workers, cycle):
+            if self.interleave:  # this rank's slice of the global batch (empty only if < world rows)
+                m = len(by)
+                lo, hi = self.rank * m // self.world, (self.rank + 1) * m // self.world
+                bx, by = bx[lo:hi], by[lo:hi]
+            yield bx, by
+
+    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
+        """The plan's batches (global batches when interleaved) of ``worker`` in ``epoch``."""
         raise NotImplementedError
 
 
@@ -204,9 +227,7 @@ class InMemoryBatches(_BatchDataset):
         self.x, self.y = x, y
         self.device_resident = bool(device_resident) or x.device.type != "cpu"
 
-    def iter_shard(
-        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
-    ) -> Iterator[Batch]:
+    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
         pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
         x, y = self.x, self.y
         if self.shuffle and self.device_resident:
@@ -292,16 +313,15 @@ class StreamingBatches(_BatchDataset):
         """The kept rows ``lo:hi`` of row group ``rg`` as fresh tensors."""
         return table_to_tensors(self._read_table(rg, lo, hi), self.fields)
 
-    def iter_shard(
-        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
-    ) -> Iterator[Batch]:
+    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
         pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
         if len(sizes) == 0:
             return
         pieces = self.pieces(epoch, pos, pos + int(sizes.sum()), cycle)
         if self.shuffle:
+            stream_rank = 0 if self.interleave else self.rank  # interleaved: every rank draws one stream
             yield from self._shuffled(
-                pieces, sizes.tolist(), _seed(self.seed, self.stream, epoch, cycle, self.rank, worker)
+                pieces, sizes.tolist(), _seed(self.seed, self.stream, epoch, cycle, stream_rank, worker)
             )
         else:
             yield from self._ordered(pieces, sizes.tolist())
@@ -645,7 +665,7 @@ class IHASDataModule(L.LightningDataModule):
             rank, world = self._rank_world() if sharded else (0, 1)
         kw = dict(
             batch_size=batch_size, shuffle=shuffle, seed=self.seed, rank=rank, world=world,
-            drop_last=drop_last, stream=stream, infinite=infinite,
+            drop_last=drop_last, stream=stream, infinite=infinite, interleave=shuffle and sharded,
         )  # fmt: skip
         if self._mode == "in_memory":
             if self.device_resident:

@@ -42,6 +42,18 @@ MODES = ("open", "stochastic", "deterministic")
 INPUT_NORMS = ("none", "center", "batch")
 
 
+def batch_mean(e: torch.Tensor) -> torch.Tensor:
+    """Column means of the batch [B, D] -> [D]; under trainer=ddp of the GLOBAL batch (every rank's
+    rows, as SyncBatchNorm does), so the running statistics do not depend on the number of ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return e.mean(0)
+    s = torch.cat([e.sum(0), e.new_tensor([float(e.shape[0])])])
+    dist.all_reduce(s)
+    return s[:-1] / s[-1].clamp_min(1.0)
+
+
 class BernoulliGate(nn.Module):
     def __init__(
         self,
@@ -53,6 +65,10 @@ class BernoulliGate(nn.Module):
         input_norm: str = "none",
     ):
         super().__init__()
+        # (first row, global batch rows) of this process's rows under trainer=ddp (set per step by the
+        # search module): the Gumbel noise is drawn for the global batch and sliced, so DDP ranks draw
+        # exactly the noise one process draws
+        self.noise_rows: tuple[int, int] | None = None
         if tau <= 0:
             raise ValueError("tau must be > 0")
         if bins < 3:
@@ -93,7 +109,7 @@ class BernoulliGate(nn.Module):
             elif self.input_norm == "center":
                 if self.training:
                     with torch.no_grad():
-                        m = e.mean(0)
+                        m = batch_mean(e)
                         if int(self.input_count) == 0:
                             self.input_mean.copy_(m)
                         else:
@@ -114,7 +130,12 @@ class BernoulliGate(nn.Module):
         sampled as ``logit(u)``, u ~ U(0, 1). Forward: exact {0, 1} (the Gumbel-Max draw, eq. 1);
         backward: gradient of the relaxed sample (eq. 2). When z needs no gradient (the model step,
         gate frozen) only the hard draw is computed."""
-        u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+        if self.noise_rows is not None:  # a DDP rank: its rows' noise out of the global batch's draw
+            lo, m = self.noise_rows
+            u = torch.rand((m, *z.shape[1:]), dtype=z.dtype, device=z.device)[lo : lo + z.shape[0]]
+            u = u.clamp_(1e-6, 1 - 1e-6)
+        else:
+            u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
         score = z + torch.logit(u)
         hard = (score > 0).to(z.dtype)
         if not z.requires_grad:

@@ -28,8 +28,17 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAUROC
 
 from ..config import group_defaults
+from ..distributed import sync_gradients
 from ..models import DLRM
 from ..optim import build_embedding_optimizer, embedding_is_sparse
+
+
+def bce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of a batch; 0 (with a graph: every parameter gets a zero gradient) for an empty batch,
+    which a DDP rank gets when the last global batch has fewer rows than there are ranks."""
+    if y.numel() == 0:
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits, y)
 
 
 class CTRModule(L.LightningModule):
@@ -126,8 +135,10 @@ class CTRModule(L.LightningModule):
         emb_opt.zero_grad(set_to_none=True)
         dense_opt.zero_grad(set_to_none=True)
         logits = self.model(x, mode)
-        loss = F.binary_cross_entropy_with_logits(logits, y)
+        loss = bce_loss(logits, y)
         self.manual_backward(loss)
+        # under trainer=ddp: the global batch's gradient (a no-op in one process)
+        sync_gradients(self.model.embedding_parameters() + self.model.dense_parameters(), len(y))
         emb_opt.step()
         dense_opt.step()
         return loss

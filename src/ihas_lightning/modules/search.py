@@ -64,8 +64,9 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import MeanMetric
 
 from ..config import group_defaults
+from ..distributed import global_slice, sync_gradients, world_size
 from ..models.selectors import ARCH_UPDATES
-from .ctr import CTRModule
+from .ctr import CTRModule, bce_loss
 
 HIST_BINS = 50
 GATE_SELECTOR_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm", "lambda_reg", "polarization")
@@ -400,6 +401,9 @@ class SearchModule(CTRModule):
                 "SearchModule: no search loader; call set_search_loader(dm.search_dataloader())"
             )
         if self._search_iter is None:
+            if callable(self._search_source) and not hasattr(self._search_source, "__iter__"):
+                # a factory: the stream is built in the fit, once the ranks are known (trainer=ddp)
+                self._search_source = self._search_source()
             if self.search_batches_drawn and hasattr(self._search_source, "start_at"):
                 # a resumed fit: continue the stream where the checkpointed one stopped
                 self._search_source.start_at(self.search_batches_drawn)
@@ -495,9 +499,23 @@ class SearchModule(CTRModule):
 
     gate_optimizer = arch_optimizer
 
+    @contextmanager
+    def global_noise(self, rows: int):
+        """Under trainer=ddp: the gate draws its Gumbel noise for the global batch and keeps this rank's
+        rows (:func:`ihas_lightning.distributed.global_slice`); nothing in one process."""
+        gate = self.model.gate
+        if gate is None or world_size() == 1:
+            yield
+            return
+        gate.noise_rows = global_slice(rows, self.device)
+        try:
+            yield
+        finally:
+            gate.noise_rows = None
+
     def model_step(self, x: torch.Tensor, y: torch.Tensor, mode: str = "open") -> torch.Tensor:
         """Update V and theta on BCE; the architecture parameters are frozen (no gradient computed)."""
-        with frozen(self.model.arch_parameters()):
+        with frozen(self.model.arch_parameters()), self.global_noise(len(y)):
             return super().model_step(x, y, mode)
 
     def gate_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -505,12 +523,16 @@ class SearchModule(CTRModule):
         regularizer with V and theta frozen. Returns (BCE, regularizer) for logging."""
         opt = self.arch_optimizer()
         opt.zero_grad(set_to_none=True)
-        with frozen(self.model.embedding_parameters() + self.model.dense_parameters()):
+        with (
+            frozen(self.model.embedding_parameters() + self.model.dense_parameters()),
+            self.global_noise(len(y)),
+        ):
             logits, aux = self.model.forward_aux(x, "stochastic")
-            bce = F.binary_cross_entropy_with_logits(logits, y)
-            reg = self.selector.regularizer(aux)
+            bce = bce_loss(logits, y)
+            reg = self.selector.regularizer(aux) if len(y) else None
             reg = torch.zeros((), device=bce.device) if reg is None else reg
             self.manual_backward(bce + reg)
+        sync_gradients(self.model.arch_parameters(), len(y))
         opt.step()
         self.gate_steps += 1
         return bce.detach(), reg.detach()
@@ -522,11 +544,13 @@ class SearchModule(CTRModule):
         opts = self.optimizers()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        logits, aux = self.model.forward_aux(x, "stochastic")
-        bce = F.binary_cross_entropy_with_logits(logits, y)
-        reg = self.selector.regularizer(aux)
+        with self.global_noise(len(y)):
+            logits, aux = self.model.forward_aux(x, "stochastic")
+        bce = bce_loss(logits, y)
+        reg = self.selector.regularizer(aux) if len(y) else None
         reg = torch.zeros((), device=bce.device) if reg is None else reg
         self.manual_backward(bce + reg)
+        sync_gradients(list(self.model.parameters()), len(y))
         for opt in opts:
             opt.step()
         self.gate_steps += 1

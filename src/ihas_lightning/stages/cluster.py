@@ -441,8 +441,10 @@ def train_router(cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, 
         TensorDataset(*data["train"]), batch_size=int(rc.batch_size), shuffle=True, generator=gen
     )
     val = DataLoader(TensorDataset(*data["val"]), batch_size=bs)
+    # one process (under trainer=ddp the cluster stage runs on rank 0 alone)
     trainer = build_trainer(cfg, int(rc.epochs), [], None, out.parent, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+                            enable_progress_bar=False, enable_model_summary=False, strategy="auto",
+                            devices=1, num_nodes=1)  # fmt: skip
     trainer.fit(module, train, val if len(data["val"][1]) else None)
     router = module.router.eval()
     agreement = {}

@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from .. import method
 from ..artifacts import is_current, make_manifest, same_origin, write_manifest
 from ..data.feature_map import FeatureMap
+from ..distributed import barrier, is_global_zero
 from ..errors import ConfigError, DataError
 from ..loggers import PrefixedLogger, build_logger, finish_loggers
 from ..modules.retrain import INITS, RetrainModule
@@ -155,8 +156,10 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             "prepared_dir": str(prepared.resolve()),
             "clusters": results,
         }
-        write_json(out / "retrain.json", summary)
-        write_manifest(out, make_manifest("retrain", cfg, CONFIG_KEYS, parents=parents))
+        if is_global_zero():
+            write_json(out / "retrain.json", summary)
+            write_manifest(out, make_manifest("retrain", cfg, CONFIG_KEYS, parents=parents))
+        barrier()
         metrics: dict[str, Any] = {}
         for r in results:
             c = r["cluster"]
@@ -249,16 +252,19 @@ def _train_cluster(
     # this cluster from its last epoch (same config and parents: started.json), not from scratch
     partial = cdir.with_name(cdir.name + ".partial")
     resume = None
+    barrier()  # trainer=ddp: every rank decides on the same files; rank 0 alone changes them
     if (partial / "last.ckpt").is_file() and (partial / STARTED).is_file():
         if same_origin(read_json(partial / STARTED), manifest):
             resume = partial / "last.ckpt"
             log.info("retrain stage: cluster %d: resuming a killed fit from %s", c, resume)
-    if resume is None:
+    barrier()
+    if resume is None and is_global_zero():
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         write_json(
             partial / STARTED, {k: manifest[k] for k in ("stage", "config_hash", "parents", "created")}
         )
+    barrier()
     with atomic_dir(cdir, overwrite=True) as tmp:
         res = fit_ctr(
             module,
@@ -291,7 +297,10 @@ def _train_cluster(
             **res,
             "resumed": False,
         }
-        write_json(tmp / "metrics.json", metrics)
-        write_manifest(tmp, manifest)
-    shutil.rmtree(partial, ignore_errors=True)
+        if is_global_zero():
+            write_json(tmp / "metrics.json", metrics)
+            write_manifest(tmp, manifest)
+    if is_global_zero():
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
     return metrics

@@ -49,9 +49,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import method
+from ..distributed import barrier, global_rank, is_global_zero, world_size
 from ..errors import ConfigError, DataError
 from ..method import check_gate_cfg  # noqa: F401 - re-exported for callers of the stage
-from ..rundir import BEST, LAST, STARTED, checkpoint_epoch, device_resident, load_search_model  # noqa: F401 - re-exported
+from ..rundir import BEST, LAST, STARTED, checkpoint_epoch, load_search_model, loader_kwargs  # noqa: F401 - re-exported
 from ..utils import seed_everything, stable_hash, write_json
 
 log = logging.getLogger("ihas_lightning")
@@ -268,12 +269,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_root = Path(str(cfg.paths.output_dir))
     out = out_root / SEARCH_DIR
     out.mkdir(parents=True, exist_ok=True)
+    zero = is_global_zero()  # trainer=ddp: rank 0 writes the stage's files, the others wait for them
     # the manifest marks a complete search dir: drop a previous run's before writing anything new
     for stale in ("manifest.json", "metrics.json"):
-        (out / stale).unlink(missing_ok=True)
+        if zero:
+            (out / stale).unlink(missing_ok=True)
 
     prepared = Path(ensure_prepared(cfg))
-    if not resume:
+    if not resume and zero:
         from ..artifacts import make_manifest
 
         start = make_manifest("search", cfg, MANIFEST_KEYS, parents=manifest_parents(cfg, prepared))
@@ -295,7 +298,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         search_batch_size=sbs,
         row_filter={"train": ~hold} if hold is not None else None,
-        device_resident=device_resident(cfg),
+        **loader_kwargs(cfg),
     )
     bpe = schedule.batches_per_epoch(model_rows, bs)
     every = method.search_every(cfg, bpe) if bilevel else None
@@ -324,12 +327,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 seed=int(cfg.seed),
                 search_batch_size=sbs,
                 row_filter={"train": hold},
-                device_resident=device_resident(cfg),
+                **loader_kwargs(cfg),
             )
-            module.set_search_loader(gate_dm.search_dataloader("train"))
+            module.set_search_loader(lambda: gate_dm.search_dataloader("train"))  # built in the fit
             budget["gate_rows"] = int(hold.sum())
         else:
-            module.set_search_loader(dm.search_dataloader("val"))
+            module.set_search_loader(lambda: dm.search_dataloader("val"))  # built in the fit
             budget["gate_rows"] = fmap.rows("val")
         budget.update(search_every=every, gate_data=str(sc.gate_data), search_batch_size=sbs)
     log.info("search (%s): %s", name, ", ".join(f"{k}={v}" for k, v in budget.items()))
@@ -364,24 +367,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # the train loader's shuffle is seeded by the trainer's epoch (also when resuming mid-run)
         dm.trainer = trainer
         t0 = time.perf_counter()
-        trainer.fit(
-            module,
-            train_dataloaders=dm.train_dataloader(),
-            val_dataloaders=dm.val_dataloader(),
-            ckpt_path=str(resume) if resume else None,
-        )
+        # the loaders are built by the fit (datamodule=): under trainer=ddp each rank's shard is known then
+        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
         fit_seconds = time.perf_counter() - t0
         gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
         best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
-        if select_last or best is None or not best.is_file():
+        # trainer=ddp: every rank takes rank 0's decisions (each save below is collective, and rank 0
+        # writes the file right after deciding)
+        no_best, no_last = trainer.strategy.broadcast(
+            (select_last or best is None or not best.is_file(), not (out / LAST).is_file())
+        )
+        if no_best:
             # the method derives from its last epoch (OptFS), or no selectable validation ran
             best = out / BEST
             trainer.save_checkpoint(best)
-        if not (out / LAST).is_file():
+        if no_last:
             trainer.save_checkpoint(out / LAST)
 
         val = trainer.validate(module, dataloaders=dm.val_dataloader(), ckpt_path=str(best), verbose=False)
         test = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=str(best), verbose=False)
+        samples_all = None
+        if world_size() > 1:  # every rank's training samples: each row once per epoch (trainer=ddp)
+            samples_all = trainer.strategy.reduce(torch.tensor(float(throughput.samples)), reduce_op="sum")
+        if not zero:
+            barrier()  # rank 0 writes metrics.json and the manifest
+            return {"rank": global_rank(), "train_samples": throughput.samples}
         counts = module.model.parameter_counts()
         metrics: dict[str, Any] = {
             "method": name,
@@ -444,8 +454,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
             for w in metrics["warnings"]:
                 log.warning("search: %s", w)
+        if samples_all is not None:
+            metrics["train_samples_all_ranks"] = int(samples_all)
+            metrics["world_size"] = world_size()
         write_json(out / "metrics.json", metrics)
         _write_manifest(cfg, out, prepared, fmap, best)
+        barrier()
         log.info(
             "search (%s) done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
             name,
