@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-serve acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,13 @@ bad-inputs: install ## 53 bad command lines: exit code and first line of each ->
 
 bench-serve: install ## inference, ~8 min: Base vs routed iHAS (exact, fast, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_serve
+
+bench-scale: install ## the whole pipeline on 5M generated Criteo rows (~20 min), per stage: seconds, rows/s, peak RSS; extrapolated to 45.8M rows -> experiments/results/bench_scale.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_scale $(BENCH_SCALE_ARGS)
+
+ACCEL ?= gpu
+bench-gpu: install ## <= 5 min on one GPU: train samples/s (data on the device, fp32/bf16), routed rows/s, CPU/GPU AUC parity -> experiments/results/bench_gpu.json (ACCEL=cpu: the CPU dry run)
+	$(PY) -m ihas_lightning.bench.bench_gpu --accelerator $(ACCEL) $(if $(filter cpu,$(ACCEL)),--out experiments/results/bench_gpu_cpu_dryrun.json,)
 
 bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
 

@@ -349,3 +349,19 @@ def test_device_resident_is_the_default_on_a_gpu_trainer(tmp_path):
         compose(["trainer=gpu", "+dataset.device_resident=false"], output_dir=tmp_path)
     )
     assert device_resident(compose(["+dataset.device_resident=true"], output_dir=tmp_path))
+
+
+def test_loader_knobs_from_the_dataset_config(tmp_path):
+    from ihas_lightning.config import compose
+    from ihas_lightning.data.dataset_dir import validate_config
+    from ihas_lightning.rundir import loader_kwargs
+
+    kw = loader_kwargs(
+        compose(["+dataset.loader_mode=streaming", "+dataset.memory_budget_gb=0.5"], output_dir=tmp_path)
+    )
+    assert kw == {"mode": "streaming", "memory_budget_gb": 0.5, "device_resident": False}
+    assert loader_kwargs(compose([], output_dir=tmp_path))["mode"] == "auto"
+    for bad, key in (("+dataset.loader_mode=fast", "dataset.loader_mode"), ("+dataset.memory_budget_gb=-1", "dataset.memory_budget_gb"),
+                     ("+dataset.device_resident=maybe", "dataset.device_resident")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key):
+            validate_config(compose([bad], output_dir=tmp_path))

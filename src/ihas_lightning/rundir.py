@@ -124,8 +124,21 @@ def make_datamodule(cfg: DictConfig, prepared: Path, batch_size: int, **kw: Any)
 
     bs = int(batch_size)
     eval_bs = int(cfg.evaluate.get("batch_size") or bs)
-    kw.setdefault("device_resident", device_resident(cfg))
+    for k, v in loader_kwargs(cfg).items():
+        kw.setdefault(k, v)
     return IHASDataModule(str(prepared), batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), **kw)
+
+
+def loader_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The DataModule's loading knobs from ``dataset.*``: ``loader_mode`` (auto | in_memory | streaming;
+    auto: in memory when the three splits fit ``memory_budget_gb``), ``memory_budget_gb`` (4) and
+    ``device_resident``."""
+    d = cfg.dataset
+    return {
+        "mode": str(d.get("loader_mode") or "auto"),
+        "memory_budget_gb": float(d.get("memory_budget_gb") or 4.0),
+        "device_resident": device_resident(cfg),
+    }
 
 
 def device_resident(cfg: DictConfig) -> bool:

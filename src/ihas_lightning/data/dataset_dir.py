@@ -79,7 +79,7 @@ def raw_files(dcfg: Any) -> dict[str, Path] | None:
 
 
 #: keys every format accepts without its yaml setting them (read where the data is loaded)
-COMMON_KEYS = ("device_resident",)
+COMMON_KEYS = ("device_resident", "loader_mode", "memory_budget_gb")
 
 
 def dataset_keys(fmt: str) -> set[str]:
@@ -108,6 +108,12 @@ def validate_config(cfg: DictConfig) -> None:
     dr = _get(d, "device_resident", None)
     require(dr is None or isinstance(dr, bool), "dataset.device_resident",
             f"must be true, false or null (null: on when trainer.accelerator is a GPU; got {dr!r})")  # fmt: skip
+    lm = _get(d, "loader_mode", None)
+    require(lm is None or lm in ("auto", "in_memory", "streaming"), "dataset.loader_mode",
+            f"must be auto, in_memory or streaming (got {lm!r})")  # fmt: skip
+    mb = _get(d, "memory_budget_gb", None)
+    require(mb is None or (isinstance(mb, int | float) and not isinstance(mb, bool) and mb > 0),
+            "dataset.memory_budget_gb", f"must be a number > 0 (got {mb!r})")  # fmt: skip
     split = _container(_get(d, "split", [0.8, 0.1, 0.1]))
     ok = isinstance(split, list | tuple) and len(split) == 3
     ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in split)
