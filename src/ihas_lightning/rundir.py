@@ -141,6 +141,15 @@ def loader_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def stage_device(cfg: DictConfig) -> torch.device:
+    """The device of a stage's own passes over the data (the cluster stage's masked embeddings): CUDA
+    when ``trainer.accelerator`` is a GPU (or ``auto`` with one present), else the CPU."""
+    acc = str(cfg.trainer.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
 def device_resident(cfg: DictConfig) -> bool:
     """``dataset.device_resident``; unset (null): on when ``trainer.accelerator`` is not the CPU."""
     v = cfg.dataset.get("device_resident")

@@ -249,7 +249,22 @@ def _reuse_or_check(final: Path, chash: str, ihash: str | None, overwrite: bool)
 
 
 def _build(final: Path, chash: str, ihash: str | None, build) -> None:
-    """Run ``build(tmp_dir)`` inside an atomic sibling directory renamed to ``final``."""
+    """Run ``build(tmp_dir)`` inside an atomic sibling directory renamed to ``final``. Under trainer=ddp
+    started by srun / torchrun (every rank runs the command from the start) only global rank 0 builds;
+    the other ranks wait for its output."""
+    from ..distributed import is_global_zero
+
+    if not is_global_zero():
+        import time
+
+        log.info("waiting for rank 0 to prepare %s", final)
+        while True:
+            try:
+                if is_complete(final) and _reuse_or_check(final, chash, ihash, overwrite=False):
+                    return
+            except ConfigError:  # an older dataset there, which rank 0 is replacing
+                pass
+            time.sleep(2.0)
     replace = final.exists()
     try:
         with atomic_dir(final, overwrite=replace) as tmp:

@@ -56,6 +56,7 @@ from ..rundir import (
     output_dir,
     prepared_dir,
     resolve_search_ckpt,
+    stage_device,
 )
 from ..utils import atomic_dir, read_json, write_json
 
@@ -91,7 +92,7 @@ def fit_kmeans(
     for _ in range(passes):
         for x in batches():
             feats, _ = cluster_features(model, x, input)
-            arr = feats.numpy().astype(np.float32, copy=False)
+            arr = feats.cpu().numpy().astype(np.float32, copy=False)
             if not hasattr(km, "cluster_centers_"):
                 # the first partial_fit initialises with k-means++ on its batch: it needs >= k rows
                 buf.append(arr)
@@ -117,10 +118,10 @@ def assign_pass(
     mask_sum = torch.zeros(k, dim, dtype=torch.float64)
     for x in batches():
         feats, mask = cluster_features(model, x, input)
-        c = nearest_centroid(feats, centroids)
+        c = nearest_centroid(feats, centroids.to(feats.device)).cpu()
         assign.append(c.numpy().astype(np.int32))
         if with_masks:
-            mask_sum.index_add_(0, c, mask.double())
+            mask_sum.index_add_(0, c, mask.double().cpu())
     a = np.concatenate(assign) if assign else np.zeros(0, dtype=np.int32)
     return {"assign": a, "counts": np.bincount(a, minlength=k), "mask_sum": mask_sum}
 
@@ -305,7 +306,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     ckpt = resolve_search_ckpt(cfg)
     prepared = prepared_dir(cfg)
     fmap = FeatureMap.load(prepared)
-    model = load_search(ckpt, fmap)
+    dev = stage_device(cfg)  # the trainer's accelerator (trainer=gpu: the masked embeddings on the GPU)
+    model = load_search(ckpt, fmap).to(dev)
     manifest = make_manifest(
         "cluster",
         cfg,
@@ -322,7 +324,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     dm = make_datamodule(cfg, prepared, batch_size=bs)
 
     def batches(split: str):
-        return lambda: (x for x, _ in iter_split(dm, split, bs))
+        return lambda: (x.to(dev, non_blocking=True) for x, _ in iter_split(dm, split, bs))
 
     cinput = str(cfg.cluster.input)
     torch.manual_seed(int(cfg.seed))
