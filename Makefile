@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ bad-inputs: install ## 53 bad command lines: exit code and first line of each ->
 bench-serve: install ## inference, ~8 min: Base vs routed iHAS (exact, fast, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_serve
 
-bench-scale: install ## the whole pipeline on 5M generated Criteo rows (~20 min), per stage: seconds, rows/s, peak RSS; extrapolated to 45.8M rows -> experiments/results/bench_scale.{json,md}
+bench-scale: install ## the whole pipeline on 5M generated Criteo rows (~8 min), per stage: seconds, rows/s, peak RSS; extrapolated to 45.8M rows -> experiments/results/bench_scale.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_scale $(BENCH_SCALE_ARGS)
 
 ACCEL ?= gpu
@@ -49,8 +49,12 @@ bench: bench-data bench-train ## run all benchmarks (results in experiments/resu
 bench-data: install ## preprocessing and loader throughput -> experiments/results/bench_data.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_data
 
-bench-train: install ## training throughput vs a textbook dense-Adam loop -> experiments/results/bench_train.{json,md}
+bench-train: install ## training throughput vs a textbook dense-Adam loop, then quiet vs one core busy -> experiments/results/bench_train{,_load}.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_train
+	$(PY) -m ihas_lightning.bench.bench_load
+
+bench-train-load: install ## ~8 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_load
 
 acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments/results/synthetic_acceptance.{json,md}
 	$(PY) -m ihas_lightning.bench.acceptance $(ACCEPTANCE_ARGS)
