@@ -59,3 +59,95 @@ def test_a_parallel_local_multirun_divides_the_cores(tmp_path):
     assert len(logs) == 2 and all(
         f"torch threads: {want} (auto:" in t and "/ 2 parallel job(s)" in t for t in logs
     )
+
+
+def test_thread_tuner_follows_the_faster_count(monkeypatch):
+    """auto while a fit runs: a busy core makes 2 threads slower than 1 -> the tuner switches to 1;
+    when the core is free again it goes back to 2. Step times come from a fake clock."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ihas_lightning import threads as th
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
+    busy = {"on": False}
+
+    def step_seconds() -> float:  # 2 threads: 1.0 quiet, 10.0 with a busy core; 1 thread: 1.5 always
+        if torch.get_num_threads() == 1:
+            return 1.5
+        return 10.0 if busy["on"] else 1.0
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2)
+        trainer = SimpleNamespace(global_step=0)
+        batch = (None, torch.zeros(10))
+        seen = []
+        for i in range(400):
+            busy["on"] = 100 <= i < 250
+            tuner.on_train_batch_start(trainer, None, batch, i)
+            clock["t"] += step_seconds()
+            tuner.on_train_batch_end(trainer, None, None, batch, i)
+            seen.append(torch.get_num_threads())
+        assert seen[90] == 2  # quiet: 2 threads kept
+        assert seen[240] == 1  # busy core: switched to 1 thread
+        assert seen[399] == 2  # free again: back to 2
+        slow_probes = sum(1 for i in range(150, 250) if seen[i] == 2)
+        assert slow_probes <= 4  # probing 2 threads on the busy machine costs about a batch per check
+        tuner.on_train_end(trainer, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_count_does_not_change_the_numbers():
+    """What lets the tuner switch counts mid-fit: training steps at 1 and 2 threads give bitwise-equal
+    weights (gated model, stochastic masks, row-wise Adam)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ihas_lightning.models import DLRM
+    from ihas_lightning.optim import RowwiseAdam
+
+    def train(threads: int) -> torch.Tensor:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        m = DLRM([100] * 6 + [5000] * 3, 16, gate={"tau": 0.1})
+        emb = RowwiseAdam(m.embedding_parameters(), lr=1e-3)
+        dense = torch.optim.Adam(m.dense_parameters() + m.arch_parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(10):
+            x = torch.randint(0, 100, (1024, 9), generator=g)
+            y = (torch.rand(1024, generator=g) < 0.3).float()
+            emb.zero_grad()
+            dense.zero_grad()
+            F.binary_cross_entropy_with_logits(m(x, "stochastic"), y).backward()
+            emb.step()
+            dense.step()
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    before = torch.get_num_threads()
+    try:
+        assert torch.equal(train(1), train(2))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bench_train_load_runs_every_cell(tmp_path):
+    """make bench-train's load part on tiny sizes: every setting quiet and with one core busy (the
+    spinner is started and stopped by the benchmark); no speed is asserted."""
+    import json
+    import multiprocessing as mp
+
+    from ihas_lightning.bench import bench_load
+
+    bench_load.main(["--vocabs", "3000", "--batches", "10", "--loaded-batches", "8", "--rounds", "1",
+                     "--textbook-batches", "4", "--warmup", "2", "--out", str(tmp_path)])  # fmt: skip
+    r = json.loads((tmp_path / "bench_train_load.json").read_text())
+    assert len(r["cells"]) == 2 and all(len(c) == 7 and min(c.values()) > 0 for c in r["cells"].values())
+    loaded = [k for k in r["ratios"] if k.endswith("one core busy")]
+    assert loaded and "base/auto loaded / quiet" in r["ratios"][loaded[0]]
+    assert not [p for p in mp.active_children() if p.is_alive()]  # the spinner is gone

@@ -102,3 +102,78 @@ def apply(cfg: Any) -> int:
             log.info("torch threads: %d (%s)", threads, why)
         _CHOSEN["threads"] = threads
     return threads
+
+
+def thread_tuner(
+    max_threads: int, probe: int = 3, first_check: int = 4, max_every: int = 6400, warmup: int = 3
+):
+    """``trainer.threads=auto`` while a fit runs: re-choose between ``max_threads`` and 1 thread from
+    the measured step times (a Lightning callback).
+
+    Why: the cores a process may use are not the cores that are free. When another process keeps a core
+    busy, every parallel op waits at a barrier for the thread that shares it: the sparse step's many small
+    ops collapse with 2 threads and do not with 1 (issue 15). So at each check the tuner compares the
+    current count's recent batches (per sample, median) with ``probe`` batches at the other count, and
+    keeps the faster; a switch needs a 15% faster median (no flapping on noise). The first ``warmup``
+    batches of a fit are not measured (first-touch allocations); checks come ``first_check`` batches
+    later, then twice as far apart each time (at most ``max_every``). A probe batch more than 1.5x
+    slower than the recent median ends the probe at once, so probing the slow count costs one batch. A switch is logged. The thread count does not change the numbers
+    (the model's forward, backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
+    import statistics
+    import time
+
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class ThreadTuner(Callback):
+        def __init__(self) -> None:
+            self.current = max_threads
+            self.every = first_check
+            self.countdown = first_check
+            self.probing: int | None = None  # the count being probed
+            self.probe_times: list[float] = []
+            self.recent: list[float] = []
+            self._t0: float | None = None
+            self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
+            self.skip = warmup
+
+        def _set(self, n: int) -> None:
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self._t0 is None:
+                return
+            dt = (time.perf_counter() - self._t0) / max(1, int(batch[1].shape[0]))
+            if self.skip > 0:
+                self.skip -= 1
+                return
+            if self.probing is None:
+                self.recent = (self.recent + [dt])[-16:]
+                self.countdown -= 1
+                if self.countdown <= 0:
+                    self.probing, self.probe_times = (1 if self.current != 1 else max_threads), []
+                    self._set(self.probing)
+                return
+            self.probe_times.append(dt)
+            ref = statistics.median(self.recent)
+            if len(self.probe_times) < probe and dt <= 1.5 * ref:
+                return
+            other = statistics.median(self.probe_times)
+            if other < 0.85 * ref:
+                log.info("torch threads: %d -> %d (measured: %.2f vs %.2f us/sample)",
+                         self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
+                self.history.append((int(trainer.global_step), self.probing))
+                self.current = self.probing
+            self.every = min(self.every * 2, max_every)
+            self.probing = None
+            self._set(self.current)
+            self.countdown, self.recent = self.every, []
+
+        def on_train_end(self, trainer, pl_module):
+            self._set(max_threads)  # the next stage starts from the configured count
+
+    return ThreadTuner()

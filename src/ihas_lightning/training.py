@@ -127,6 +127,13 @@ def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any
     import lightning as L
 
     kw = trainer_kwargs(cfg)
+    from .threads import AUTO, thread_tuner
+
+    if (cfg.get("trainer") or {}).get("threads", AUTO) in (AUTO, None):
+        import torch
+
+        if torch.get_num_threads() > 1:  # auto: re-checked against 1 thread while the fit runs
+            callbacks = [*callbacks, thread_tuner(torch.get_num_threads())]
     kw.update(
         max_epochs=int(max_epochs),
         callbacks=callbacks,

@@ -1,0 +1,180 @@
+"""Training speed on a busy machine (issue 15), part of ``make bench-train``: Base and the bi-level
+search through ``lightning.Trainer`` (the modules and the trainer callbacks of ``stage=search``), quiet
+and with one core kept busy by a spinning process that this benchmark starts and stops itself.
+
+Thread settings, side by side in one process on the same batches:
+
+* ``auto``  -- the default: ``trainer.threads=auto`` (the usable cores) with its run-time re-check
+  against 1 thread (:func:`ihas_lightning.threads.thread_tuner`, added by ``training.build_trainer``);
+* ``fixed`` -- the usable cores, never re-checked (the previous default);
+* ``one``   -- 1 thread;
+
+plus the textbook dense-Adam loop (1 thread and the usable cores; the faster one is the reference).
+Two vocabularies: ~55k ids (what 1M generated Criteo rows give after ``min_count=10``) and ~1M ids.
+Each cell is the fastest of ``--rounds`` interleaved rounds (steady state: warm-up batches untimed).
+Writes ``experiments/results/bench_train_load.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench_train import RESULTS, criteo_like_vocab, make_batches, plain_loop
+
+SETTINGS = ("auto", "fixed", "one")
+
+
+def _spin(core: int) -> None:  # pragma: no cover - runs in the spinner process
+    try:
+        os.sched_setaffinity(0, {core})
+    except (AttributeError, OSError):
+        pass
+    while True:
+        pass
+
+
+class Load:
+    """One process spinning on one core (the last usable one), for the ``with`` block."""
+
+    def __init__(self, on: bool):
+        self.on, self.proc = on, None
+
+    def __enter__(self):
+        if self.on:
+            core = sorted(os.sched_getaffinity(0))[-1]
+            self.proc = mp.get_context("spawn").Process(target=_spin, args=(core,), daemon=True)
+            self.proc.start()
+            time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.join()
+
+
+def lightning_fit(vocab: list[int], batches, method: str, setting: str, cores: int, warmup: int) -> float:
+    """Samples/s of one fit over ``batches`` (CTRModule or SearchModule) with a thread ``setting``."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from ..modules.ctr import CTRModule
+    from ..modules.search import SearchModule
+    from ..training import build_trainer, throughput_callback
+    from .bench_train import GATE, MODEL, _Batches
+
+    torch.set_num_threads(1 if setting == "one" else cores)
+    torch.manual_seed(0)
+    model = dict(MODEL, embedding_optimizer="sparse_adam")
+    if method == "base":
+        module = CTRModule(vocab, model)
+    else:
+        module = SearchModule(
+            vocab, model, dict(GATE, lambda_reg=1e-4, lr=1e-3), pretrain_epochs=0, search_every=100
+        )
+        module.set_search_loader(batches[::7])
+    thr = throughput_callback(skip_batches=warmup)
+    cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                                        "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
+                                        "threads": "auto" if setting == "auto" else cores}})  # fmt: skip
+    trainer = build_trainer(cfg, 1, [thr], None, Path("."), enable_checkpointing=False)
+    assert isinstance(trainer, L.Trainer)
+    trainer.fit(module, train_dataloaders=_Batches(batches))
+    return float(thr.samples_per_s or 0.0)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, default=300, help="training batches per fit (batch 2048), quiet")
+    ap.add_argument("--loaded-batches", type=int, default=300, help="the same with one core busy")
+    ap.add_argument("--textbook-batches", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--vocabs", type=int, nargs="*", default=[55_000, 1_000_000])
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "ihas_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from ..threads import usable_cores
+
+    cores = usable_cores()
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {"cores": cores, "torch": torch.__version__, "batch": 2048, "rounds": args.rounds,
+                           "statistic": "fastest of the interleaved rounds", "cells": {}}  # fmt: skip
+    for total in args.vocabs:
+        vocab = criteo_like_vocab(total)
+        data = make_batches(vocab, max(args.batches, args.textbook_batches), 2048)
+        for loaded in (False, True):
+            key = f"{sum(vocab)}_ids/{'one core busy' if loaded else 'quiet'}"
+            best: dict[str, float] = {}
+            n = args.loaded_batches if loaded else args.batches
+            with Load(loaded):
+                for _ in range(args.rounds):
+                    for method in ("base", "search"):
+                        for setting in SETTINGS:
+                            sps = lightning_fit(vocab, data[:n], method, setting, cores, args.warmup)
+                            name = f"{method}/{setting}"
+                            best[name] = max(best.get(name, 0.0), sps)
+                            print(f"{key} {name}: {sps:,.0f}", flush=True)
+                    for threads in sorted({1, cores}):
+                        torch.set_num_threads(threads)
+                        sps = plain_loop(vocab, data[: args.textbook_batches], "textbook", 3)["samples_per_s"]
+                        best["textbook"] = max(best.get("textbook", 0.0), sps)
+                torch.set_num_threads(cores)
+            res["cells"][key] = {k: round(v) for k, v in best.items()}
+    # ratios: against the textbook loop and 1 thread under the same load, and loaded / quiet
+    ratios: dict[str, Any] = {}
+    for key, c in res["cells"].items():
+        ratios[key] = {
+            f"{m}/auto vs textbook": round(c[f"{m}/auto"] / c["textbook"], 2) for m in ("base", "search")
+        }
+        ratios[key].update(
+            {f"{m}/auto vs one": round(c[f"{m}/auto"] / c[f"{m}/one"], 2) for m in ("base", "search")}
+        )
+        if key.endswith("one core busy"):
+            q = res["cells"][key.replace("one core busy", "quiet")]
+            for m in ("base", "search"):
+                for s in SETTINGS:
+                    ratios[key][f"{m}/{s} loaded / quiet"] = round(c[f"{m}/{s}"] / q[f"{m}/{s}"], 2)
+    res["ratios"] = ratios
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_train_load.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "bench_train_load.md").write_text(markdown(res))
+    print(markdown(res))
+    return res
+
+
+def markdown(r: dict[str, Any]) -> str:
+    md = [f"# Training speed quiet and with one core busy ({r['cores']} usable cores, torch {r['torch']})", "",
+          "Samples/s through `lightning.Trainer` (the modules and trainer callbacks of `stage=search`), batch "
+          f"{r['batch']}, {r['statistic']} ({r['rounds']}). `auto`: the default (usable cores, re-checked against "
+          "1 thread while the fit runs); `fixed`: the usable cores, never re-checked (the previous default); "
+          "`one`: 1 thread. `textbook`: the dense-Adam loop (the faster of 1 thread and the usable cores). "
+          "The busy core: a process spinning on it, started and stopped by the benchmark.", "",
+          "| vocabulary / load | base auto | base fixed | base one | search auto | search fixed | search one | textbook |",
+          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, c in r["cells"].items():
+        md.append(f"| {key} | " + " | ".join(f"{c[k]:,}" for k in (
+            "base/auto", "base/fixed", "base/one", "search/auto", "search/fixed", "search/one", "textbook")) + " |")  # fmt: skip
+    md += ["", "| vocabulary / load | ratios |", "|---|---|"]
+    for key, rr in r["ratios"].items():
+        md.append(f"| {key} | " + ", ".join(f"{k} {v:.2f}" for k, v in rr.items()) + " |")
+    md += ["", f"{r['seconds']:.0f} s.", ""]
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    main()
