@@ -164,8 +164,11 @@ def thread_tuner(
                 return
             other = statistics.median(self.probe_times)
             if other < 0.85 * ref:
-                log.info("torch threads: %d -> %d (measured: %.2f vs %.2f us/sample)",
-                         self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
+                # the first switch of the process at INFO, later ones at DEBUG (the console stays quiet)
+                level = logging.INFO if not _CHOSEN.get("switched") else logging.DEBUG
+                _CHOSEN["switched"] = True
+                log.log(level, "torch threads: %d -> %d (measured: %.2f vs %.2f us/sample; re-checked while "
+                        "training)", self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
                 self.history.append((int(trainer.global_step), self.probing))
                 self.current = self.probing
             self.every = min(self.every * 2, max_every)

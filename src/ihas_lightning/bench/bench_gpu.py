@@ -75,11 +75,8 @@ def train_throughput(prepared: Path, method: str, batch_size: int, precision: st
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[thr],
     )  # fmt: skip
-    dm.trainer = trainer
-    if method != "base":
-        dm.setup("fit")
-        dm.device = trainer.strategy.root_device
-        module.set_search_loader(dm.search_dataloader("val"))
+    if method != "base":  # built in the fit, on the trainer's device (as stage=search does)
+        module.set_search_loader(lambda: dm.search_dataloader("val"))
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return {"samples_per_s": round(thr.samples_per_s or 0.0), "timed_batches": thr.batches - warmup,
