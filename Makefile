@@ -49,8 +49,9 @@ bench: bench-data bench-train ## run all benchmarks (results in experiments/resu
 bench-data: install ## preprocessing and loader throughput -> experiments/results/bench_data.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_data
 
-bench-train: install ## training throughput vs a textbook dense-Adam loop, then quiet vs one core busy -> experiments/results/bench_train{,_load}.{json,md}
+bench-train: install ## training throughput vs a textbook dense-Adam loop, the optimizer's duplicate merge side by side, then quiet vs one core busy -> experiments/results/bench_{train,optim,train_load}.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_train
+	$(PY) -m ihas_lightning.bench.bench_optim
 	$(PY) -m ihas_lightning.bench.bench_load
 
 bench-train-load: install ## ~8 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}

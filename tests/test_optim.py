@@ -75,3 +75,13 @@ def test_embedding_end_to_end_matches_dense_adam():
 def test_unknown_embedding_optimizer_is_config_error():
     with pytest.raises(ConfigError, match="model.embedding_optimizer"):
         build_embedding_optimizer("adagrad", [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0)
+
+
+@pytest.mark.parametrize("n,k", [(1, 5), (10, 3), (55, 200), (1000, 80), (5000, 20000)])
+def test_dedupe_equals_torch_unique(n, k):
+    """The sort-free dedupe of a small table's row ids: the same rows (sorted) and inverse as unique."""
+    idx = torch.randint(0, n, (k,), generator=torch.Generator().manual_seed(n + k))
+    rows, inv = RowwiseAdam.dedupe(idx, n)
+    want_rows, want_inv = torch.unique(idx, sorted=True, return_inverse=True)
+    assert torch.equal(rows, want_rows) and torch.equal(inv, want_inv)
+    assert torch.equal(rows[inv], idx)
