@@ -47,27 +47,16 @@ def train_throughput(prepared: Path, method: str, batch_size: int, precision: st
     from ..modules.search import SearchModule
     from ..training import throughput_callback
 
+    from .bench_train import GATE, MODEL
+
     fm = FeatureMap.load(prepared)
-    model = {
-        "embed_dim": 16,
-        "hidden": [16, 8],
-        "lr": 1e-3,
-        "weight_decay": 1e-6,
-        "embedding_optimizer": "sparse_adam",
-    }
+    model = dict(MODEL, embedding_optimizer="sparse_adam")  # the training benchmark's model (paper sizes)
     torch.manual_seed(0)
     dm = IHASDataModule(prepared, batch_size=batch_size, mode="in_memory", device_resident=True)
     if method == "base":
         module = CTRModule(fm.vocab_sizes, model)
     else:
-        gate = {
-            "tau": 0.1,
-            "instance_wise": True,
-            "bins": 20,
-            "init_bias": 3.0,
-            "lambda_reg": 1e-4,
-            "lr": 1e-3,
-        }
+        gate = dict(GATE, lambda_reg=1e-4, lr=1e-3)
         module = SearchModule(fm.vocab_sizes, model, gate, pretrain_epochs=0, search_every=100)
     thr = throughput_callback(skip_batches=warmup)
     trainer = L.Trainer(
