@@ -46,7 +46,6 @@ def train_throughput(prepared: Path, method: str, batch_size: int, precision: st
     from ..modules.ctr import CTRModule
     from ..modules.search import SearchModule
     from ..training import throughput_callback
-
     from .bench_train import GATE, MODEL
 
     fm = FeatureMap.load(prepared)
