@@ -230,29 +230,26 @@ class InMemoryBatches(_BatchDataset):
     def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
         pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
         x, y = self.x, self.y
-        if self.shuffle and self.device_resident:
-            # the split lives on the device: the epoch's permutation goes there once (the same order as
-            # on the host, so a GPU run sees the CPU run's batches) and a batch is one index_select there
-            order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
-            perm = torch.from_numpy(order[pos : pos + int(sizes.sum())]).to(x.device)
-            at = 0
+        if not self.shuffle:
             for s in sizes.tolist():
-                idx = perm[at : at + s]
-                at += s
+                yield x[pos : pos + s], y[pos : pos + s]
+                pos += s
+            return
+        order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
+        if self.device_resident:
+            # the split lives on the device: this worker's part of the permutation goes there once (the
+            # host's order, so a GPU run sees the CPU run's batches); a batch is one index_select there
+            perm = torch.from_numpy(order[pos : pos + int(sizes.sum())]).to(x.device)
+            for idx in perm.split(sizes.tolist()):
                 yield x.index_select(0, idx), y.index_select(0, idx)
-        elif self.shuffle:
+        else:
             # numpy's single-threaded take: torch's index_select splits a 2048-row gather over the
             # intra-op threads and stalls badly when the cores are busy (10x slower under load)
             xn, yn = x.numpy(), y.numpy()
-            order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
             for s in sizes.tolist():
                 idx = order[pos : pos + s]
                 pos += s
                 yield torch.from_numpy(xn.take(idx, axis=0)), torch.from_numpy(yn.take(idx))
-        else:
-            for s in sizes.tolist():
-                yield x[pos : pos + s], y[pos : pos + s]
-                pos += s
 
 
 class StreamingBatches(_BatchDataset):
