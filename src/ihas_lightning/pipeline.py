@@ -123,6 +123,7 @@ def transfer_source(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from .allocator import apply as apply_malloc
     from .loggers import run_scope, scope_prefix
     from .rundir import output_dir, prepared_dir
     from .threads import apply as apply_threads
@@ -130,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     check_config(cfg)  # every key every stage of this run will use, before any work
     apply_threads(cfg)
+    apply_malloc(cfg)
     phases = method.phases(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,11 +194,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage.name``: one stage, or ``all`` (this module)."""
+    from .allocator import apply as apply_malloc
     from .threads import apply as apply_threads
     from .validate import check_config
 
     if str(cfg.stage.name) == "all":
-        return run(cfg)  # checks and sets the threads itself
+        return run(cfg)  # checks and sets the threads and malloc itself
     check_config(cfg)  # every key the stage will use, before any work
     apply_threads(cfg)
+    apply_malloc(cfg)
     return stage_module(str(cfg.stage.name)).run(cfg)

@@ -44,6 +44,7 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     tcfg = OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True)
     assert isinstance(tcfg, dict)
     tcfg.pop("threads", None)  # ours, not Lightning's: the torch thread count (ihas_lightning.threads)
+    tcfg.pop("malloc_tuning", None)  # ours: glibc malloc thresholds (ihas_lightning.allocator)
     allowed = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     out = {}
     for key, value in tcfg.items():

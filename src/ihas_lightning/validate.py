@@ -76,11 +76,13 @@ def stages_of(cfg: DictConfig) -> list[str]:
 def check_config(cfg: DictConfig, trainer: bool = True) -> None:
     """Tier 2: every value the run will use. ``trainer=False`` skips the Trainer check (it imports
     Lightning, ~4 s), so the entry point can report every other key in about a second."""
+    from .allocator import check as check_malloc
     from .stages import stage_module
     from .threads import check as check_threads
 
     check_common(cfg)
     check_threads((cfg.get("trainer") or {}).get("threads", "auto"))
+    check_malloc((cfg.get("trainer") or {}).get("malloc_tuning", True))
     stages = stages_of(cfg)
     for name in stages:
         stage_module(name).check_cfg(cfg)

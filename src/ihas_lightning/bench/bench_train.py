@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    from ..allocator import tune
+
+    tune()  # as the CLI does (trainer.malloc_tuning=true); the textbook loops run under it too
 
     if args.threads:
         torch.set_num_threads(args.threads)
