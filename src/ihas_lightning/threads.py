@@ -105,7 +105,12 @@ def apply(cfg: Any) -> int:
 
 
 def thread_tuner(
-    max_threads: int, probe: int = 3, first_check: int = 4, max_every: int = 6400, warmup: int = 3
+    max_threads: int,
+    probe: int = 3,
+    first_check: int = 4,
+    max_every: int = 6400,
+    warmup: int = 3,
+    backoff: int = 4,
 ):
     """``trainer.threads=auto`` while a fit runs: re-choose between ``max_threads`` and 1 thread from
     the measured step times (a Lightning callback).
@@ -114,11 +119,17 @@ def thread_tuner(
     busy, every parallel op waits at a barrier for the thread that shares it: the sparse step's many small
     ops collapse with 2 threads and do not with 1 (issue 15). So at each check the tuner compares the
     current count's recent batches (per sample, median) with ``probe`` batches at the other count, and
-    keeps the faster; a switch needs a 15% faster median (no flapping on noise). The first ``warmup``
-    batches of a fit are not measured (first-touch allocations); checks come ``first_check`` batches
-    later, then twice as far apart each time (at most ``max_every``). A probe batch more than 1.5x
-    slower than the recent median ends the probe at once, so probing the slow count costs one batch. A switch is logged. The thread count does not change the numbers
-    (the model's forward, backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
+    keeps the faster; a switch needs a 15% faster median (no flapping on noise).
+
+    Where a fit starts: the count this process's previous fit ended on, else 1 thread. The costs are
+    lopsided: on a busy machine a batch at 2 threads costs 2.5-3x a batch at 1, on a quiet one a batch at
+    1 thread costs 1.3-1.6x a batch at 2; starting at 1 bounds the worse case. The first ``warmup``
+    batches of a fit are not measured (first-touch allocations); the first check comes ``first_check``
+    batches later. After a check that keeps the count the next comes ``backoff`` times further away (at
+    most ``max_every`` batches); after a switch, ``first_check * backoff`` batches later. A probe batch
+    more than 1.5x slower than the recent median ends the probe at once, so probing the slow count costs
+    one batch. A switch is logged. The thread count does not change the numbers (the model's forward,
+    backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
     import statistics
     import time
 
@@ -127,7 +138,7 @@ def thread_tuner(
 
     class ThreadTuner(Callback):
         def __init__(self) -> None:
-            self.current = max_threads
+            self.current = min(max_threads, int(_CHOSEN.get("tuned", 1)))
             self.every = first_check
             self.countdown = first_check
             self.probing: int | None = None  # the count being probed
@@ -140,6 +151,9 @@ def thread_tuner(
         def _set(self, n: int) -> None:
             if torch.get_num_threads() != n:
                 torch.set_num_threads(n)
+
+        def on_train_start(self, trainer, pl_module):
+            self._set(self.current)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._t0 = time.perf_counter()
@@ -171,12 +185,15 @@ def thread_tuner(
                         "training)", self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
                 self.history.append((int(trainer.global_step), self.probing))
                 self.current = self.probing
-            self.every = min(self.every * 2, max_every)
+                self.every = min(first_check * backoff, max_every)
+            else:
+                self.every = min(self.every * backoff, max_every)
             self.probing = None
             self._set(self.current)
             self.countdown, self.recent = self.every, []
 
         def on_train_end(self, trainer, pl_module):
-            self._set(max_threads)  # the next stage starts from the configured count
+            _CHOSEN["tuned"] = self.current  # the next fit of this process starts here
+            self._set(max_threads)  # stages outside a fit run at the configured count
 
     return ThreadTuner()

@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -68,12 +69,14 @@ def lightning_fit(vocab: list[int], batches, method: str, setting: str, cores: i
     import lightning as L
     from omegaconf import OmegaConf
 
+    from .. import threads
     from ..modules.ctr import CTRModule
     from ..modules.search import SearchModule
     from ..training import build_trainer, throughput_callback
     from .bench_train import GATE, MODEL, _Batches
 
     torch.set_num_threads(1 if setting == "one" else cores)
+    threads._CHOSEN.pop("tuned", None)  # each fit as the first of a fresh process (the worst case)
     torch.manual_seed(0)
     model = dict(MODEL, embedding_optimizer="sparse_adam")
     if method == "base":
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, default=300, help="training batches per fit (batch 2048), quiet")
     ap.add_argument("--loaded-batches", type=int, default=300, help="the same with one core busy")
     ap.add_argument("--textbook-batches", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--vocabs", type=int, nargs="*", default=[55_000, 1_000_000])
     ap.add_argument("--out", default=str(RESULTS))
@@ -106,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "ihas_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from ..allocator import tune
     from ..threads import usable_cores
 
+    tune()  # as the CLI does (trainer.malloc_tuning=true)
     cores = usable_cores()
     t0 = time.perf_counter()
     res: dict[str, Any] = {"cores": cores, "torch": torch.__version__, "batch": 2048, "rounds": args.rounds,
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for loaded in (False, True):
             key = f"{sum(vocab)}_ids/{'one core busy' if loaded else 'quiet'}"
             best: dict[str, float] = {}
+            runs: dict[str, list[float]] = {}
             n = args.loaded_batches if loaded else args.batches
             with Load(loaded):
                 for _ in range(args.rounds):
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             sps = lightning_fit(vocab, data[:n], method, setting, cores, args.warmup)
                             name = f"{method}/{setting}"
                             best[name] = max(best.get(name, 0.0), sps)
+                            runs.setdefault(name, []).append(sps)
                             print(f"{key} {name}: {sps:,.0f}", flush=True)
                     for threads in sorted({1, cores}):
                         torch.set_num_threads(threads)
@@ -133,6 +140,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         best["textbook"] = max(best.get("textbook", 0.0), sps)
                 torch.set_num_threads(cores)
             res["cells"][key] = {k: round(v) for k, v in best.items()}
+            # the same round's settings run back to back: their ratio is less exposed to the machine's drift
+            res.setdefault("paired", {})[key] = {
+                f"{m}/auto vs one": round(statistics.median(a / b for a, b in zip(runs[f"{m}/auto"], runs[f"{m}/one"])), 2)
+                for m in ("base", "search")
+            }  # fmt: skip
+            res.setdefault("runs", {})[key] = {k: [round(x) for x in v] for k, v in runs.items()}
     # ratios: against the textbook loop and 1 thread under the same load, and loaded / quiet
     ratios: dict[str, Any] = {}
     for key, c in res["cells"].items():
@@ -169,9 +182,19 @@ def markdown(r: dict[str, Any]) -> str:
     for key, c in r["cells"].items():
         md.append(f"| {key} | " + " | ".join(f"{c[k]:,}" for k in (
             "base/auto", "base/fixed", "base/one", "search/auto", "search/fixed", "search/one", "textbook")) + " |")  # fmt: skip
-    md += ["", "| vocabulary / load | ratios |", "|---|---|"]
+    md += ["", "| vocabulary / load | ratios (of the fastest rounds) |", "|---|---|"]
     for key, rr in r["ratios"].items():
         md.append(f"| {key} | " + ", ".join(f"{k} {v:.2f}" for k, v in rr.items()) + " |")
+    if r.get("paired"):
+        md += ["", "Auto vs 1 thread, paired: the median over rounds of each round's ratio (the two fits run one "
+               "after the other, so a drift of the machine's speed between rounds cancels):", "",
+               "| vocabulary / load | base auto / one | search auto / one | per round (base; search) |",
+               "|---|---|---|---|"]  # fmt: skip
+        for key, pr in r["paired"].items():
+            ru = r["runs"][key]
+            per = "; ".join(", ".join(f"{a / b:.2f}" for a, b in zip(ru[f"{m}/auto"], ru[f"{m}/one"]))
+                            for m in ("base", "search"))  # fmt: skip
+            md.append(f"| {key} | {pr['base/auto vs one']:.2f} | {pr['search/auto vs one']:.2f} | {per} |")
     md += ["", f"{r['seconds']:.0f} s.", ""]
     return "\n".join(md)
 
