@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-train-alloc bench-fuxictr bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -49,10 +49,18 @@ bench: bench-data bench-train ## run all benchmarks (results in experiments/resu
 bench-data: install ## preprocessing and loader throughput -> experiments/results/bench_data.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_data
 
-bench-train: install ## training throughput vs a textbook dense-Adam loop, the optimizer's duplicate merge side by side, then quiet vs one core busy -> experiments/results/bench_{train,optim,train_load}.{json,md}
+bench-train: install ## training throughput vs a textbook dense-Adam loop, the optimizer's duplicate merge side by side, quiet vs one core busy, malloc tuning on vs off -> experiments/results/bench_{train,optim,train_load,train_alloc}.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_train
 	$(PY) -m ihas_lightning.bench.bench_optim
 	$(PY) -m ihas_lightning.bench.bench_load
+	$(PY) -m ihas_lightning.bench.bench_alloc
+
+bench-train-alloc: install ## ~12 min: trainer.malloc_tuning on vs off, stage=search on 1M generated Criteo rows, quiet and one core busy -> experiments/results/bench_train_alloc.{json,md}
+	$(PY) -m ihas_lightning.bench.bench_alloc
+
+bench-fuxictr: install ## ~6 min: Base's training step vs FuxiCTR 2.3.10's (its BaseModel.train_step), quiet and one core busy -> experiments/results/bench_fuxictr.{json,md}
+	$(PIP) install -q -e '.[compare]'
+	$(PY) -m ihas_lightning.bench.bench_fuxictr
 
 bench-train-load: install ## ~8 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_load

@@ -62,8 +62,9 @@ def test_a_parallel_local_multirun_divides_the_cores(tmp_path):
 
 
 def test_thread_tuner_follows_the_faster_count(monkeypatch):
-    """auto while a fit runs: a busy core makes 2 threads slower than 1 -> the tuner switches to 1;
-    when the core is free again it goes back to 2. Step times come from a fake clock."""
+    """auto while a fit runs: a fresh process starts at 1 thread and moves to 2 when it is faster; a busy
+    core makes 2 threads slower than 1 -> the tuner switches to 1; when the core is free again it goes
+    back to 2; the next fit starts where the last one ended. Step times come from a fake clock."""
     from types import SimpleNamespace
 
     import torch
@@ -81,24 +82,37 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    try:
+    monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)  # a fresh process
+    trainer = SimpleNamespace(global_step=0)
+    batch = (None, torch.zeros(10))
+
+    def fit(busy_from: int, busy_to: int, n: int) -> list[int]:
         tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2)
-        trainer = SimpleNamespace(global_step=0)
-        batch = (None, torch.zeros(10))
+        tuner.on_train_start(trainer, None)
         seen = []
-        for i in range(400):
-            busy["on"] = 100 <= i < 250
+        for i in range(n):
+            busy["on"] = busy_from <= i < busy_to
             tuner.on_train_batch_start(trainer, None, batch, i)
             clock["t"] += step_seconds()
             tuner.on_train_batch_end(trainer, None, None, batch, i)
             seen.append(torch.get_num_threads())
+        tuner.on_train_end(trainer, None)
+        assert torch.get_num_threads() == 2  # outside a fit: the configured count
+        return seen
+
+    try:
+        seen = fit(100, 250, 400)
+        assert seen[0] == 1 and seen[12] == 2  # starts at 1, 2 threads measured faster within a few batches
         assert seen[90] == 2  # quiet: 2 threads kept
         assert seen[240] == 1  # busy core: switched to 1 thread
         assert seen[399] == 2  # free again: back to 2
         slow_probes = sum(1 for i in range(150, 250) if seen[i] == 2)
         assert slow_probes <= 4  # probing 2 threads on the busy machine costs about a batch per check
-        tuner.on_train_end(trainer, None)
-        assert torch.get_num_threads() == 2
+        seen = fit(0, 400, 400)  # the next fit starts at 2 (where the last ended); the core is busy
+        assert seen[0] == 2 and seen[20] == 1
+        assert sum(seen[20:]) - 380 <= 380 // 40 + 1  # from then on 1 thread; one probe batch at 2 per check
+        seen = fit(0, 400, 60)  # and the next one at 1, from the first batch
+        assert all(n == 1 for n in seen[:6])  # until the first check probes 2
     finally:
         torch.set_num_threads(before)
 
@@ -151,3 +165,35 @@ def test_bench_train_load_runs_every_cell(tmp_path):
     loaded = [k for k in r["ratios"] if k.endswith("one core busy")]
     assert loaded and "base/auto loaded / quiet" in r["ratios"][loaded[0]]
     assert not [p for p in mp.active_children() if p.is_alive()]  # the spinner is gone
+
+
+def test_bench_train_alloc_runs_the_cli_pair(tmp_path):
+    """make bench-train's malloc part on a tiny generated set: stage=search with malloc tuning on and
+    off as subprocesses, their samples/s and page faults read back; no speed is asserted."""
+    import json
+
+    from ihas_lightning.bench import bench_alloc
+
+    out = tmp_path / "alloc"
+    bench_alloc.main(["--rows", "20000", "--rounds", "1", "--loads", "quiet", "--methods", "base",
+                      "--out", str(out)])  # fmt: skip
+    r = json.loads(out.with_suffix(".json").read_text())
+    cell = r["cells"]["base/quiet"]
+    assert set(cell["runs"]) == {"true", "false"}
+    assert all(
+        run["samples_per_s"] > 0 and run["minor_faults"] > 0 for v in cell["runs"].values() for run in v
+    )
+    assert len(cell["pair_ratios"]) == 1 and "tuned / untuned" in out.with_suffix(".md").read_text()
+
+
+def test_bench_fuxictr_trains_fuxictrs_dnn(tmp_path):
+    """The FuxiCTR side of make bench-fuxictr: its DNN over our fields learns on our batches."""
+    pytest.importorskip("fuxictr", reason="FuxiCTR is installed only by make bench-fuxictr")
+    from ihas_lightning.bench.bench_fuxictr import as_dicts, fuxictr_dnn
+    from ihas_lightning.bench.bench_train import make_batches
+
+    vocab = [50] * 5
+    batches = as_dicts(make_batches(vocab, 30, 512), len(vocab))
+    model = fuxictr_dnn(vocab, str(tmp_path))
+    losses = [float(model.train_step(b)) for b in batches]
+    assert sum(losses[-5:]) < sum(losses[:5])
