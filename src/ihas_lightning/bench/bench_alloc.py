@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import save_results
 from .bench_load import Load
 from .bench_train import RESULTS
 
@@ -141,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "rows": args.rows, "ids": ids, "rounds": args.rounds,
         "cells": summarize(cells), "seconds": round(time.time() - t_start),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(res, indent=1) + "\n")
-    Path(f"{out}.md").write_text(markdown(res))
-    print(markdown(res))
+    save_results(args.out, res, markdown(res))
     return 0
 
 

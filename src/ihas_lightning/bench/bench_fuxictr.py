@@ -19,17 +19,16 @@ thread and at the usable cores (the faster is its reference), interleaved for ``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import save_results
 from .bench_load import Load, lightning_fit
 from .bench_train import RESULTS, criteo_like_vocab, make_batches
 
@@ -145,11 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["cells"][key] = {**{k: round(v) for k, v in best.items()},
                                      "ours / fuxictr (faster)": round(best["ours base (auto)"] / fx, 2)}  # fmt: skip
     res["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(res, indent=1) + "\n")
-    Path(f"{out}.md").write_text(markdown(res))
-    print(markdown(res))
+    save_results(args.out, res, markdown(res))
     return res
 
 

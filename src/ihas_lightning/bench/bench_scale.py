@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import save_results
+
 FULL_CRITEO_ROWS = 45_840_617
 STAGES = ("prepare", "base", "search", "cluster", "retrain", "evaluate")
 DONE = re.compile(r"stage=all: (\w+) done in")
@@ -167,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "peak_rss_target_mib": 8 * 1024,
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}.json").write_text(json.dumps(res, indent=1) + "\n")
-    Path(f"{out}.md").write_text(markdown(res))
-    print(markdown(res))
+    save_results(args.out, res, markdown(res))
     return 0
 
 
