@@ -87,7 +87,9 @@ def choose(value: Any, cores: int | None = None, jobs: int | None = None) -> tup
         return int(value), "trainer.threads"
     cores = usable_cores() if cores is None else cores
     jobs = parallel_jobs(cores) if jobs is None else jobs
-    return max(1, cores // jobs), f"auto: {cores} usable core(s) / {jobs} parallel job(s)"
+    n = max(1, cores // jobs)
+    tuned = f"; while training: the faster of 1 and {n}, the first fit starting at 1" if n > 1 else ""
+    return n, f"auto: {cores} usable core(s) / {jobs} parallel job(s){tuned}"
 
 
 def apply(cfg: Any) -> int:
