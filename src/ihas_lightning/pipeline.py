@@ -122,16 +122,22 @@ def transfer_source(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
     return {"source": str(src), "searched": True}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def setup_process(cfg: DictConfig) -> None:
+    """This process's CPU runtime, once the config is checked: torch threads, malloc thresholds."""
     from .allocator import apply as apply_malloc
+    from .threads import apply as apply_threads
+
+    apply_threads(cfg)
+    apply_malloc(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
     from .loggers import run_scope, scope_prefix
     from .rundir import output_dir, prepared_dir
-    from .threads import apply as apply_threads
     from .validate import check_config
 
     check_config(cfg)  # every key every stage of this run will use, before any work
-    apply_threads(cfg)
-    apply_malloc(cfg)
+    setup_process(cfg)
     phases = method.phases(cfg)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,13 +200,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run ``stage.name``: one stage, or ``all`` (this module)."""
-    from .allocator import apply as apply_malloc
-    from .threads import apply as apply_threads
     from .validate import check_config
 
     if str(cfg.stage.name) == "all":
-        return run(cfg)  # checks and sets the threads and malloc itself
+        return run(cfg)  # checks the config and sets up the process itself
     check_config(cfg)  # every key the stage will use, before any work
-    apply_threads(cfg)
-    apply_malloc(cfg)
+    setup_process(cfg)
     return stage_module(str(cfg.stage.name)).run(cfg)
