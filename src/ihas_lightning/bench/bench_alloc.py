@@ -1,6 +1,6 @@
 """``make bench-train-alloc``: ``trainer.malloc_tuning`` on vs off, side by side on the CLI path (issue 15).
 
-It generates ``--rows`` raw Criteo-format rows (1M rows give ~55k ids after ``min_count=10``), prepares
+It generates ``--rows`` raw Criteo-format rows (1M rows give ~34k ids after ``min_count=10``), prepares
 them once, then runs ``python -m ihas_lightning stage=search`` as a user does (one epoch; Base, and the
 iHAS search with one pretrain epoch) with ``trainer.malloc_tuning=true`` and ``=false``, alternating
 which goes first in each of ``--rounds`` rounds, quiet and with one core kept busy by a spinning process
@@ -91,8 +91,7 @@ def rewrite(json_path: str = str(RESULTS / "bench_train_alloc.json")) -> None:
     """Re-render the JSON's summary and .md (after a change of the report)."""
     res = json.loads(Path(json_path).read_text())
     res["cells"] = summarize({k: c["runs"] for k, c in res["cells"].items()})
-    Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
-    Path(json_path).with_suffix(".md").write_text(markdown(res))
+    save_results(Path(json_path).with_suffix(""), res, markdown(res))
 
 
 def main(argv: list[str] | None = None) -> int:
