@@ -1,4 +1,5 @@
-"""The serving layout of a retrained cluster model (CompactMLP): the same logits as the trained DLRM."""
+"""The serving layouts of a retrained cluster model (FoldedMLP, CompactMLP) and of fast-routed iHAS
+(FusedRouting): the same logits as the trained DLRMs."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 
 from ihas_lightning.models import DLRM
-from ihas_lightning.models.compact import CompactMLP, compact, compactable
+from ihas_lightning.models.compact import CompactMLP, FoldedMLP, compact, compactable, foldable
+from ihas_lightning.models.fused import FusedRouting
 from ihas_lightning.models.router import LinearRouter
 from ihas_lightning.routing import RoutedModel, cluster_features, dispatch
+from ihas_lightning.serving import ServingModule
 
 VOCAB = [7, 3, 11, 5, 2, 9]
 
@@ -42,11 +45,12 @@ def test_compact_gives_the_source_models_logits(dims):
     assert c.num_parameters() == m.num_parameters()
 
 
-def test_compact_against_a_brute_force_loop():
+@pytest.mark.parametrize("layout", [CompactMLP, FoldedMLP])
+def test_compact_against_a_brute_force_loop(layout):
     """Per sample: concatenate each kept field's row in field order, then the MLP (pytorch-fm style)."""
     dims = [3, 0, 8, 16, 1, 5]
     m = _trained_like(dims, seed=3)
-    c = CompactMLP(m)
+    c = layout(m)
     x = _ids(20, seed=3)
     with torch.no_grad():
         for i in range(len(x)):
@@ -55,14 +59,44 @@ def test_compact_against_a_brute_force_loop():
             torch.testing.assert_close(c(x[i : i + 1])[0], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "dims", [[16, 0, 8, 3, 16, 1], [0, 0, 5, 0, 0, 0], [16] * 6, [16, 16, 16, 16, 16, 0]]
+)
+def test_folded_gives_the_source_models_logits(dims):
+    m = _trained_like(dims, batchnorm=True)
+    x = _ids(257)
+    c = FoldedMLP(m)
+    assert c.hidden == 16 and tuple(c.table.shape) == (sum(v for v, d in zip(VOCAB, dims) if d), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=0, atol=1e-6)
+        rows = torch.tensor([5, 0, 256, 5, 17])
+        torch.testing.assert_close(c.forward_rows(x, rows), m(x[rows]), rtol=0, atol=1e-6)
+    assert c.num_parameters() == m.num_parameters()
+
+
+def test_compact_folds_where_it_pays_and_pads_a_wide_first_layer():
+    """H1 <= 4 x the widest kept field: folded (uniform models too); a wider first layer: padded when
+    packed by size, as it is when uniform."""
+    assert isinstance(compact(_trained_like([16, 0, 8, 3, 16, 1])), FoldedMLP)
+    assert isinstance(compact(_trained_like([4, 4, 4, 4, 4, 2])), FoldedMLP)  # 16 <= 4 x 4
+    assert isinstance(compact(DLRM(VOCAB, 16).eval()), FoldedMLP)  # Base's layout too
+    wide = DLRM(VOCAB, 16, field_dims=[2, 3, 0, 2, 1, 3], hidden=(16, 8)).eval()  # 16 > 4 x 3
+    assert not foldable(wide) and isinstance(compact(wide), CompactMLP)
+    uniform_wide = DLRM(VOCAB, 4, hidden=(32, 8)).eval()
+    assert compact(uniform_wide) is uniform_wide
+
+
 def test_what_is_not_compacted_is_served_as_it_is():
     assert not compactable(DLRM(VOCAB, 16))  # uniform: already one lookup
-    assert not compactable(DLRM(VOCAB, 16, field_dims=[0] * len(VOCAB)))  # no kept field
-    assert not compactable(DLRM(VOCAB, 16, field_dims=[4, 8, 0, 4, 4, 4], backbone="fm"))
+    for m in (DLRM(VOCAB, 16, field_dims=[0] * len(VOCAB)),  # no kept field
+              DLRM(VOCAB, 16, field_dims=[4, 8, 0, 4, 4, 4], backbone="fm")):  # fmt: skip
+        assert not compactable(m) and not foldable(m) and compact(m) is m
     gated = DLRM(VOCAB, 16, gate={})
     assert compact(gated) is gated
     with pytest.raises(ValueError, match="CompactMLP needs"):
         CompactMLP(gated)
+    with pytest.raises(ValueError, match="FoldedMLP needs"):
+        FoldedMLP(gated)
 
 
 def test_a_compact_routed_model_routes_and_predicts_as_the_trained_one():
@@ -71,7 +105,7 @@ def test_a_compact_routed_model_routes_and_predicts_as_the_trained_one():
     models = [
         _trained_like([16, 0, 8, 3, 16, 1], 1),
         DLRM(VOCAB, 16).eval(),
-        _trained_like([2, 2, 0, 9, 0, 4], 2),
+        _trained_like([2, 2, 0, 3, 0, 1], 2),  # 16 > 4 x 3: padded, not folded
     ]
     router = LinearRouter(VOCAB, 3)
     torch.nn.init.normal_(router.weight.weight)
@@ -81,7 +115,8 @@ def test_a_compact_routed_model_routes_and_predicts_as_the_trained_one():
     routed = RoutedModel(search, centroids, models, router=router).eval()
     for r in (routed, routed.with_fast_routing()):
         c = r.compact()
-        assert isinstance(c.cluster_models[0], CompactMLP) and c.cluster_models[1] is models[1]
+        layouts = [type(m) for m in c.cluster_models]
+        assert layouts == [FoldedMLP, FoldedMLP, CompactMLP] and c.fused is None  # one is not foldable
         with torch.no_grad():
             got, clusters = c.forward_with_clusters(x)
             want, want_clusters = r.forward_with_clusters(x)
@@ -101,3 +136,31 @@ def test_dispatch_with_an_empty_cluster():
     clusters = torch.ones(64, dtype=torch.long)
     with torch.no_grad():
         torch.testing.assert_close(dispatch(x, clusters, cm), m[1](x), rtol=0, atol=1e-6)
+
+
+def test_fused_fast_routing_reads_each_id_once_and_routes_as_the_router():
+    """Router + every folded cluster model in one table: the router's own clusters (to the bit) and
+    each row's own cluster model's logit; also against a per-sample loop."""
+    torch.manual_seed(0)
+    search = DLRM(VOCAB, 16, gate={}).eval()
+    models = [_trained_like([16, 0, 8, 3, 16, 1], 1), DLRM(VOCAB, 16).eval(), _trained_like([2, 5, 0, 9, 0, 4], 2)]
+    router = LinearRouter(VOCAB, 3)
+    torch.nn.init.normal_(router.weight.weight)
+    x = _ids(500, seed=5)
+    with torch.no_grad():
+        centroids = cluster_features(search, x)[0][:3]
+    fast = RoutedModel(search, centroids, models, router=router).eval().compact().with_fast_routing()
+    assert isinstance(fast.fused, FusedRouting)
+    assert tuple(fast.fused.table.shape) == (sum(VOCAB), 3 + 3 * 16)
+    with torch.no_grad():
+        got, clusters = fast.forward_with_clusters(x)
+        assert torch.equal(clusters, router.route(x)) and len(set(clusters.tolist())) == 3
+        torch.testing.assert_close(got, dispatch(x, clusters, models), rtol=0, atol=1e-6)
+        loop = torch.stack([models[int(k)](x[i : i + 1])[0] for i, k in enumerate(clusters)])
+        torch.testing.assert_close(got, loop, rtol=0, atol=1e-6)
+        # the exported graph's module computes the same
+        p, c = ServingModule(routed=fast)(x)
+        assert torch.equal(c, clusters)
+        torch.testing.assert_close(p, torch.sigmoid(got), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 cluster models for a 3-way router"):
+        FusedRouting(router, fast.cluster_models[:2])

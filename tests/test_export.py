@@ -132,6 +132,12 @@ def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path)
         prep, run = fns["ihas_models_only_trained_layout"]
         trained = torch.sigmoid(run(x, prep(x)))
         fast, fast_trained = fns["ihas_fast"](x), fns["ihas_fast_trained_layout"](x)
+        unfused = fns["ihas_fast_unfused"](x)
+        base_p = torch.sigmoid(fns["base"](x))
+        torch.testing.assert_close(torch.sigmoid(fns["base_folded"](x)), base_p, rtol=0, atol=1e-6)
+    assert np.abs(fns["onnx_base_folded"](x)[0] - base_p.numpy()).max() <= 1e-6
+    assert np.abs(fns["onnx_ihas_fast"](x)[0] - torch.sigmoid(fast).numpy()).max() <= 1e-6
+    torch.testing.assert_close(fast, unfused, rtol=0, atol=1e-6)
     onnx_p = fns["onnx_ihas"](x)[0]
     assert torch.allclose(exact, graph, atol=1e-6) and torch.equal(exact, models)
     # the serving layout computes what the trained layout does

@@ -105,21 +105,23 @@ class RoutedModel(nn.Module):
         self.cluster_models = nn.ModuleList(cluster_models)
         self.router = router
         self.fast = False
+        # fast routing in one lookup (:class:`~ihas_lightning.models.fused.FusedRouting`), set by compact()
+        self.fused: nn.Module | None = None
 
     def compact(self) -> RoutedModel:
         """The same routed model with each cluster model in its serving layout
-        (:class:`~ihas_lightning.models.compact.CompactMLP` where one applies): the same logits in fewer,
-        larger ops. Shares the search model, centroids and router."""
+        (:func:`ihas_lightning.models.compact.compact`: folded or padded where one applies): the same
+        logits in fewer, larger ops. When the router and every cluster model can share one table
+        (:mod:`ihas_lightning.models.fused`), fast routing reads each id once. Shares the search model,
+        centroids and router."""
         from .models.compact import compact
+        from .models.fused import FusedRouting, fusable
 
-        out = RoutedModel(
-            self.search_model,
-            self.centroids,
-            [compact(m) for m in self.cluster_models],
-            self.input,
-            self.router,
-        )
+        models = [compact(m) for m in self.cluster_models]
+        out = RoutedModel(self.search_model, self.centroids, models, self.input, self.router)
         out.fast = self.fast
+        if fusable(self.router, models):
+            out.fused = FusedRouting(self.router, models).eval()
         return out.eval()
 
     def with_fast_routing(self) -> RoutedModel:
@@ -130,6 +132,7 @@ class RoutedModel(nn.Module):
             self.search_model, self.centroids, list(self.cluster_models), self.input, self.router
         )
         fast.fast = True
+        fast.fused = self.fused
         return fast.eval()
 
     @property
@@ -146,6 +149,8 @@ class RoutedModel(nn.Module):
 
     @torch.no_grad()
     def forward_with_clusters(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fast and self.fused is not None:  # the router and the cluster models in one lookup
+            return self.fused(x)
         clusters = self.route(x)
         return dispatch(x, clusters, self.cluster_models), clusters
 

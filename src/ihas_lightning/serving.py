@@ -110,6 +110,9 @@ class ServingModule(nn.Module):
             logits = self.model(x, self.mode)
             return torch.sigmoid(logits), torch.zeros_like(logits, dtype=torch.int64)
         r = self.routed
+        if r.fast and r.fused is not None:
+            logits, c = r.fused(x)
+            return torch.sigmoid(logits), c
         if r.fast:
             c = r.router.forward(x).argmax(1)
         else:
@@ -225,19 +228,22 @@ def load_run_models(cfg: DictConfig) -> RunModels:
         if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
             if search.gate is None:
                 raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
-            routed = RoutedModel(
-                search,
-                ainfo["centroids"],
-                [m.model for m in modules],
-                input=str(ainfo.get("input", "masked_embedding")),
-            ).compact()  # fmt: skip  (each cluster model in its serving layout: the same logits, fewer ops)
+            router = None
             if ainfo.get("router_state") is not None:
                 from .models.router import LinearRouter
 
                 st = ainfo["router_state"]
                 router = LinearRouter(st["vocab_sizes"], int(st["k"]))
                 router.load_state_dict(st["state_dict"])
-                routed.router = router.eval()
+                router.eval()
+            routed = RoutedModel(
+                search,
+                ainfo["centroids"],
+                [m.model for m in modules],
+                input=str(ainfo.get("input", "masked_embedding")),
+                router=router,
+            ).compact()  # fmt: skip  (each cluster model in its serving layout: the same logits, fewer ops)
+            if router is not None:
                 routed_fast = routed.with_fast_routing()
                 entries.append((f"{final_row} (fast routing)", routed_fast, None, ""))
             entries.append((final_row, routed, None, ""))
