@@ -33,6 +33,39 @@ def test_linear_router_is_a_sum_of_per_id_weights():
     assert torch.allclose(r(x), want) and torch.equal(r.route(x), want.argmax(1))
 
 
+def test_the_embedding_classifier_folds_into_the_id_table():
+    """features=embedding: the folded router's logits are the standardised linear classifier's on the
+    searched embedding, against a per-sample loop over the fields."""
+    from ihas_lightning.models import DLRM
+    from ihas_lightning.modules.router import RouterModule, embedding_stats
+
+    torch.manual_seed(0)
+    vocab = [7, 3, 11, 5]
+    search = DLRM(vocab, 16, gate={}).eval()
+    x = torch.stack([torch.randint(0, v, (300,)) for v in vocab], 1)
+    mean, std = embedding_stats(search.embedding, x, batch_size=64)
+    with torch.no_grad():
+        e = search.embed(x)
+    torch.testing.assert_close(mean, e.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(std, e.std(0, unbiased=False), rtol=1e-4, atol=1e-7)
+    module = RouterModule(vocab, 3, features="embedding", embedding=search.embedding, mean=mean, std=std)
+    torch.nn.init.normal_(module.head.weight)
+    torch.nn.init.normal_(module.head.bias)
+    router = module.distilled()
+    with torch.no_grad():
+        want = module(x)
+        torch.testing.assert_close(router(x), want, rtol=1e-5, atol=1e-4)
+        w, b = module.head.weight, module.head.bias
+        for i in range(5):  # brute force: the field's rows of the standardised embedding, summed per field
+            z = (e[i] - mean) / std.clamp_min(1e-6)
+            torch.testing.assert_close(router(x[i : i + 1])[0], w @ z + b, rtol=1e-5, atol=1e-4)
+    assert torch.equal(router.route(x), want.argmax(1))
+    with pytest.raises(ValueError, match="needs the searched embedding"):
+        RouterModule(vocab, 3, features="embedding")
+    with pytest.raises(ValueError, match="router features must be one of"):
+        RouterModule(vocab, 3, features="gate")
+
+
 @pytest.fixture(scope="module")
 def run_with_router(tmp_path_factory):
     from conftest import stage_all
@@ -45,6 +78,8 @@ def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_rout
     info = json.loads((run / "cluster" / "cluster.json").read_text())
     agree = info["router"]["agreement"]
     assert (run / "cluster" / "router.pt").is_file() and set(agree) == {"train", "val", "test"}
+    # the default: the embedding classifier, at least min_steps steps on this small train split
+    assert info["router"]["features"] == "embedding" and info["router"]["steps"] >= 300
     assert all(0.5 < a <= 1.0 for a in agree.values())  # far better than chance for k=2 on planted groups
     res = json.loads((run / "evaluate" / "results.json").read_text())
     names = [r["model"] for r in res["rows"]]

@@ -75,8 +75,10 @@ class SearchConfig:
 @dataclass
 class RouterConfig:
     enabled: bool = MISSING
+    features: str = MISSING
     max_rows: int = MISSING
     epochs: int = MISSING
+    min_steps: int = MISSING
     lr: float = MISSING
     batch_size: int = MISSING
 

@@ -82,6 +82,7 @@ CASES: list[tuple[str, list[str], str | None]] = [
     ),
     ("export format", ["stage=export", "export.run=/tmp", "export.formats=[tflite]"], None),
     ("router epochs 0", ["cluster.router.epochs=0"], None),
+    ("router features", ["cluster.router.features=gate"], None),
     ("criteo: short row", ["dataset=criteo"], "criteo_short_row"),
     ("criteo: bad label", ["dataset=criteo"], "criteo_bad_label"),
     ("avazu: missing column", ["dataset=avazu"], "avazu_missing_column"),

@@ -8,8 +8,18 @@ field:
     logits_k(x) = b_k + sum_f W[offset_f + x_f, k],     cluster = argmax_k logits_k
 
 It is trained after clustering on the exact assignments (:class:`~ihas_lightning.modules.router.
-RouterModule`); its agreement with the exact assignment and the routed model's AUC with it are
-reported by ``stage=evaluate``. The exact path stays available (``routing=exact``).
+RouterModule`), in one of two ways (``cluster.router.features``):
+
+* ``embedding`` (the default): a linear classifier on the searched embedding ``E`` (standardised),
+  ``logits = V (E - mu) / sigma + b``. It is linear in each field's embedding row, so it folds into the
+  id table exactly (:meth:`LinearRouter.folded`): ``W[offset_f + id] = (V_f / sigma_f) e_id``. The
+  serving cost is the same K numbers per id; it generalises from the embedding the search trained on
+  every row (rare ids included), where a table fitted per id only learns the ids of the router's rows
+  (measured on the shared Criteo sample: 0.97 test agreement against 0.86);
+* ``ids``: the table fitted directly, one row per id.
+
+Its agreement with the exact assignment and the routed model's AUC with it are reported by
+``stage=evaluate``. The exact path stays available (``routing=exact``).
 """
 
 from __future__ import annotations
@@ -44,3 +54,33 @@ class LinearRouter(nn.Module):
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Cluster id [B] of each sample."""
         return self.forward(x).argmax(1)
+
+    @classmethod
+    @torch.no_grad()
+    def folded(
+        cls,
+        field_weights: Sequence[torch.Tensor],
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+    ) -> LinearRouter:
+        """The router equal to the linear classifier ``weight (E - mean) / std + bias`` [K] on the flat
+        embedding ``E = [e_1; ...; e_F]``, where field f's rows are ``field_weights[f]`` ([vocab_f, d_f],
+        in the flat order): each id's row is that classifier's share of its field, ``(V_f / std_f) e_id``,
+        and the bias takes the constant ``b - V mean / std``."""
+        k, width = weight.shape
+        dims = [int(w.shape[1]) for w in field_weights]
+        if sum(dims) != width:
+            raise ValueError(f"a classifier on {width} features for fields of {sum(dims)} dims")
+        mean = torch.zeros(width) if mean is None else mean
+        std = torch.ones(width) if std is None else std
+        v = weight / std  # [K, D]
+        out = cls([int(w.shape[0]) for w in field_weights], k)
+        start = 0
+        for f, (w, d) in enumerate(zip(field_weights, dims)):
+            lo = int(out.offsets[f])
+            out.weight.weight[lo : lo + w.shape[0]] = w @ v[:, start : start + d].t()
+            start += d
+        out.bias.copy_(bias - v @ mean)
+        return out

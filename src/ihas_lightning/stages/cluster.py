@@ -45,6 +45,7 @@ from ..artifacts import is_current, make_manifest, write_manifest
 from ..data.feature_map import FeatureMap
 from ..errors import ConfigError, DataError
 from ..models import DLRM
+from ..modules.router import ROUTER_FEATURES
 from ..routing import CLUSTER_INPUTS, cluster_features, nearest_centroid
 from ..rundir import (
     CLUSTER_DIR,
@@ -289,9 +290,13 @@ def check_cfg(cfg: DictConfig) -> None:
             f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
         )
     rc = cfg.cluster.router
-    for key in ("max_rows", "epochs", "batch_size"):
+    for key in ("max_rows", "epochs", "batch_size", "min_steps"):
         if int(rc[key]) < 1:
             raise ConfigError(f"config key 'cluster.router.{key}': must be >= 1 (got {rc[key]})")
+    if rc.features not in ROUTER_FEATURES:
+        raise ConfigError(
+            f"config key 'cluster.router.features': must be one of {list(ROUTER_FEATURES)} (got {rc.features!r})"
+        )
     if not float(rc.lr) > 0:
         raise ConfigError(f"config key 'cluster.router.lr': must be > 0 (got {rc.lr})")
     thr = float(cfg.retrain.keep_threshold)
@@ -378,7 +383,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         info["recovery"] = planted_recovery(res["field_dims"], names, assigns["train"], group, truth)
     router = None
     if bool(cfg.cluster.router.enabled) and k > 1:
-        router, info["router"] = train_router(cfg, dm, fmap, assigns, out)
+        router, info["router"] = train_router(cfg, dm, fmap, assigns, out, model)
     info["seconds"] = round(time.perf_counter() - t0, 3)
 
     with atomic_dir(out, overwrite=True) as tmp:
@@ -422,13 +427,16 @@ def _rows_of(dm: Any, split: str, assign: np.ndarray, max_rows: int, seed: int, 
     return x.long(), torch.from_numpy(assign[keep].astype(np.int64))
 
 
-def train_router(cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, np.ndarray], out: Path):
+def train_router(
+    cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, np.ndarray], out: Path, model: Any
+):
     """The distilled router (:class:`~ihas_lightning.models.router.LinearRouter`): fitted on at most
-    ``cluster.router.max_rows`` train rows and their exact clusters; returns (router, its report with
-    the agreement with the exact assignment on each split's subset)."""
-    from torch.utils.data import DataLoader, TensorDataset
+    ``cluster.router.max_rows`` train rows and their exact clusters, on the searched ``model``'s
+    embedding (``cluster.router.features=embedding``, folded into the id table) or on the ids;
+    returns (router, its report with the agreement with the exact assignment on each split's subset)."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
-    from ..modules.router import RouterModule
+    from ..modules.router import RouterModule, embedding_stats
     from ..training import build_trainer
 
     rc = cfg.cluster.router
@@ -437,23 +445,36 @@ def train_router(cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, 
     bs, seed = int(cfg.cluster.batch_size), int(cfg.seed)
     data = {s: _rows_of(dm, s, a, int(rc.max_rows), seed, bs, fmap.num_fields) for s, a in assigns.items()}
     torch.manual_seed(seed)
-    module = RouterModule(fmap.vocab_sizes, k, lr=float(rc.lr))
+    features = str(rc.features)
+    extra: dict[str, Any] = {}
+    if features == "embedding":
+        mean, std = embedding_stats(model.embedding, data["train"][0], bs)
+        extra = {"embedding": model.embedding, "mean": mean, "std": std}
+    module = RouterModule(fmap.vocab_sizes, k, lr=float(rc.lr), features=features, **extra)
     gen = torch.Generator().manual_seed(seed)
-    train = DataLoader(
-        TensorDataset(*data["train"]), batch_size=int(rc.batch_size), shuffle=True, generator=gen
-    )
-    val = DataLoader(TensorDataset(*data["val"]), batch_size=bs)
+    rows, epochs, rbs = len(data["train"][1]), int(rc.epochs), int(rc.batch_size)
+    # an epoch is one pass over the rows, or more passes (whole reshuffles) where a small train split
+    # would give fewer than min_steps steps in all (without a Lightning epoch per few batches)
+    per_epoch = max(rows, -(-int(rc.min_steps) // epochs) * rbs)
+    train_set = TensorDataset(*data["train"])
+    # whole batches: the tensors are indexed once per batch (no per-row __getitem__ + collate)
+    order = RandomSampler(train_set, num_samples=per_epoch, generator=gen)
+    train = DataLoader(train_set, sampler=BatchSampler(order, rbs, drop_last=False), batch_size=None)
+    val_set = TensorDataset(*data["val"])
+    val = DataLoader(val_set, sampler=BatchSampler(SequentialSampler(val_set), bs, drop_last=False),
+                     batch_size=None)  # fmt: skip
     # one process (under trainer=ddp the cluster stage runs on rank 0 alone)
-    trainer = build_trainer(cfg, int(rc.epochs), [], None, out.parent, enable_checkpointing=False,
+    trainer = build_trainer(cfg, epochs, [], None, out.parent, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, strategy="auto",
                             devices=1, num_nodes=1)  # fmt: skip
     trainer.fit(module, train, val if len(data["val"][1]) else None)
-    router = module.router.eval()
+    router = module.distilled()
     agreement = {}
     with torch.no_grad():
         for s, (x, c) in data.items():
             agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
-    report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "epochs": int(rc.epochs),
+    report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "features": features, "epochs": epochs,
+              "steps": int(trainer.global_step),
               "agreement": agreement, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
              f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
