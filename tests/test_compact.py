@@ -143,7 +143,11 @@ def test_fused_fast_routing_reads_each_id_once_and_routes_as_the_router():
     each row's own cluster model's logit; also against a per-sample loop."""
     torch.manual_seed(0)
     search = DLRM(VOCAB, 16, gate={}).eval()
-    models = [_trained_like([16, 0, 8, 3, 16, 1], 1), DLRM(VOCAB, 16).eval(), _trained_like([2, 5, 0, 9, 0, 4], 2)]
+    models = [
+        _trained_like([16, 0, 8, 3, 16, 1], 1),
+        DLRM(VOCAB, 16).eval(),
+        _trained_like([2, 5, 0, 9, 0, 4], 2),
+    ]
     router = LinearRouter(VOCAB, 3)
     torch.nn.init.normal_(router.weight.weight)
     x = _ids(500, seed=5)

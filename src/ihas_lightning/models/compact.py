@@ -144,7 +144,9 @@ class FoldedMLP(_KeptFields):
             for s, f in enumerate(self.kept_fields):
                 start = int(self.offsets[s])
                 # every id's share of the first layer: W1_f e_id
-                table[start : start + self.kept_vocab[s]] = model.embedding.field_weight(f) @ w[:, slices[f]].t()
+                table[start : start + self.kept_vocab[s]] = (
+                    model.embedding.field_weight(f) @ w[:, slices[f]].t()
+                )
         self.table = nn.Parameter(table, requires_grad=False)
         self.b1 = nn.Parameter(first.bias.detach().clone(), requires_grad=False)
         self.rest = model.backbone.net[1:]  # shared with the source model (ReLU, the other layers)

@@ -65,13 +65,16 @@ class FusedRouting(nn.Module):
         h = bag_sum(x.long() + self.offsets, self.table) + self.bias
         clusters = h[:, : self.k].argmax(1)
         logits = torch.stack(
-            [rest(h[:, start : start + n]).squeeze(-1) for rest, (start, n) in zip(self.rest, self.segments)], 1
+            [rest(h[:, start : start + n]).squeeze(-1) for rest, (start, n) in zip(self.rest, self.segments)],
+            1,
         )
         return logits.gather(1, clusters.unsqueeze(1)).squeeze(1), clusters
 
 
 def fusable(router: nn.Module | None, models: Sequence[nn.Module]) -> bool:
     """True when a router and its cluster models' serving layouts can share one table."""
-    return isinstance(router, LinearRouter) and len(models) == router.k and all(
-        isinstance(m, FoldedMLP) for m in models
+    return (
+        isinstance(router, LinearRouter)
+        and len(models) == router.k
+        and all(isinstance(m, FoldedMLP) for m in models)
     )

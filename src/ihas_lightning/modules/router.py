@@ -106,7 +106,9 @@ class RouterModule(L.LightningModule):
 
 
 @torch.no_grad()
-def embedding_stats(embedding: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_stats(
+    embedding: nn.Module, x: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) per dim of ``embedding(x)``, in batches (float64 sums; memory: one batch)."""
     n = len(x)
     s = s2 = None
