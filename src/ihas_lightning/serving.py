@@ -61,6 +61,7 @@ class RunModels:
     base_ckpt: Path | None = None
     search_row: str | None = None  # the search model's row (None for Base, or under transfer)
     modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
+    served: dict[str, nn.Module] = field(default_factory=dict)  # an open-mode model's serving layout, by row
 
     def serving_module(self, which: str = "final", routing: str = "exact") -> ServingModule:
         """One of the models as a plain ``nn.Module``: ``x int64 [B, F] -> (probability [B], cluster [B])``;
@@ -68,7 +69,7 @@ class RunModels:
         name, fn, model, _ = self.entry(which)
         if fn is self.routed:
             return ServingModule(routed=self.routed_model(routing))
-        return ServingModule(model=model, mode=self.modes[name])
+        return ServingModule(model=self.served.get(name, model), mode=self.modes[name])
 
     def routed_model(self, routing: str = "exact") -> RoutedModel | None:
         """The routed model with exact (searched embedding + gate) or fast (distilled router) routing."""
@@ -120,6 +121,16 @@ class ServingModule(nn.Module):
             c = nearest_centroid(feats, r.centroids)
         logits = torch.stack([m(x) for m in r.cluster_models], 1).gather(1, c.unsqueeze(1)).squeeze(1)
         return torch.sigmoid(logits), c
+
+
+def served_fn(model: nn.Module, row: str, served: dict[str, nn.Module]) -> Callable:
+    """The logits function of an open-mode model (no selector at inference) in its serving layout
+    (:func:`~ihas_lightning.models.compact.compact`: the first layer folded into the table where it
+    pays; the same logits to 1e-6), recorded in ``served[row]`` for predict and export."""
+    from .models.compact import compact
+
+    served[row] = m = compact(model)
+    return lambda x: m(x, "open")
 
 
 def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
@@ -195,17 +206,18 @@ def load_run_models(cfg: DictConfig) -> RunModels:
     # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
     entries: list[tuple[str, Callable, Any, str]] = []
     modes: dict[str, str] = {}  # each plain model's forward mode (open / deterministic)
+    served: dict[str, nn.Module] = {}  # each open-mode model's serving layout, by row
     routed_fast = None
     base_ckpt = None
     search_row = None
     if is_base:
-        entries.append(("Base", lambda x: search(x, "open"), search, "all fields, full dims"))
+        entries.append(("Base", served_fn(search, "Base", served), search, "all fields, full dims"))
         modes["Base"] = "open"
     else:
         base_ckpt = base_checkpoint(cfg)
         if base_ckpt is not None:
             base = load_search_model(base_ckpt, fmap).model.eval()
-            entries.append(("Base", lambda x: base(x, "open"), base, "all fields, full dims"))
+            entries.append(("Base", served_fn(base, "Base", served), base, "all fields, full dims"))
             modes["Base"] = "open"
         note = "search model" if retrain_dir is not None else "selector at inference"
         if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
@@ -259,10 +271,10 @@ def load_run_models(cfg: DictConfig) -> RunModels:
                 note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
             if single.embedding.entry_masked:
                 note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
-            entries.append((final_row, lambda x: single(x, "open"), single, note))
+            entries.append((final_row, served_fn(single, final_row, served), single, note))
             modes[final_row] = "open"
     return RunModels(
         fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=entries, routed=routed,
         modules=modules, k=k, ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir, base_ckpt=base_ckpt,
-        search_row=search_row, modes=modes, routed_fast=routed_fast,
+        search_row=search_row, modes=modes, routed_fast=routed_fast, served=served,
     )  # fmt: skip
