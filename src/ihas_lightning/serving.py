@@ -61,15 +61,20 @@ class RunModels:
     base_ckpt: Path | None = None
     search_row: str | None = None  # the search model's row (None for Base, or under transfer)
     modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
-    served: dict[str, nn.Module] = field(default_factory=dict)  # an open-mode model's serving layout, by row
+    served: dict[str, nn.Module] = field(default_factory=dict)  # an open-mode row's layout in evaluate / predict
 
     def serving_module(self, which: str = "final", routing: str = "exact") -> ServingModule:
-        """One of the models as a plain ``nn.Module``: ``x int64 [B, F] -> (probability [B], cluster [B])``;
-        ``routing=fast``: the routed model with the distilled router."""
+        """One of the models as a plain ``nn.Module`` (what ``stage=export`` exports): ``x int64 [B, F] ->
+        (probability [B], cluster [B])``; ``routing=fast``: the routed model with the distilled router.
+
+        A plain model is exported as trained, not folded: in ONNX Runtime its lookup + matrix product
+        is as fast as the folded lookup + sum at Criteo scale and 1.4x faster on the 12-field synthetic
+        set (``experiments/results/bench_serve.md``: ``onnx_base`` / ``onnx_base_folded``); the routed
+        model keeps its serving layout."""
         name, fn, model, _ = self.entry(which)
         if fn is self.routed:
             return ServingModule(routed=self.routed_model(routing))
-        return ServingModule(model=self.served.get(name, model), mode=self.modes[name])
+        return ServingModule(model=model, mode=self.modes[name])
 
     def routed_model(self, routing: str = "exact") -> RoutedModel | None:
         """The routed model with exact (searched embedding + gate) or fast (distilled router) routing."""
@@ -126,7 +131,7 @@ class ServingModule(nn.Module):
 def served_fn(model: nn.Module, row: str, served: dict[str, nn.Module]) -> Callable:
     """The logits function of an open-mode model (no selector at inference) in its serving layout
     (:func:`~ihas_lightning.models.compact.compact`: the first layer folded into the table where it
-    pays; the same logits to 1e-6), recorded in ``served[row]`` for predict and export."""
+    pays; the same logits to 1e-6), recorded in ``served[row]``."""
     from .models.compact import compact
 
     served[row] = m = compact(model)
