@@ -61,7 +61,7 @@ class RunModels:
     base_ckpt: Path | None = None
     search_row: str | None = None  # the search model's row (None for Base, or under transfer)
     modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
-    served: dict[str, nn.Module] = field(default_factory=dict)  # an open-mode row's layout in evaluate / predict
+    served: dict[str, nn.Module] = field(default_factory=dict)  # open-mode rows' layout (evaluate, predict)
 
     def serving_module(self, which: str = "final", routing: str = "exact") -> ServingModule:
         """One of the models as a plain ``nn.Module`` (what ``stage=export`` exports): ``x int64 [B, F] ->
