@@ -8,8 +8,8 @@ into one table; at inference the first layer is then one bag-sum of the row's id
 with no ``[B, sum(dims)]`` intermediate and no matrix product. This is the classic fold of a linear
 layer into the lookup (as batch-norm folding does for a convolution). It changes the cost from per dim
 to per id: with the paper's MLP (H1 = 16) a cluster model that keeps fields at 1-16 dims costs about
-one 16-float lookup per kept field (measured on 4,096 Criteo-shaped rows: 0.26-0.54x the gather +
-linear, widths 4-16, H1 16-64). It is used when H1 <= ``FOLD_MAX_RATIO`` x the widest kept field, which
+one 16-float lookup per kept field (measured on 4,096 Criteo-shaped rows: 0.21-0.57x the time of the
+gather + linear, widths 4-16, H1 16-64). It is used when H1 <= ``FOLD_MAX_RATIO`` x the widest kept field, which
 bounds the table's memory at that multiple of the padded layout's.
 
 **Padded** (:class:`CompactMLP`, when the first layer is too wide to fold). A retrained model keeps a

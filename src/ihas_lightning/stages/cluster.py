@@ -444,6 +444,8 @@ def train_router(
     k = int(max(a.max() for a in assigns.values() if len(a))) + 1
     bs, seed = int(cfg.cluster.batch_size), int(cfg.seed)
     data = {s: _rows_of(dm, s, a, int(rc.max_rows), seed, bs, fmap.num_fields) for s, a in assigns.items()}
+    if not len(data["train"][1]):
+        raise DataError(f"cluster.router.max_rows={rc.max_rows}: no train row drawn to fit the router on")
     torch.manual_seed(seed)
     features = str(rc.features)
     extra: dict[str, Any] = {}
@@ -468,13 +470,14 @@ def train_router(
                             enable_progress_bar=False, enable_model_summary=False, strategy="auto",
                             devices=1, num_nodes=1)  # fmt: skip
     trainer.fit(module, train, val if len(data["val"][1]) else None)
+    model.eval()  # the searched embedding was shared, frozen, with the router's fit
     router = module.distilled()
     agreement = {}
     with torch.no_grad():
         for s, (x, c) in data.items():
             agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
     report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "features": features, "epochs": epochs,
-              "steps": int(trainer.global_step),
+              "steps": len(train) * epochs,
               "agreement": agreement, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
              f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
