@@ -34,7 +34,7 @@ test-all: install ## run every test, the slow ones included
 bad-inputs: install ## 53 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
 	$(PY) -m ihas_lightning.bench.bad_inputs
 
-bench-serve: install ## inference, ~8 min: Base vs routed iHAS (exact, fast, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
+bench-serve: install ## inference, ~10 min: Base (as trained, folded) vs routed iHAS (exact, fast in one lookup, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_serve
 
 bench-scale: install ## the whole pipeline on 5M generated Criteo rows (~8 min), per stage: seconds, rows/s, peak RSS; extrapolated to 45.8M rows -> experiments/results/bench_scale.{json,md}
