@@ -67,7 +67,7 @@ def dispatch(x: torch.Tensor, clusters: torch.Tensor, models: Sequence[nn.Module
     order = torch.argsort(clusters, stable=True)
     counts = torch.bincount(clusters, minlength=k).tolist()
     rows = order.split(counts)
-    # a serving layout (CompactMLP) gathers exactly the ids it reads; any other model takes its rows
+    # a serving layout (FoldedMLP, CompactMLP) gathers exactly the ids it reads; any other model takes its rows
     outs = [
         models[j].forward_rows(x, rows[j]) if hasattr(models[j], "forward_rows")
         else models[j](x.index_select(0, rows[j]))
