@@ -61,7 +61,6 @@ class RunModels:
     base_ckpt: Path | None = None
     search_row: str | None = None  # the search model's row (None for Base, or under transfer)
     modes: dict[str, str] = field(default_factory=dict)  # a plain model's forward mode, by row
-    served: dict[str, nn.Module] = field(default_factory=dict)  # open-mode rows' layout (evaluate, predict)
 
     def serving_module(self, which: str = "final", routing: str = "exact") -> ServingModule:
         """One of the models as a plain ``nn.Module`` (what ``stage=export`` exports): ``x int64 [B, F] ->
@@ -128,13 +127,13 @@ class ServingModule(nn.Module):
         return torch.sigmoid(logits), c
 
 
-def served_fn(model: nn.Module, row: str, served: dict[str, nn.Module]) -> Callable:
+def served_fn(model: nn.Module) -> Callable:
     """The logits function of an open-mode model (no selector at inference) in its serving layout
     (:func:`~ihas_lightning.models.compact.compact`: the first layer folded into the table where it
-    pays; the same logits to 1e-6), recorded in ``served[row]``."""
+    pays; the same logits to 1e-6)."""
     from .models.compact import compact
 
-    served[row] = m = compact(model)
+    m = compact(model)
     return lambda x: m(x, "open")
 
 
@@ -211,18 +210,17 @@ def load_run_models(cfg: DictConfig) -> RunModels:
     # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
     entries: list[tuple[str, Callable, Any, str]] = []
     modes: dict[str, str] = {}  # each plain model's forward mode (open / deterministic)
-    served: dict[str, nn.Module] = {}  # each open-mode model's serving layout, by row
     routed_fast = None
     base_ckpt = None
     search_row = None
     if is_base:
-        entries.append(("Base", served_fn(search, "Base", served), search, "all fields, full dims"))
+        entries.append(("Base", served_fn(search), search, "all fields, full dims"))
         modes["Base"] = "open"
     else:
         base_ckpt = base_checkpoint(cfg)
         if base_ckpt is not None:
             base = load_search_model(base_ckpt, fmap).model.eval()
-            entries.append(("Base", served_fn(base, "Base", served), base, "all fields, full dims"))
+            entries.append(("Base", served_fn(base), base, "all fields, full dims"))
             modes["Base"] = "open"
         note = "search model" if retrain_dir is not None else "selector at inference"
         if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
@@ -276,10 +274,10 @@ def load_run_models(cfg: DictConfig) -> RunModels:
                 note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
             if single.embedding.entry_masked:
                 note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
-            entries.append((final_row, served_fn(single, final_row, served), single, note))
+            entries.append((final_row, served_fn(single), single, note))
             modes[final_row] = "open"
     return RunModels(
         fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=entries, routed=routed,
         modules=modules, k=k, ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir, base_ckpt=base_ckpt,
-        search_row=search_row, modes=modes, routed_fast=routed_fast, served=served,
+        search_row=search_row, modes=modes, routed_fast=routed_fast,
     )  # fmt: skip

@@ -62,8 +62,8 @@ class LinearRouter(nn.Module):
         field_weights: Sequence[torch.Tensor],
         weight: torch.Tensor,
         bias: torch.Tensor,
-        mean: torch.Tensor | None = None,
-        std: torch.Tensor | None = None,
+        mean: torch.Tensor,
+        std: torch.Tensor,
     ) -> LinearRouter:
         """The router equal to the linear classifier ``weight (E - mean) / std + bias`` [K] on the flat
         embedding ``E = [e_1; ...; e_F]``, where field f's rows are ``field_weights[f]`` ([vocab_f, d_f],
@@ -73,8 +73,6 @@ class LinearRouter(nn.Module):
         dims = [int(w.shape[1]) for w in field_weights]
         if sum(dims) != width:
             raise ValueError(f"a classifier on {width} features for fields of {sum(dims)} dims")
-        mean = torch.zeros(width) if mean is None else mean
-        std = torch.ones(width) if std is None else std
         v = weight / std  # [K, D]
         out = cls([int(w.shape[0]) for w in field_weights], k)
         start = 0
