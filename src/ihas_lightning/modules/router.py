@@ -48,7 +48,9 @@ class RouterModule(L.LightningModule):
             return
         if embedding is None or mean is None or std is None:
             raise ValueError("features='embedding' needs the searched embedding and its mean / std")
-        self.embedding = embedding.requires_grad_(False)
+        # the search model's embedding, read-only: not a submodule (not trained, saved or switched to
+        # train mode by the Trainer; it stays the search model's)
+        self.__dict__["embedding"] = embedding
         width = int(sum(embedding.dims))
         self.register_buffer("mean", mean.detach().float().clone())
         self.register_buffer("std", std.detach().float().clamp_min(1e-6))
@@ -60,8 +62,9 @@ class RouterModule(L.LightningModule):
         """Cluster logits [B, K] of ids x [B, F]."""
         if self.features == "ids":
             return self.router(x)
-        with torch.no_grad():
-            z = (self.embedding(x) - self.mean) / self.std
+        with torch.no_grad():  # the embedding stays where the search model is (the batch may be elsewhere)
+            dev = self.embedding.tables[0].weight.device
+            z = (self.embedding(x.to(dev)).to(x.device) - self.mean) / self.std
         return self.head(z)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -470,7 +470,6 @@ def train_router(
                             enable_progress_bar=False, enable_model_summary=False, strategy="auto",
                             devices=1, num_nodes=1)  # fmt: skip
     trainer.fit(module, train, val if len(data["val"][1]) else None)
-    model.eval()  # the searched embedding was shared, frozen, with the router's fit
     router = module.distilled()
     agreement = {}
     with torch.no_grad():
