@@ -8,7 +8,7 @@ import torch
 
 from ihas_lightning.models import DLRM
 from ihas_lightning.models.compact import CompactMLP, FoldedMLP, compact, compactable, foldable
-from ihas_lightning.models.fused import FusedRouting
+from ihas_lightning.models.fused import FusedRouting, StackedTails
 from ihas_lightning.models.router import LinearRouter
 from ihas_lightning.routing import RoutedModel, cluster_features, dispatch
 from ihas_lightning.serving import ServingModule
@@ -168,3 +168,42 @@ def test_fused_fast_routing_reads_each_id_once_and_routes_as_the_router():
         torch.testing.assert_close(p, torch.sigmoid(got), rtol=0, atol=0)
     with pytest.raises(ValueError, match="2 cluster models for a 3-way router"):
         FusedRouting(router, fast.cluster_models[:2])
+
+
+@pytest.mark.parametrize("kw", [{}, {"batchnorm": True, "dropout": 0.3}])
+def test_fused_routing_runs_the_clusters_layers_side_by_side(kw):
+    """The clusters' remaining layers stacked (block-diagonal linears, concatenated batchnorm statistics):
+    each row's logit equals its own cluster's model, with and without batchnorm / dropout."""
+    torch.manual_seed(0)
+    models = [_trained_like([16, 0, 8, 3, 16, 1], 1, **kw), _trained_like([16, 5, 0, 9, 2, 4], 2, **kw)]
+    for m in models:  # non-trivial batchnorm statistics, so that a wrong column would show
+        for bn in (x for x in m.modules() if isinstance(x, torch.nn.BatchNorm1d)):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(bn.weight)
+    router = LinearRouter(VOCAB, 2)
+    torch.nn.init.normal_(router.weight.weight)
+    fused = FusedRouting(router, [compact(m) for m in models])
+    assert fused.stacked is not None
+    assert fused.stacked.kinds == (["batchnorm", "relu", "linear", "batchnorm", "relu", "linear"] if kw
+                                   else ["relu", "linear", "relu", "linear"])  # fmt: skip
+    x = _ids(400, seed=3)
+    with torch.no_grad():
+        got, clusters = fused(x)
+        assert len(set(clusters.tolist())) == 2
+        loop = torch.stack([models[int(k)](x[i : i + 1])[0] for i, k in enumerate(clusters)])
+        torch.testing.assert_close(got, loop, rtol=0, atol=1e-6)
+        fused.stacked = None  # the per-cluster layers give the same
+        torch.testing.assert_close(fused(x)[0], got, rtol=0, atol=1e-6)
+
+
+def test_stacked_tails_need_the_same_layers():
+    a = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    b = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    c = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert StackedTails.of([a, b]) is None and StackedTails.of([a, c]) is None
+    s = StackedTails.of([a, a])
+    assert s is not None and s.kinds == ["relu", "linear", "relu", "linear"]
+    h = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(s(h), torch.cat([a(h[:, :16]), a(h[:, 16:])], 1), rtol=0, atol=1e-6)
