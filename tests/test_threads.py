@@ -85,6 +85,7 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
     monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)  # a fresh process
     trainer = SimpleNamespace(global_step=0)
     batch = (None, torch.zeros(10))
+    FORWARD = 0.25  # of a step's time: batch start to the first backward
 
     def fit(busy_from: int, busy_to: int, n: int) -> list[int]:
         tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2)
@@ -93,9 +94,11 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
         for i in range(n):
             busy["on"] = busy_from <= i < busy_to
             tuner.on_train_batch_start(trainer, None, batch, i)
-            clock["t"] += step_seconds()
-            tuner.on_train_batch_end(trainer, None, None, batch, i)
             seen.append(torch.get_num_threads())
+            clock["t"] += FORWARD * step_seconds()
+            tuner.on_before_backward(trainer, None, None)
+            clock["t"] += (1 - FORWARD) * step_seconds()  # the backward and step: at the count set now
+            tuner.on_train_batch_end(trainer, None, None, batch, i)
         tuner.on_train_end(trainer, None)
         assert torch.get_num_threads() == 2  # outside a fit: the configured count
         return seen
@@ -107,12 +110,18 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
         assert seen[240] == 1  # busy core: switched to 1 thread
         assert seen[399] == 2  # free again: back to 2
         slow_probes = sum(1 for i in range(150, 250) if seen[i] == 2)
-        assert slow_probes <= 4  # probing 2 threads on the busy machine costs about a batch per check
+        assert slow_probes <= 4  # probing 2 threads on the busy machine: one batch per check
         seen = fit(0, 400, 400)  # the next fit starts at 2 (where the last ended); the core is busy
         assert seen[0] == 2 and seen[20] == 1
         assert sum(seen[20:]) - 380 <= 380 // 40 + 1  # from then on 1 thread; one probe batch at 2 per check
         seen = fit(0, 400, 60)  # and the next one at 1, from the first batch
         assert all(n == 1 for n in seen[:6])  # until the first check probes 2
+        t0 = clock["t"]
+        seen = fit(0, 400, 400)  # starting at 1 on the busy machine: each probe of 2 threads ...
+        wasted = clock["t"] - t0 - 400 * 1.5
+        probes = sum(n == 2 for n in seen)
+        assert 1 <= probes <= 400 // 40 + 2  # (4x further apart each time, at most 40 here)
+        assert wasted == pytest.approx(probes * FORWARD * (10.0 - 1.5))  # ... costs its forward pass only
     finally:
         torch.set_num_threads(before)
 

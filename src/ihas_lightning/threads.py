@@ -129,8 +129,10 @@ def thread_tuner(
     batches of a fit are not measured (first-touch allocations); the first check comes ``first_check``
     batches later. After a check that keeps the count the next comes ``backoff`` times further away (at
     most ``max_every`` batches); after a switch, ``first_check * backoff`` batches later. A probe batch
-    more than 1.5x slower than the recent median ends the probe at once, so probing the slow count costs
-    one batch. A switch is logged. The thread count does not change the numbers (the model's forward,
+    more than 1.5x slower than the recent median ends the probe at once, and so does a probe batch whose
+    forward pass (batch start to the first backward) is more than 1.5x slower than the recent forwards:
+    then its backward and optimizer step, the part that collapses on a busy core, already run at the
+    current count, so probing the slow count costs about one forward pass. A switch is logged. The thread count does not change the numbers (the model's forward,
     backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
     import statistics
     import time
@@ -146,7 +148,11 @@ def thread_tuner(
             self.probing: int | None = None  # the count being probed
             self.probe_times: list[float] = []
             self.recent: list[float] = []
+            self.recent_fwd: list[float] = []  # the forward passes of those batches (per sample)
             self._t0: float | None = None
+            self._n = 1  # the batch's rows
+            self._fwd_seen = False  # this batch's first backward has come
+            self._ignore = False  # this batch's probe was ended in its forward: not measured
             self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
             self.skip = warmup
 
@@ -159,13 +165,28 @@ def thread_tuner(
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._t0 = time.perf_counter()
+            self._n = max(1, int(batch[1].shape[0]))
+            self._fwd_seen = self._ignore = False
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            if self._t0 is None or self._fwd_seen or self.skip > 0:
+                return
+            self._fwd_seen = True  # the first backward of the batch (a bi-level step has more)
+            fwd = (time.perf_counter() - self._t0) / self._n
+            if self.probing is None:
+                self.recent_fwd = (self.recent_fwd + [fwd])[-16:]
+            elif self.recent_fwd and fwd > 1.5 * statistics.median(self.recent_fwd):
+                self._ignore = True  # the probed count lost already: the rest of the batch at the current
+                self._end_check(trainer, None)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self._t0 is None:
                 return
-            dt = (time.perf_counter() - self._t0) / max(1, int(batch[1].shape[0]))
+            dt = (time.perf_counter() - self._t0) / self._n
             if self.skip > 0:
                 self.skip -= 1
+                return
+            if self._ignore:
                 return
             if self.probing is None:
                 self.recent = (self.recent + [dt])[-16:]
@@ -178,8 +199,14 @@ def thread_tuner(
             ref = statistics.median(self.recent)
             if len(self.probe_times) < probe and dt <= 1.5 * ref:
                 return
-            other = statistics.median(self.probe_times)
-            if other < 0.85 * ref:
+            self._end_check(trainer, statistics.median(self.probe_times))
+
+        def _end_check(self, trainer, other: float | None) -> None:
+            """End a probe: switch to the probed count when its median ``other`` (per sample) is 15%
+            faster than the current count's recent median; ``other=None``: the probe lost early."""
+            assert self.probing is not None
+            ref = statistics.median(self.recent) if self.recent else float("inf")
+            if other is not None and other < 0.85 * ref:
                 # the first switch of the process at INFO, later ones at DEBUG (the console stays quiet)
                 level = logging.INFO if not _CHOSEN.get("switched") else logging.DEBUG
                 _CHOSEN["switched"] = True
@@ -192,7 +219,7 @@ def thread_tuner(
                 self.every = min(self.every * backoff, max_every)
             self.probing = None
             self._set(self.current)
-            self.countdown, self.recent = self.every, []
+            self.countdown, self.recent, self.recent_fwd = self.every, [], []
 
         def on_train_end(self, trainer, pl_module):
             _CHOSEN["tuned"] = self.current  # the next fit of this process starts here
