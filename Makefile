@@ -62,7 +62,7 @@ bench-fuxictr: install ## ~6 min: Base's training step vs FuxiCTR 2.3.10's (its 
 	$(PIP) install -q -e '.[compare]'
 	$(PY) -m ihas_lightning.bench.bench_fuxictr
 
-bench-train-load: install ## ~8 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
+bench-train-load: install ## ~14 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_load
 
 acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments/results/synthetic_acceptance.{json,md}

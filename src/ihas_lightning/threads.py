@@ -154,6 +154,7 @@ def thread_tuner(
             self._fwd_seen = False  # this batch's first backward has come
             self._ignore = False  # this batch's probe was ended in its forward: not measured
             self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
+            self.probe_seconds = 0.0  # spent at the probed count (what probing cost at most)
             self.skip = warmup
 
         def _set(self, n: int) -> None:
@@ -176,6 +177,7 @@ def thread_tuner(
             if self.probing is None:
                 self.recent_fwd = (self.recent_fwd + [fwd])[-16:]
             elif self.recent_fwd and fwd > 1.5 * statistics.median(self.recent_fwd):
+                self.probe_seconds += fwd * self._n
                 self._ignore = True  # the probed count lost already: the rest of the batch at the current
                 self._end_check(trainer, None)
 
@@ -196,6 +198,7 @@ def thread_tuner(
                     self._set(self.probing)
                 return
             self.probe_times.append(dt)
+            self.probe_seconds += dt * self._n
             ref = statistics.median(self.recent)
             if len(self.probe_times) < probe and dt <= 1.5 * ref:
                 return

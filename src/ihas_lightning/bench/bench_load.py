@@ -33,6 +33,7 @@ import torch
 from .bench_train import RESULTS, criteo_like_vocab, make_batches, plain_loop
 
 SETTINGS = ("auto", "fixed", "one")
+PROBE_SHARE: list[float] = []  # of the last auto fit(s): the tuner's time at the probed count / the fit's
 
 
 def _spin(core: int) -> None:  # pragma: no cover - runs in the spinner process
@@ -93,6 +94,9 @@ def lightning_fit(vocab: list[int], batches, method: str, setting: str, cores: i
     trainer = build_trainer(cfg, 1, [thr], None, Path("."), enable_checkpointing=False)
     assert isinstance(trainer, L.Trainer)
     trainer.fit(module, train_dataloaders=_Batches(batches))
+    tuner = next((c for c in trainer.callbacks if type(c).__name__ == "ThreadTuner"), None)
+    if tuner is not None and thr.seconds:  # the share of the timed fit spent probing the other count
+        PROBE_SHARE.append(tuner.probe_seconds / thr.seconds)
     return float(thr.samples_per_s or 0.0)
 
 
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batches", type=int, default=300, help="training batches per fit (batch 2048), quiet")
     ap.add_argument("--loaded-batches", type=int, default=300, help="the same with one core busy")
     ap.add_argument("--textbook-batches", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--vocabs", type=int, nargs="*", default=[55_000, 1_000_000])
     ap.add_argument("--out", default=str(RESULTS))
@@ -124,13 +128,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             key = f"{sum(vocab)}_ids/{'one core busy' if loaded else 'quiet'}"
             best: dict[str, float] = {}
             runs: dict[str, list[float]] = {}
+            probe_share: dict[str, list[float]] = {}
             n = args.loaded_batches if loaded else args.batches
             with Load(loaded):
-                for _ in range(args.rounds):
+                for r in range(args.rounds):
                     for method in ("base", "search"):
-                        for setting in SETTINGS:
+                        for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:  # no order bias
+                            PROBE_SHARE.clear()
                             sps = lightning_fit(vocab, data[:n], method, setting, cores, args.warmup)
                             name = f"{method}/{setting}"
+                            if setting == "auto" and PROBE_SHARE:
+                                probe_share.setdefault(method, []).append(PROBE_SHARE[0])
                             best[name] = max(best.get(name, 0.0), sps)
                             runs.setdefault(name, []).append(sps)
                             print(f"{key} {name}: {sps:,.0f}", flush=True)
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for m in ("base", "search")
             }  # fmt: skip
             res.setdefault("runs", {})[key] = {k: [round(x) for x in v] for k, v in runs.items()}
+            res.setdefault("probe_share", {})[key] = {
+                m: round(statistics.median(v), 4) for m, v in probe_share.items()
+            }
     # ratios: against the textbook loop and 1 thread under the same load, and loaded / quiet
     ratios: dict[str, Any] = {}
     for key, c in res["cells"].items():
@@ -186,15 +197,22 @@ def markdown(r: dict[str, Any]) -> str:
     for key, rr in r["ratios"].items():
         md.append(f"| {key} | " + ", ".join(f"{k} {v:.2f}" for k, v in rr.items()) + " |")
     if r.get("paired"):
-        md += ["", "Auto vs 1 thread, paired: the median over rounds of each round's ratio (the two fits run one "
-               "after the other, so a drift of the machine's speed between rounds cancels):", "",
-               "| vocabulary / load | base auto / one | search auto / one | per round (base; search) |",
-               "|---|---|---|---|"]  # fmt: skip
+        md += ["", "Auto vs 1 thread, paired: the median over rounds of each round's ratio (the fits of a round run "
+               "back to back, in reversed order every other round, so a drift of the machine's speed between rounds "
+               "cancels). Probing: the median share of auto's timed fit spent at the count it was checking, "
+               "an upper bound of what re-checking cost:", "",
+               "| vocabulary / load | base auto / one | search auto / one | per round (base; search) | "
+               "auto's time probing the other count (base; search) |",
+               "|---|---|---|---|---|"]  # fmt: skip
         for key, pr in r["paired"].items():
             ru = r["runs"][key]
             per = "; ".join(", ".join(f"{a / b:.2f}" for a, b in zip(ru[f"{m}/auto"], ru[f"{m}/one"]))
                             for m in ("base", "search"))  # fmt: skip
-            md.append(f"| {key} | {pr['base/auto vs one']:.2f} | {pr['search/auto vs one']:.2f} | {per} |")
+            ps = r.get("probe_share", {}).get(key, {})
+            probe = "; ".join(f"{100 * ps[m]:.1f}%" if m in ps else "-" for m in ("base", "search"))
+            md.append(
+                f"| {key} | {pr['base/auto vs one']:.2f} | {pr['search/auto vs one']:.2f} | {per} | {probe} |"
+            )
     md += ["", f"{r['seconds']:.0f} s.", ""]
     return "\n".join(md)
 
