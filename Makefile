@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-train-alloc bench-fuxictr bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-train-alloc bench-fuxictr bench-fuxictr-e2e bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,10 @@ bench-train-alloc: install ## ~12 min: trainer.malloc_tuning on vs off, stage=se
 bench-fuxictr: install ## ~6 min: Base's training step vs FuxiCTR 2.3.10's (its BaseModel.train_step), quiet and one core busy -> experiments/results/bench_fuxictr.{json,md}
 	$(PIP) install -q -e '.[compare]'
 	$(PY) -m ihas_lightning.bench.bench_fuxictr
+
+bench-fuxictr-e2e: install ## ~10 min: one epoch of Base as each user runs it, our CLI vs FuxiCTR 2.3.10's NpzDataLoader + train_epoch, on 800k generated Criteo rows, quiet and one core busy -> experiments/results/bench_fuxictr_e2e.{json,md}
+	$(PIP) install -q -e '.[compare]'
+	$(PY) -m ihas_lightning.bench.bench_fuxictr_e2e
 
 bench-train-load: install ## ~14 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
 	$(PY) -m ihas_lightning.bench.bench_load

@@ -206,3 +206,19 @@ def test_bench_fuxictr_trains_fuxictrs_dnn(tmp_path):
     model = fuxictr_dnn(vocab, str(tmp_path))
     losses = [float(model.train_step(b)) for b in batches]
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_bench_fuxictr_e2e_runs_both_epochs(tmp_path):
+    """make bench-fuxictr-e2e on a tiny generated set: our CLI epoch and FuxiCTR's npz epoch, both read
+    back; no speed is asserted."""
+    pytest.importorskip("fuxictr", reason="FuxiCTR is installed only by make bench-fuxictr(-e2e)")
+    import json
+
+    from ihas_lightning.bench import bench_fuxictr_e2e
+
+    out = tmp_path / "e2e"
+    bench_fuxictr_e2e.main(["--rows", "30000", "--rounds", "1", "--loads", "quiet", "--out", str(out)])
+    r = json.loads(out.with_suffix(".json").read_text())
+    cell = r["cells"]["quiet"]
+    assert all(cell[s] > 0 for s in r["settings"]) and r["train_rows"] > 20000
+    assert len(cell["ours (auto) / fuxictr (faster), per round"]) == 1
