@@ -8,7 +8,7 @@ import torch
 
 from ihas_lightning.models import DLRM
 from ihas_lightning.models.compact import CompactMLP, FoldedMLP, compact, compactable, foldable
-from ihas_lightning.models.fused import FusedRouting, StackedTails
+from ihas_lightning.models.fused import FusedRouting, stacked_tails
 from ihas_lightning.models.router import LinearRouter
 from ihas_lightning.routing import RoutedModel, cluster_features, dispatch
 from ihas_lightning.serving import ServingModule
@@ -185,8 +185,9 @@ def test_fused_routing_runs_the_clusters_layers_side_by_side(kw):
     torch.nn.init.normal_(router.weight.weight)
     fused = FusedRouting(router, [compact(m) for m in models])
     assert fused.stacked is not None
-    assert fused.stacked.kinds == (["batchnorm", "relu", "linear", "batchnorm", "relu", "linear"] if kw
-                                   else ["relu", "linear", "relu", "linear"])  # fmt: skip
+    kinds = [type(m).__name__ for m in fused.stacked]
+    assert kinds == (["BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"] if kw
+                     else ["ReLU", "Linear", "ReLU", "Linear"])  # fmt: skip
     x = _ids(400, seed=3)
     with torch.no_grad():
         got, clusters = fused(x)
@@ -201,9 +202,9 @@ def test_stacked_tails_need_the_same_layers():
     a = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     b = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 1))
     c = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    assert StackedTails.of([a, b]) is None and StackedTails.of([a, c]) is None
-    s = StackedTails.of([a, a])
-    assert s is not None and s.kinds == ["relu", "linear", "relu", "linear"]
+    assert stacked_tails([a, b]) is None and stacked_tails([a, c]) is None
+    s = stacked_tails([a, a])
+    assert s is not None and [type(m).__name__ for m in s] == ["ReLU", "Linear", "ReLU", "Linear"]
     h = torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(s(h), torch.cat([a(h[:, :16]), a(h[:, 16:])], 1), rtol=0, atol=1e-6)

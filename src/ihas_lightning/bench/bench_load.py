@@ -33,7 +33,6 @@ import torch
 from .bench_train import RESULTS, criteo_like_vocab, make_batches, plain_loop
 
 SETTINGS = ("auto", "fixed", "one")
-PROBE_SHARE: list[float] = []  # of the last auto fit(s): the tuner's time at the probed count / the fit's
 
 
 def _spin(core: int) -> None:  # pragma: no cover - runs in the spinner process
@@ -65,8 +64,18 @@ class Load:
             self.proc.join()
 
 
-def lightning_fit(vocab: list[int], batches, method: str, setting: str, cores: int, warmup: int) -> float:
-    """Samples/s of one fit over ``batches`` (CTRModule or SearchModule) with a thread ``setting``."""
+def lightning_fit(
+    vocab: list[int],
+    batches,
+    method: str,
+    setting: str,
+    cores: int,
+    warmup: int,
+    stats: dict[str, float] | None = None,
+) -> float:
+    """Samples/s of one fit over ``batches`` (CTRModule or SearchModule) with a thread ``setting``;
+    ``stats`` (if given) gets ``probe_share``: the share of the timed fit the thread tuner spent at the
+    count it was checking."""
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -95,8 +104,8 @@ def lightning_fit(vocab: list[int], batches, method: str, setting: str, cores: i
     assert isinstance(trainer, L.Trainer)
     trainer.fit(module, train_dataloaders=_Batches(batches))
     tuner = next((c for c in trainer.callbacks if type(c).__name__ == "ThreadTuner"), None)
-    if tuner is not None and thr.seconds:  # the share of the timed fit spent probing the other count
-        PROBE_SHARE.append(tuner.probe_seconds / thr.seconds)
+    if stats is not None and tuner is not None and thr.seconds:
+        stats["probe_share"] = tuner.probe_seconds / thr.seconds
     return float(thr.samples_per_s or 0.0)
 
 
@@ -134,11 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for r in range(args.rounds):
                     for method in ("base", "search"):
                         for setting in SETTINGS if r % 2 == 0 else SETTINGS[::-1]:  # no order bias
-                            PROBE_SHARE.clear()
-                            sps = lightning_fit(vocab, data[:n], method, setting, cores, args.warmup)
+                            stats: dict[str, float] = {}
+                            sps = lightning_fit(vocab, data[:n], method, setting, cores, args.warmup, stats)
                             name = f"{method}/{setting}"
-                            if setting == "auto" and PROBE_SHARE:
-                                probe_share.setdefault(method, []).append(PROBE_SHARE[0])
+                            if "probe_share" in stats:
+                                probe_share.setdefault(method, []).append(stats["probe_share"])
                             best[name] = max(best.get(name, 0.0), sps)
                             runs.setdefault(name, []).append(sps)
                             print(f"{key} {name}: {sps:,.0f}", flush=True)

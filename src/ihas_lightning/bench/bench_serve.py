@@ -24,10 +24,11 @@ Models, each on the same input ids:
   thread count).
 
 At batch 1: p50 / p99 latency over single rows; batch 256: mean ms per batch; batch 4096: rows/s over
-the whole set (batch 256 and 4096: the fastest of 3 rounds, each round timing every candidate in turn). Three sets: the test split of a trained synthetic run (``--run``, else one is trained,
-~1 min); a run trained on ``--criteo-rows`` generated Criteo-format rows (prepared, every fit one epoch;
-2M rows give ~1M ids); and a Criteo-shaped model (39 fields, ``--ids`` ids, untrained weights: timing
-only) on random Zipf ids. Writes ``experiments/results/bench_serve.{json,md}``.
+the whole set (batch 256 and 4096: the fastest of 3 rounds, each round timing every candidate in
+turn). Three sets: the test split of a trained synthetic run (``--run``, else one is trained, ~1 min);
+a run trained on ``--criteo-rows`` generated Criteo-format rows (prepared, every fit one epoch; 2M rows
+give ~1M ids); and a Criteo-shaped model (39 fields, ``--ids`` ids, untrained weights: timing only) on
+random Zipf ids. Writes ``experiments/results/bench_serve.{json,md}``.
 """
 
 from __future__ import annotations
