@@ -36,14 +36,31 @@ METHODS = {
 }
 
 
-def _run(overrides: list[str], out: Path) -> dict[str, Any]:
+def generated_criteo(work: Path, rows: int) -> list[str]:
+    """``rows`` generated Criteo-format rows prepared once by ``stage=prepare`` under ``work``; the
+    overrides that point a run at them (prepared data in ``work/data/criteo``)."""
+    from ..data.rawgen import generate
+
+    raw = generate("criteo", rows, work / "criteo_gen.txt")
+    common = [
+        "dataset=criteo", f"dataset.raw_path={raw}", f"paths.data_dir={work / 'data'}", "logger=none",
+        "trainer.enable_progress_bar=false", "prepare.progress=false", "seed=0",
+    ]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "ihas_lightning", "stage=prepare", *common, f"paths.output_dir={work / 'p'}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return common
+
+
+def run_search(overrides: list[str], out: Path) -> dict[str, Any]:
     """One ``stage=search`` process: (samples/s of the fit, minor faults of the process)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
     cmd = [sys.executable, "-m", "ihas_lightning", "stage=search", *overrides, f"paths.output_dir={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before
     if proc.returncode != 0:
-        raise SystemExit(f"bench_alloc: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     m = json.loads((out / "search" / "metrics.json").read_text())
     return {"samples_per_s": m["samples_per_s"], "minor_faults": faults, "train_samples": m["train_samples"]}
 
@@ -103,22 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "bench_train_alloc"))
     args = ap.parse_args(argv)
 
-    from ..data.rawgen import generate
     from ..utils import read_json
 
     t_start = time.time()
     cells: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
-        raw = generate("criteo", args.rows, work / "criteo_gen.txt")
-        common = [
-            "dataset=criteo", f"dataset.raw_path={raw}", f"paths.data_dir={work / 'data'}", "logger=none",
-            "trainer.enable_progress_bar=false", "prepare.progress=false", "seed=0",
-        ]  # fmt: skip
-        subprocess.run(
-            [sys.executable, "-m", "ihas_lightning", "stage=prepare", *common, f"paths.output_dir={work / 'p'}"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        common = generated_criteo(work, args.rows)
         fmap = read_json(work / "data" / "criteo" / "feature_map.json")
         ids = int(sum(f["vocab_size"] for f in fmap["fields"]))
         n = 0
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     for meth in args.methods:
                         for tuning in order:
                             n += 1
-                            res = _run(
+                            res = run_search(
                                 [*common, *METHODS[meth], f"trainer.malloc_tuning={tuning}"], work / f"r{n}"
                             )
                             key = f"{meth}/{load}"

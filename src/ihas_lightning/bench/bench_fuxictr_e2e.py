@@ -21,10 +21,7 @@ Writes ``experiments/results/bench_fuxictr_e2e.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -35,6 +32,7 @@ import numpy as np
 import torch
 
 from . import save_results
+from .bench_alloc import generated_criteo, run_search
 from .bench_fuxictr import fuxictr_dnn
 from .bench_load import Load
 from .bench_train import RESULTS
@@ -44,12 +42,8 @@ WARMUP = 5
 
 def ours(common: list[str], threads: str, out: Path) -> float:
     """Samples/s of one ``stage=search method=base`` epoch through the CLI (its own process)."""
-    cmd = [sys.executable, "-m", "ihas_lightning", "stage=search", "method=base", "search.max_epochs=1",
-           f"trainer.threads={threads}", *common, f"paths.output_dir={out}"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_fuxictr_e2e: {' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    return float(json.loads((out / "search" / "metrics.json").read_text())["samples_per_s"])
+    run = run_search(["method=base", "search.max_epochs=1", f"trainer.threads={threads}", *common], out)
+    return float(run["samples_per_s"])
 
 
 class _Timed:
@@ -123,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ) from None
     warnings.filterwarnings("ignore")
     from ..allocator import tune
-    from ..data.rawgen import generate
     from ..threads import usable_cores
 
     tune()  # FuxiCTR's process gets the same malloc settings as ours
@@ -132,11 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
-        raw = generate("criteo", args.rows, work / "criteo_gen.txt")
-        common = ["dataset=criteo", f"dataset.raw_path={raw}", f"paths.data_dir={work / 'data'}", "logger=none",
-                  "trainer.enable_progress_bar=false", "prepare.progress=false", "seed=0"]  # fmt: skip
-        subprocess.run([sys.executable, "-m", "ihas_lightning", "stage=prepare", *common,
-                        f"paths.output_dir={work / 'p'}"], check=True, capture_output=True)  # fmt: skip
+        common = generated_criteo(work, args.rows)
         prepared = work / "data" / "criteo"
         vocab = write_npz(prepared, work / "train.npz")
         train_rows = int(np.load(work / "train.npz")["label"].shape[0])
