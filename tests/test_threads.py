@@ -61,10 +61,23 @@ def test_a_parallel_local_multirun_divides_the_cores(tmp_path):
     )
 
 
+class _UnknownLoad:
+    """What other processes use is not known (not Linux, a cgroup quota): the tuner probes."""
+
+    available, n = False, 2
+
+    def reset(self) -> None:
+        pass
+
+    def busy(self) -> None:
+        return None
+
+
 def test_thread_tuner_follows_the_faster_count(monkeypatch):
     """auto while a fit runs: a fresh process starts at 1 thread and moves to 2 when it is faster; a busy
     core makes 2 threads slower than 1 -> the tuner switches to 1; when the core is free again it goes
-    back to 2; the next fit starts where the last one ended. Step times come from a fake clock."""
+    back to 2; the next fit starts where the last one ended. Step times come from a fake clock; the load
+    of other processes is not known here, so the tuner learns all of it by probing."""
     from types import SimpleNamespace
 
     import torch
@@ -88,7 +101,7 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
     FORWARD = 0.25  # of a step's time: batch start to the first backward
 
     def fit(busy_from: int, busy_to: int, n: int) -> list[int]:
-        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2)
+        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2, load=_UnknownLoad())
         tuner.on_train_start(trainer, None)
         seen = []
         for i in range(n):
@@ -124,6 +137,99 @@ def test_thread_tuner_follows_the_faster_count(monkeypatch):
         assert wasted == pytest.approx(probes * FORWARD * (10.0 - 1.5))  # ... costs its forward pass only
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_tuner_does_not_probe_more_threads_while_other_processes_fill_the_cores(monkeypatch):
+    """With the load of other processes known (``OtherLoad``): while another process keeps the second core
+    busy, a run at 1 thread never tries 2 (no probe to pay for); a run that starts at 2 still drops to 1
+    by probing; once the core is free again the tuner probes 2 threads and takes them. Fake clock and
+    fake load."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ihas_lightning import threads as th
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
+    busy = {"on": False}
+
+    class FakeLoad:  # another process on the second core while busy["on"]; windows of >= 0.2 s
+        available, n = True, 2
+
+        def reset(self) -> None:
+            self.start = clock["t"]
+
+        def busy(self) -> float | None:
+            return None if clock["t"] - self.start < 0.2 else (1.0 if busy["on"] else 0.05)
+
+    def step_seconds() -> float:
+        return 1.5 if torch.get_num_threads() == 1 else (10.0 if busy["on"] else 1.0)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    trainer, batch = SimpleNamespace(global_step=0), (None, torch.zeros(10))
+
+    def fit(busy_to: int, n: int) -> tuple[list[int], object]:
+        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2, load=FakeLoad())
+        tuner.on_train_start(trainer, None)
+        seen = []
+        for i in range(n):
+            busy["on"] = i < busy_to
+            tuner.on_train_batch_start(trainer, None, batch, i)
+            seen.append(torch.get_num_threads())
+            clock["t"] += 0.25 * step_seconds()
+            tuner.on_before_backward(trainer, None, None)
+            clock["t"] += 0.75 * step_seconds()
+            tuner.on_train_batch_end(trainer, None, None, batch, i)
+        tuner.on_train_end(trainer, None)
+        return seen, tuner
+
+    try:
+        monkeypatch.setitem(th._CHOSEN, "tuned", 1)  # starts at 1 thread
+        seen, tuner = fit(busy_to=300, n=320)
+        assert all(n == 1 for n in seen[:300])  # busy: 2 threads never tried
+        assert tuner.skipped >= 300 // 40  # looked at the load every `every` batches (free: no back-off)
+        assert tuner.probe_seconds == pytest.approx(3 * 1.0)  # one probe: 3 quiet batches, once freed
+        assert seen[-1] == 2  # free again: probed within `every` batches and taken
+        seen, tuner = fit(busy_to=200, n=200)  # starts at 2 (where the last fit ended) on the busy machine
+        assert seen[0] == 2 and all(n == 1 for n in seen[20:])  # drops to 1 by probing, never goes back
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_load_reads_proc_stat(tmp_path):
+    """The cores other processes used = the mask CPUs' non-idle ticks minus this process's CPU time."""
+    stat = tmp_path / "stat"
+    own = {"s": 10.0}
+
+    def write(busy0: int, busy1: int, idle0: int, idle1: int, other: int = 0) -> None:
+        stat.write_text(
+            f"cpu  {busy0 + busy1} 0 0 {idle0 + idle1} 0 0 0 0 0 0\n"
+            f"cpu0 {busy0} 0 0 {idle0} 0 0 0 0 0 0\ncpu1 {busy1 - busy1 // 2} 0 {busy1 // 2} {idle1} 0 0 0 0 0 0\n"
+            f"cpu2 {other} 0 0 0 0 0 0 0 0 0\nintr 1 2 3\n"
+        )
+
+    write(0, 0, 0, 0)
+    load = th_other_load(stat, own, tmp_path)
+    assert load.available and load.n == 2
+    write(5, 5, 5, 5)  # 0.1 s: too short to tell
+    assert load.busy() is None
+    own["s"] += 1.0  # this process: one core for 1 s; another process: the other core (cpu2 is not ours)
+    write(100, 100, 0, 0, other=100)
+    assert load.busy() == pytest.approx(1.0)
+    load.reset()
+    own["s"] += 1.0
+    write(200, 100, 0, 100, other=200)  # the second core idle: only this process ran
+    assert load.busy() == pytest.approx(0.0)
+    assert threads.OtherLoad(stat, {0, 1}, quota_root=tmp_path / "none").available
+    (tmp_path / "cpu.max").write_text("100000 100000\n")  # a 1-CPU quota on a 2-CPU mask: not known
+    assert not threads.OtherLoad(stat, {0, 1}, quota_root=tmp_path).available
+    assert not threads.OtherLoad(tmp_path / "missing", {0, 1}, quota_root=tmp_path / "none").available
+
+
+def th_other_load(stat, own, root):
+    return threads.OtherLoad(stat, {0, 1}, own=lambda: own["s"], quota_root=root)
 
 
 def test_the_thread_count_does_not_change_the_numbers():
@@ -170,7 +276,8 @@ def test_bench_train_load_runs_every_cell(tmp_path):
     bench_load.main(["--vocabs", "3000", "--batches", "10", "--loaded-batches", "8", "--rounds", "1",
                      "--textbook-batches", "4", "--warmup", "2", "--out", str(tmp_path)])  # fmt: skip
     r = json.loads((tmp_path / "bench_train_load.json").read_text())
-    assert len(r["cells"]) == 2 and all(len(c) == 7 and min(c.values()) > 0 for c in r["cells"].values())
+    assert len(r["cells"]) == 2 and all(len(c) == 8 and min(c.values()) > 0 for c in r["cells"].values())
+    assert all("skipped_probes" in r and key in r["skipped_probes"] for key in r["cells"])
     loaded = [k for k in r["ratios"] if k.endswith("one core busy")]
     assert loaded and "base/auto loaded / quiet" in r["ratios"][loaded[0]]
     assert not [p for p in mp.active_children() if p.is_alive()]  # the spinner is gone

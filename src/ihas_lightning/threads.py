@@ -106,6 +106,72 @@ def apply(cfg: Any) -> int:
     return threads
 
 
+class OtherLoad:
+    """The cores that *other* processes kept busy on this process's CPUs since :meth:`reset`: the non-idle
+    time of the affinity mask's CPUs in ``/proc/stat`` (user, system, irq, steal ...) minus this process's
+    own CPU time (every thread of it), over the elapsed time. Linux only; :meth:`busy` is ``None`` where it
+    cannot be read, under a cgroup quota smaller than the mask (host CPUs then say nothing about the
+    quota), and until ``min_window`` seconds have passed (``/proc/stat`` counts in 10 ms ticks).
+
+    What it is for: the tuner need not try 2 threads when the second core is already taken."""
+
+    def __init__(self, stat: Path = Path("/proc/stat"), cpus: set[int] | None = None, own=None,
+                 min_window: float = 0.2, quota_root: Path = Path("/sys/fs/cgroup")):  # fmt: skip
+        import time
+
+        try:
+            self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
+        except AttributeError:  # not Linux
+            self.cpus = set()
+        quota = cgroup_quota(quota_root)
+        if quota is not None and math.ceil(quota) < len(self.cpus):
+            self.cpus = set()
+        self.stat, self.own, self.min_window = stat, own or time.process_time, min_window
+        self.tick = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self._start: tuple[int, int, float] | None = None
+        self.reset()
+
+    @property
+    def n(self) -> int:
+        return len(self.cpus)
+
+    @property
+    def available(self) -> bool:
+        return self._start is not None
+
+    def _read(self) -> tuple[int, int, float] | None:
+        """(non-idle ticks, all ticks) of the mask's CPUs, and this process's CPU seconds."""
+        if not self.cpus:
+            return None
+        try:
+            busy = total = 0
+            for line in self.stat.read_text().splitlines():
+                if not line.startswith("cpu") or line[3:4] in (" ", ""):
+                    continue
+                name, *v = line.split()
+                if int(name[3:]) in self.cpus:
+                    t = [int(x) for x in v[:8]]  # user nice system idle iowait irq softirq steal
+                    total += sum(t)
+                    busy += sum(t) - t[3] - t[4]
+        except (OSError, ValueError, IndexError):
+            return None
+        return busy, total, self.own()
+
+    def reset(self) -> None:
+        self._start = self._read()
+
+    def busy(self) -> float | None:
+        """Cores used by other processes on average since :meth:`reset` (None: unknown, or too soon)."""
+        now = self._read()
+        if now is None or self._start is None:
+            return None
+        seconds = (now[1] - self._start[1]) / self.tick / self.n  # elapsed, from the CPUs' own ticks
+        if seconds < self.min_window:
+            return None
+        others = (now[0] - self._start[0]) / self.tick - (now[2] - self._start[2])
+        return max(0.0, others / seconds)
+
+
 def thread_tuner(
     max_threads: int,
     probe: int = 3,
@@ -113,6 +179,7 @@ def thread_tuner(
     max_every: int = 6400,
     warmup: int = 3,
     backoff: int = 4,
+    load: Any = None,
 ):
     """``trainer.threads=auto`` while a fit runs: re-choose between ``max_threads`` and 1 thread from
     the measured step times (a Lightning callback).
@@ -132,7 +199,11 @@ def thread_tuner(
     more than 1.5x slower than the recent median ends the probe at once, and so does a probe batch whose
     forward pass (batch start to the first backward) is more than 1.5x slower than the recent forwards:
     then its backward and optimizer step, the part that collapses on a busy core, already run at the
-    current count, so probing the slow count costs about one forward pass. A switch is logged. The thread count does not change the numbers (the model's forward,
+    current count, so probing the slow count costs about one forward pass. Before probing more threads the
+    tuner reads what other processes kept busy since the last check (:class:`OtherLoad`, ``load``; at
+    least 0.2 s): when the spare cores cannot hold the extra threads (other processes use more than
+    ``cores - threads + 0.75`` cores) the probe is skipped, at no cost, and the load is read again at
+    the next check, which does not back off. A switch is logged. The thread count does not change the numbers (the model's forward,
     backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
     import statistics
     import time
@@ -156,6 +227,8 @@ def thread_tuner(
             self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
             self.probe_seconds = 0.0  # spent at the probed count (what probing cost at most)
             self.skip = warmup
+            self.load = OtherLoad() if load is None else load
+            self.skipped = 0  # probes of more threads skipped: the spare cores were busy
 
         def _set(self, n: int) -> None:
             if torch.get_num_threads() != n:
@@ -163,6 +236,17 @@ def thread_tuner(
 
         def on_train_start(self, trainer, pl_module):
             self._set(self.current)
+            self.load.reset()
+
+        def _no_room(self, target: int) -> bool | None:
+            """Other processes keep the cores that ``target`` threads need busy: True / False; None: not
+            known yet (the window is too short)."""
+            if target <= self.current or not self.load.available:
+                return False
+            others = self.load.busy()
+            if others is None:
+                return None
+            return others > self.load.n - target + 0.75
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._t0 = time.perf_counter()
@@ -194,7 +278,16 @@ def thread_tuner(
                 self.recent = (self.recent + [dt])[-16:]
                 self.countdown -= 1
                 if self.countdown <= 0:
-                    self.probing, self.probe_times = (1 if self.current != 1 else max_threads), []
+                    target = 1 if self.current != 1 else max_threads
+                    full = self._no_room(target)
+                    if full is None:
+                        return  # read the load again after the next batch
+                    if full:  # the spare cores are busy: stay, look again after `every` batches
+                        self.skipped += 1
+                        self.countdown, self.recent, self.recent_fwd = self.every, [], []
+                        self.load.reset()
+                        return
+                    self.probing, self.probe_times = target, []
                     self._set(self.probing)
                 return
             self.probe_times.append(dt)
@@ -223,6 +316,7 @@ def thread_tuner(
             self.probing = None
             self._set(self.current)
             self.countdown, self.recent, self.recent_fwd = self.every, [], []
+            self.load.reset()
 
         def on_train_end(self, trainer, pl_module):
             _CHOSEN["tuned"] = self.current  # the next fit of this process starts here
