@@ -229,6 +229,7 @@ def thread_tuner(
             self.skip = warmup
             self.load = OtherLoad() if load is None else load
             self.skipped = 0  # probes of more threads skipped: the spare cores were busy
+            self.others = 0.0  # the cores other processes kept busy, at the last read
 
         def _set(self, n: int) -> None:
             if torch.get_num_threads() != n:
@@ -246,6 +247,7 @@ def thread_tuner(
             others = self.load.busy()
             if others is None:
                 return None
+            self.others = others
             return others > self.load.n - target + 0.75
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -283,6 +285,10 @@ def thread_tuner(
                     if full is None:
                         return  # read the load again after the next batch
                     if full:  # the spare cores are busy: stay, look again after `every` batches
+                        if not _CHOSEN.get("stayed"):  # once per process, at INFO
+                            _CHOSEN["stayed"] = True
+                            log.info("torch threads: staying at %d while other processes keep %.1f of the %d "
+                                     "cores busy (re-checked while training)", self.current, self.others, self.load.n)  # fmt: skip
                         self.skipped += 1
                         self.countdown, self.recent, self.recent_fwd = self.every, [], []
                         self.load.reset()
