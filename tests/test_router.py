@@ -89,8 +89,10 @@ def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_rout
     fr = res["fast_routing"]
     fast = next(r for r in res["rows"] if r["model"] == "iHAS (fast routing)")
     exact = next(r for r in res["rows"] if r["model"] == "iHAS")
-    assert fr["test_auc_minus_exact"] == pytest.approx(fast["test_auc"] - exact["test_auc"])
-    assert fr["agreement_test"] == pytest.approx(agree["test"], abs=1e-6)  # evaluate routes as the stage did
+    for split in ("val", "test"):
+        assert fr[f"{split}_auc_minus_exact"] == pytest.approx(fast[f"{split}_auc"] - exact[f"{split}_auc"])
+        # evaluate routes as the stage did (the stage's subsets are the whole splits here)
+        assert fr[f"agreement_{split}"] == pytest.approx(agree[split], abs=1e-6)
 
 
 def test_predict_and_export_with_fast_routing(cfg_factory, run_with_router):
@@ -137,3 +139,21 @@ def test_without_a_router_fast_routing_is_a_one_line_error(cfg_factory, tmp_path
     with pytest.raises(DataError, match="no distilled router"):
         pipeline.run_stage(cfg_factory("stage=predict", f"predict.run={run}", "predict.routing=fast",
                                        f"predict.input={prepared / 'test.parquet'}", "predict.progress=false"))  # fmt: skip
+
+
+def test_the_serve_exact_warning_is_decided_on_validation():
+    """Which routing to serve is a choice: the warning follows the validation AUC difference; the test
+    difference is only reported."""
+    from ihas_lightning.stages.evaluate import fast_routing_report
+
+    def rows(val_fast, test_fast):
+        fast = {"val_auc": val_fast, "test_auc": test_fast, "inference_ms": 0.1}
+        return fast, {"val_auc": 0.70, "test_auc": 0.70, "inference_ms": 2.0}
+
+    report, warning = fast_routing_report(*rows(0.698, 0.703), {"val": 0.97, "test": 0.96})
+    assert warning and "0.0020 validation AUC" in warning and "test +0.0030" in warning
+    assert report["val_auc_minus_exact"] == pytest.approx(-0.002) and report["agreement_test"] == 0.96
+    _, warning = fast_routing_report(*rows(0.6995, 0.690), {"val": 0.99, "test": 0.95})
+    assert warning is None  # test is 0.01 worse, validation within 0.001: no choice made on test
+    _, warning = fast_routing_report(*rows(None, 0.690), {"val": None, "test": 0.95})
+    assert warning is None  # no validation AUC (one class): nothing to decide on
