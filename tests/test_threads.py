@@ -198,6 +198,59 @@ def test_the_tuner_does_not_probe_more_threads_while_other_processes_fill_the_co
         torch.set_num_threads(before)
 
 
+def test_on_more_cores_the_tuner_tries_the_room_other_processes_leave(monkeypatch):
+    """4 usable cores, another process on one of them: the tuner tries 3 threads (not 4, which would share
+    the busy core) and keeps them; once the core is free it tries 4 and takes them. Fake clock and load."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ihas_lightning import threads as th
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
+    busy = {"on": True}
+
+    class FakeLoad:
+        available, n = True, 4
+
+        def reset(self) -> None:
+            self.start = clock["t"]
+
+        def busy(self) -> float | None:
+            return None if clock["t"] - self.start < 0.2 else (1.0 if busy["on"] else 0.0)
+
+    def step_seconds() -> float:
+        t = torch.get_num_threads()
+        if t == 4:
+            return 10.0 if busy["on"] else 0.55  # a thread on the busy core: every op waits for it
+        return {1: 1.5, 2: 0.9, 3: 0.7}[t]
+
+    before = torch.get_num_threads()
+    monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)
+    trainer, batch = SimpleNamespace(global_step=0), (None, torch.zeros(10))
+    try:
+        torch.set_num_threads(4)
+        tuner = th.thread_tuner(4, probe=3, first_check=5, max_every=40, warmup=2, load=FakeLoad())
+        tuner.on_train_start(trainer, None)
+        seen = []
+        for i in range(400):
+            busy["on"] = i < 200
+            tuner.on_train_batch_start(trainer, None, batch, i)
+            seen.append(torch.get_num_threads())
+            clock["t"] += 0.25 * step_seconds()
+            tuner.on_before_backward(trainer, None, None)
+            clock["t"] += 0.75 * step_seconds()
+            tuner.on_train_batch_end(trainer, None, None, batch, i)
+        tuner.on_train_end(trainer, None)
+        assert seen[0] == 1 and seen[10] == 3 and seen[199] == 3  # the room: 3 threads, kept
+        assert seen[10:200].count(3) >= 185  # (a check against 1 thread now and then)
+        assert 4 not in seen[:200]  # never onto the busy core
+        assert seen[399] == 4  # freed: tried and taken
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_other_load_reads_proc_stat(tmp_path):
     """The cores other processes used = the mask CPUs' non-idle ticks minus this process's CPU time."""
     stat = tmp_path / "stat"

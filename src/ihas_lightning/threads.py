@@ -88,7 +88,11 @@ def choose(value: Any, cores: int | None = None, jobs: int | None = None) -> tup
     cores = usable_cores() if cores is None else cores
     jobs = parallel_jobs(cores) if jobs is None else jobs
     n = max(1, cores // jobs)
-    tuned = f"; while training: the faster of 1 and {n}, the first fit starting at 1" if n > 1 else ""
+    tuned = (
+        f"; while training: re-chosen up to {n} from step times and free cores, the first fit at 1"
+        if n > 1
+        else ""
+    )
     return n, f"auto: {cores} usable core(s) / {jobs} parallel job(s){tuned}"
 
 
@@ -181,14 +185,21 @@ def thread_tuner(
     backoff: int = 4,
     load: Any = None,
 ):
-    """``trainer.threads=auto`` while a fit runs: re-choose between ``max_threads`` and 1 thread from
-    the measured step times (a Lightning callback).
+    """``trainer.threads=auto`` while a fit runs: re-choose the thread count, up to ``max_threads``, from
+    the measured step times and the load of other processes (a Lightning callback).
 
     Why: the cores a process may use are not the cores that are free. When another process keeps a core
     busy, every parallel op waits at a barrier for the thread that shares it: the sparse step's many small
     ops collapse with 2 threads and do not with 1 (issue 15). So at each check the tuner compares the
-    current count's recent batches (per sample, median) with ``probe`` batches at the other count, and
+    current count's recent batches (per sample, median) with ``probe`` batches at another count, and
     keeps the faster; a switch needs a 15% faster median (no flapping on noise).
+
+    Which count a check tries: where other processes' load can be read (:class:`OtherLoad`, ``load``;
+    Linux, over at least 0.2 s since the last check), the room they leave, ``floor(cores - others +
+    0.25)`` threads capped at ``max_threads``, when that is more than the current count; else 1 thread
+    (a check against 1 costs little). At 1 thread with no more room (the spare cores are taken) the check
+    is skipped at no cost and the load is read again at the next one, which does not back off. Where the
+    load cannot be read: ``max_threads`` from 1, 1 from any other count.
 
     Where a fit starts: the count this process's previous fit ended on, else 1 thread. The costs are
     lopsided: on a busy machine a batch at 2 threads costs 2.5-3x a batch at 1, on a quiet one a batch at
@@ -199,12 +210,9 @@ def thread_tuner(
     more than 1.5x slower than the recent median ends the probe at once, and so does a probe batch whose
     forward pass (batch start to the first backward) is more than 1.5x slower than the recent forwards:
     then its backward and optimizer step, the part that collapses on a busy core, already run at the
-    current count, so probing the slow count costs about one forward pass. Before probing more threads the
-    tuner reads what other processes kept busy since the last check (:class:`OtherLoad`, ``load``; at
-    least 0.2 s): when the spare cores cannot hold the extra threads (other processes use more than
-    ``cores - threads + 0.75`` cores) the probe is skipped, at no cost, and the load is read again at
-    the next check, which does not back off. A switch is logged. The thread count does not change the numbers (the model's forward,
-    backward and row-wise Adam give bitwise-equal weights at 1 and 2 threads)."""
+    current count, so probing the slow count costs about one forward pass. A switch is logged. The
+    thread count does not change the numbers (the model's forward, backward and row-wise Adam give
+    bitwise-equal weights at 1 and 2 threads)."""
     import statistics
     import time
 
@@ -239,16 +247,19 @@ def thread_tuner(
             self._set(self.current)
             self.load.reset()
 
-        def _no_room(self, target: int) -> bool | None:
-            """Other processes keep the cores that ``target`` threads need busy: True / False; None: not
-            known yet (the window is too short)."""
-            if target <= self.current or not self.load.available:
-                return False
+        def _target(self) -> int | None:
+            """The count the next check tries; 0: skip the check (no room for more than 1 thread);
+            None: not known yet (the load's window is too short)."""
+            if self.current == max_threads or not self.load.available:
+                return 1 if self.current != 1 else max_threads
             others = self.load.busy()
             if others is None:
                 return None
             self.others = others
-            return others > self.load.n - target + 0.75
+            room = min(max_threads, max(1, math.floor(self.load.n - others + 0.25)))
+            if room > self.current:
+                return room
+            return 1 if self.current != 1 else 0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._t0 = time.perf_counter()
@@ -280,15 +291,14 @@ def thread_tuner(
                 self.recent = (self.recent + [dt])[-16:]
                 self.countdown -= 1
                 if self.countdown <= 0:
-                    target = 1 if self.current != 1 else max_threads
-                    full = self._no_room(target)
-                    if full is None:
+                    target = self._target()
+                    if target is None:
                         return  # read the load again after the next batch
-                    if full:  # the spare cores are busy: stay, look again after `every` batches
+                    if target == 0:  # the spare cores are busy: stay, look again after `every` batches
                         if not _CHOSEN.get("stayed"):  # once per process, at INFO
                             _CHOSEN["stayed"] = True
-                            log.info("torch threads: staying at %d while other processes keep %.1f of the %d "
-                                     "cores busy (re-checked while training)", self.current, self.others, self.load.n)  # fmt: skip
+                            log.info("torch threads: staying at 1 while other processes keep %.1f of the %d "
+                                     "cores busy (re-checked while training)", self.others, self.load.n)  # fmt: skip
                         self.skipped += 1
                         self.countdown, self.recent, self.recent_fwd = self.every, [], []
                         self.load.reset()
