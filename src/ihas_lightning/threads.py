@@ -196,7 +196,7 @@ def thread_tuner(
 
     Which count a check tries: where other processes' load can be read (:class:`OtherLoad`, ``load``;
     Linux, over at least 0.2 s since the last check), the room they leave, ``floor(cores - others +
-    0.25)`` threads capped at ``max_threads``, when that is more than the current count; else 1 thread
+    0.75)`` threads capped at ``max_threads``, when that is more than the current count; else 1 thread
     (a check against 1 costs little). At 1 thread with no more room (the spare cores are taken) the check
     is skipped at no cost and the load is read again at the next one, which does not back off. Where the
     load cannot be read: ``max_threads`` from 1, 1 from any other count.
@@ -256,7 +256,7 @@ def thread_tuner(
             if others is None:
                 return None
             self.others = others
-            room = min(max_threads, max(1, math.floor(self.load.n - others + 0.25)))
+            room = min(max_threads, max(1, math.floor(self.load.n - others + 0.75)))
             if room > self.current:
                 return room
             return 1 if self.current != 1 else 0
