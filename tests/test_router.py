@@ -80,6 +80,10 @@ def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_rout
     assert (run / "cluster" / "router.pt").is_file() and set(agree) == {"train", "val", "test"}
     # the default: the embedding classifier, at least min_steps steps on this small train split
     assert info["router"]["features"] == "embedding" and info["router"]["steps"] >= 300
+    # one fit per weight decay of the default list; the chosen one has the best validation agreement
+    by_wd = info["router"]["val_agreement_by_weight_decay"]
+    assert set(by_wd) == {"0", "0.001", "0.01"} and f"{info['router']['weight_decay']:g}" in by_wd
+    assert by_wd[f"{info['router']['weight_decay']:g}"] == max(by_wd.values()) == agree["val"]
     assert all(0.5 < a <= 1.0 for a in agree.values())  # far better than chance for k=2 on planted groups
     res = json.loads((run / "evaluate" / "results.json").read_text())
     names = [r["model"] for r in res["rows"]]
@@ -157,3 +161,17 @@ def test_the_serve_exact_warning_is_decided_on_validation():
     assert warning is None  # test is 0.01 worse, validation within 0.001: no choice made on test
     _, warning = fast_routing_report(*rows(None, 0.690), {"val": None, "test": 0.95})
     assert warning is None  # no validation AUC (one class): nothing to decide on
+
+
+@pytest.mark.parametrize("bad", [-0.1, "[]", "[0.0,-1]", "many"])
+def test_a_bad_router_weight_decay_is_a_one_line_error(bad):
+    from omegaconf import OmegaConf
+
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.stages.cluster import router_weight_decays
+
+    rc = OmegaConf.create(f"weight_decay: {bad}")
+    with pytest.raises(ConfigError, match="'cluster.router.weight_decay'"):
+        router_weight_decays(rc)
+    assert router_weight_decays(OmegaConf.create("weight_decay: 0.01")) == [0.01]
+    assert router_weight_decays(OmegaConf.create("weight_decay: [0, 1e-3]")) == [0.0, 0.001]

@@ -81,6 +81,7 @@ class RouterConfig:
     min_steps: int = MISSING
     lr: float = MISSING
     batch_size: int = MISSING
+    weight_decay: Any = MISSING  # a number >= 0, or a list of them to choose from on validation
 
 
 @dataclass

@@ -22,8 +22,9 @@ class RouterModule(L.LightningModule):
 
     ``features="ids"``: the router's id table is fitted directly (sparse rows + a dense bias).
     ``features="embedding"``: a linear classifier on the frozen searched ``embedding`` (standardised by
-    ``mean`` / ``std``, the training rows' per-dim statistics) is fitted, and :meth:`distilled` folds it
-    into the same id table (:meth:`LinearRouter.folded`)."""
+    ``mean`` / ``std``, the training rows' per-dim statistics) is fitted, with an L2 penalty
+    ``weight_decay`` on its weights (not the bias), and :meth:`distilled` folds it into the same id table
+    (:meth:`LinearRouter.folded`)."""
 
     def __init__(
         self,
@@ -34,13 +35,14 @@ class RouterModule(L.LightningModule):
         embedding: FieldEmbedding | None = None,
         mean: torch.Tensor | None = None,
         std: torch.Tensor | None = None,
+        weight_decay: float = 0.0,
     ):
         super().__init__()
         if features not in ROUTER_FEATURES:
             raise ValueError(f"router features must be one of {ROUTER_FEATURES}, got {features!r}")
         self.save_hyperparameters(ignore=["embedding", "mean", "std"])
         self.features = features
-        self.lr = float(lr)
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
         self._agree: list[torch.Tensor] = []
         self.automatic_optimization = False  # ids: two optimizers (sparse rows and the dense bias)
         if features == "ids":
@@ -91,7 +93,8 @@ class RouterModule(L.LightningModule):
 
     def configure_optimizers(self):
         if self.features == "embedding":
-            return torch.optim.Adam(self.head.parameters(), lr=self.lr)
+            return torch.optim.Adam([{"params": [self.head.weight], "weight_decay": self.weight_decay},
+                                     {"params": [self.head.bias], "weight_decay": 0.0}], lr=self.lr)  # fmt: skip
         # the id table gets sparse row gradients (one row per id in the batch); the bias a dense Adam
         return [torch.optim.SparseAdam([self.router.weight.weight], lr=self.lr),
                 torch.optim.Adam([self.router.bias], lr=self.lr)]  # fmt: skip

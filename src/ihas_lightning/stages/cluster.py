@@ -299,6 +299,7 @@ def check_cfg(cfg: DictConfig) -> None:
         )
     if not float(rc.lr) > 0:
         raise ConfigError(f"config key 'cluster.router.lr': must be > 0 (got {rc.lr})")
+    router_weight_decays(rc)
     thr = float(cfg.retrain.keep_threshold)
     if not 0.0 < thr <= 1.0:
         raise ConfigError(f"config key 'retrain.keep_threshold': must be in (0, 1] (got {thr})")
@@ -427,6 +428,23 @@ def _rows_of(dm: Any, split: str, assign: np.ndarray, max_rows: int, seed: int, 
     return x.long(), torch.from_numpy(assign[keep].astype(np.int64))
 
 
+def router_weight_decays(rc: Any) -> list[float]:
+    """``cluster.router.weight_decay``: one value or a list (each >= 0) to choose from on validation."""
+    from omegaconf import ListConfig
+
+    wd = rc.get("weight_decay", 0.0)
+    values = list(wd) if isinstance(wd, (list, tuple, ListConfig)) else [wd]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if not out or any(not v >= 0 for v in out):
+        raise ConfigError(
+            f"config key 'cluster.router.weight_decay': must be a number >= 0 or a non-empty list of them (got {wd!r})"
+        )
+    return out
+
+
 def train_router(
     cfg: DictConfig, dm: Any, fmap: FeatureMap, assigns: dict[str, np.ndarray], out: Path, model: Any
 ):
@@ -452,31 +470,50 @@ def train_router(
     if features == "embedding":
         mean, std = embedding_stats(model.embedding, data["train"][0], bs)
         extra = {"embedding": model.embedding, "mean": mean, "std": std}
-    module = RouterModule(fmap.vocab_sizes, k, lr=float(rc.lr), features=features, **extra)
-    gen = torch.Generator().manual_seed(seed)
+    decays = router_weight_decays(rc) if features == "embedding" else [0.0]  # ids: SparseAdam, no decay
     rows, epochs, rbs = len(data["train"][1]), int(rc.epochs), int(rc.batch_size)
     # an epoch is one pass over the rows, or more passes (whole reshuffles) where a small train split
     # would give fewer than min_steps steps in all (without a Lightning epoch per few batches)
     per_epoch = max(rows, -(-int(rc.min_steps) // epochs) * rbs)
     train_set = TensorDataset(*data["train"])
-    # whole batches: the tensors are indexed once per batch (no per-row __getitem__ + collate)
-    order = RandomSampler(train_set, num_samples=per_epoch, generator=gen)
-    train = DataLoader(train_set, sampler=BatchSampler(order, rbs, drop_last=False), batch_size=None)
     val_set = TensorDataset(*data["val"])
     val = DataLoader(val_set, sampler=BatchSampler(SequentialSampler(val_set), bs, drop_last=False),
                      batch_size=None)  # fmt: skip
-    # one process (under trainer=ddp the cluster stage runs on rank 0 alone)
-    trainer = build_trainer(cfg, epochs, [], None, out.parent, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, strategy="auto",
-                            devices=1, num_nodes=1)  # fmt: skip
-    trainer.fit(module, train, val if len(data["val"][1]) else None)
+    # one fit per weight decay (the same seed and batches); the best validation agreement wins, a tie
+    # goes to the stronger decay (the simpler classifier); without validation rows the first value
+    best: tuple[float, float, Any] | None = None
+    val_agreement: dict[str, float | None] = {}
+    for wd in decays:
+        torch.manual_seed(seed)
+        module = RouterModule(
+            fmap.vocab_sizes, k, lr=float(rc.lr), features=features, weight_decay=wd, **extra
+        )
+        gen = torch.Generator().manual_seed(seed)
+        # whole batches: the tensors are indexed once per batch (no per-row __getitem__ + collate)
+        order = RandomSampler(train_set, num_samples=per_epoch, generator=gen)
+        train = DataLoader(train_set, sampler=BatchSampler(order, rbs, drop_last=False), batch_size=None)
+        # one process (under trainer=ddp the cluster stage runs on rank 0 alone)
+        trainer = build_trainer(cfg, epochs, [], None, out.parent, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, strategy="auto",
+                                devices=1, num_nodes=1)  # fmt: skip
+        trainer.fit(module, train, val if len(data["val"][1]) else None)
+        r = module.distilled()
+        x_val, c_val = data["val"]
+        with torch.no_grad():
+            a = float((r.route(x_val) == c_val).float().mean()) if len(c_val) else None
+        val_agreement[f"{wd:g}"] = a
+        score = -1.0 if a is None else a
+        if best is None or score > best[0] or (score == best[0] and wd > best[1]):
+            best = (score, wd, module)
+    assert best is not None
+    module = best[2]
     router = module.distilled()
     agreement = {}
     with torch.no_grad():
         for s, (x, c) in data.items():
             agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
     report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "features": features, "epochs": epochs,
-              "steps": len(train) * epochs,
+              "steps": len(train) * epochs, "weight_decay": best[1], "val_agreement_by_weight_decay": val_agreement,
               "agreement": agreement, "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
              f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
