@@ -481,3 +481,25 @@ def test_temp_dirs_of_dead_processes_are_cleaned_on_the_next_run(tmp_path):
     with atomic_dir(tmp_path / "criteo") as t:
         (t / "x").write_text("done")
     assert not stale.exists() and live.is_dir() and (tmp_path / "criteo" / "x").is_file()
+
+
+def test_a_copy_renamed_into_place_while_writing_is_a_file_exists_error(tmp_path, monkeypatch):
+    """Two jobs of a parallel multirun write the same output: the one that renames second sees the
+    other's complete copy (FileExistsError, which the prepare stage answers by reusing it), never a bare
+    OSError, and its own temp dir is gone."""
+    from ihas_lightning import utils
+
+    final = tmp_path / "synthetic"
+    real_replace = utils.os.replace
+
+    def other_job_first(src, dst):  # the other job's rename lands between our check and our rename
+        if Path(dst) == final and not final.exists():
+            final.mkdir()
+            (final / "x").write_text("theirs")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(utils.os, "replace", other_job_first)
+    with pytest.raises(FileExistsError, match="appeared while writing"):
+        with utils.atomic_dir(final) as t:
+            (t / "x").write_text("mine")
+    assert (final / "x").read_text() == "theirs" and not list(tmp_path.glob(".synthetic.tmp-*"))

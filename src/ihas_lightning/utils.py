@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -129,7 +130,12 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError as e:  # another process renamed its copy into place since the check above
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and final.exists():
+                    raise FileExistsError(f"{final} appeared while writing") from e
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
