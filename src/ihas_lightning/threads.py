@@ -80,8 +80,11 @@ def check(value: Any) -> None:
         raise ConfigError(f"config key 'trainer.threads': must be 'auto' or an integer >= 1 (got {value!r})")
 
 
-def choose(value: Any, cores: int | None = None, jobs: int | None = None) -> tuple[int, str]:
-    """(threads, why) for a ``trainer.threads`` value."""
+def choose(
+    value: Any, cores: int | None = None, jobs: int | None = None, adaptive: bool = True
+) -> tuple[int, str]:
+    """(threads, why) for a ``trainer.threads`` value; ``adaptive``: ``auto`` is re-chosen while a fit
+    runs (:func:`thread_tuner`; not under ``trainer.deterministic=true``)."""
     check(value)
     if value not in (AUTO, None):
         return int(value), "trainer.threads"
@@ -89,9 +92,11 @@ def choose(value: Any, cores: int | None = None, jobs: int | None = None) -> tup
     jobs = parallel_jobs(cores) if jobs is None else jobs
     n = max(1, cores // jobs)
     tuned = (
-        f"; while training: re-chosen up to {n} from step times and free cores, the first fit at 1"
-        if n > 1
-        else ""
+        ""
+        if n == 1
+        else f"; while training: re-chosen up to {n} from step times and free cores, the first fit at 1"
+        if adaptive
+        else "; kept for the whole run (trainer.deterministic=true)"
     )
     return n, f"auto: {cores} usable core(s) / {jobs} parallel job(s){tuned}"
 
@@ -100,8 +105,8 @@ def apply(cfg: Any) -> int:
     """Set torch's intra-op threads from ``trainer.threads`` (once per process; logged once)."""
     import torch
 
-    value = (cfg.get("trainer") or {}).get("threads", AUTO)
-    threads, why = choose(value)
+    tcfg = cfg.get("trainer") or {}
+    threads, why = choose(tcfg.get("threads", AUTO), adaptive=not tcfg.get("deterministic"))
     if _CHOSEN.get("threads") != threads:
         torch.set_num_threads(threads)
         if not _CHOSEN:
@@ -210,9 +215,16 @@ def thread_tuner(
     more than 1.5x slower than the recent median ends the probe at once, and so does a probe batch whose
     forward pass (batch start to the first backward) is more than 1.5x slower than the recent forwards:
     then its backward and optimizer step, the part that collapses on a busy core, already run at the
-    current count, so probing the slow count costs about one forward pass. A switch is logged. The
-    thread count does not change the numbers (the model's forward, backward and row-wise Adam give
-    bitwise-equal weights at 1 and 2 threads)."""
+    current count, so probing the slow count costs about one forward pass. A switch is logged.
+
+    Reproducibility: a switch can change a run's numbers in the last bits, and training amplifies them.
+    Our own ops do not depend on the thread count (the row-wise Adam's merge, the lookups, the GEMMs
+    tested here), but PyTorch's vectorised elementwise kernels split their range by thread count and
+    compute each chunk's tail on the scalar path: at a 409-row batch of the 624-wide gate, 1 of 255,216
+    sigmoid values differs between 1 and 2 threads. So a run that the tuner switched is not bitwise
+    reproducible when the machine's load differs; with ``trainer.deterministic=true`` (or an integer
+    ``trainer.threads``) ``auto`` keeps one count for the whole run and the same seed gives the same
+    numbers."""
     import statistics
     import time
 
@@ -323,7 +335,8 @@ def thread_tuner(
                 level = logging.INFO if not _CHOSEN.get("switched") else logging.DEBUG
                 _CHOSEN["switched"] = True
                 log.log(level, "torch threads: %d -> %d (measured: %.2f vs %.2f us/sample; re-checked while "
-                        "training)", self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
+                        "training; a run bitwise reproducible under any load: trainer.deterministic=true)",
+                        self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
                 self.history.append((int(trainer.global_step), self.probing))
                 self.current = self.probing
                 self.every = min(first_check * backoff, max_every)

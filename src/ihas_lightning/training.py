@@ -130,10 +130,12 @@ def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any
     kw = trainer_kwargs(cfg)
     from .threads import AUTO, thread_tuner
 
-    if (cfg.get("trainer") or {}).get("threads", AUTO) in (AUTO, None):
+    tcfg = cfg.get("trainer") or {}
+    if tcfg.get("threads", AUTO) in (AUTO, None) and not tcfg.get("deterministic"):
         import torch
 
-        if torch.get_num_threads() > 1:  # auto: re-checked against 1 thread while the fit runs
+        if torch.get_num_threads() > 1:  # auto: re-chosen while the fit runs (not under deterministic:
+            # a different count can change the numbers in the last bits, see threads.thread_tuner)
             callbacks = [*callbacks, thread_tuner(torch.get_num_threads())]
     kw.update(
         max_epochs=int(max_epochs),
