@@ -63,194 +63,150 @@ def test_a_parallel_local_multirun_divides_the_cores(tmp_path):
     )
 
 
-class _UnknownLoad:
-    """What other processes use is not known (not Linux, a cgroup quota): the tuner probes."""
+class _Machine:
+    """A fake machine for the thread tuner: a fake clock (``time.perf_counter``), another process busy on
+    ``busy_cores`` cores while ``busy`` is set, and the load those processes show (``load()``; ``None``:
+    not known, so the tuner can only probe). ``step(threads, busy)`` gives a batch's seconds."""
 
-    available, n = False, 2
-
-    def reset(self) -> None:
-        pass
-
-    def busy(self) -> None:
-        return None
-
-
-def test_thread_tuner_follows_the_faster_count(monkeypatch):
-    """auto while a fit runs: a fresh process starts at 1 thread and moves to 2 when it is faster; a busy
-    core makes 2 threads slower than 1 -> the tuner switches to 1; when the core is free again it goes
-    back to 2; the next fit starts where the last one ended. Step times come from a fake clock; the load
-    of other processes is not known here, so the tuner learns all of it by probing."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from ihas_lightning import threads as th
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
-    busy = {"on": False}
-
-    def step_seconds() -> float:  # 2 threads: 1.0 quiet, 10.0 with a busy core; 1 thread: 1.5 always
-        if torch.get_num_threads() == 1:
-            return 1.5
-        return 10.0 if busy["on"] else 1.0
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)  # a fresh process
-    trainer = SimpleNamespace(global_step=0)
-    batch = (None, torch.zeros(10))
     FORWARD = 0.25  # of a step's time: batch start to the first backward
 
-    def fit(busy_from: int, busy_to: int, n: int) -> list[int]:
-        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2, load=_UnknownLoad())
-        tuner.on_train_start(trainer, None)
+    def __init__(self, monkeypatch, cores: int, step, known: bool = True, busy_cores: float = 1.0):
+        from types import SimpleNamespace
+
+        import torch
+
+        self.t, self.busy, self.cores, self.step, self.known, self.busy_cores = (
+            0.0,
+            False,
+            cores,
+            step,
+            known,
+            busy_cores,
+        )
+        monkeypatch.setattr("time.perf_counter", lambda: self.t)
+        self.trainer, self.batch = SimpleNamespace(global_step=0), (None, torch.zeros(10))
+
+    def load(self):
+        machine = self
+
+        class Load:
+            available, n = machine.known, machine.cores
+
+            def reset(self) -> None:
+                self.start = machine.t
+
+            def busy(self) -> float | None:
+                if not machine.known or machine.t - self.start < 0.2:
+                    return None
+                return machine.busy_cores if machine.busy else 0.05
+
+        return Load()
+
+    def fit(self, max_threads: int, n: int, busy: range) -> tuple[list[int], object]:
+        """One fit of ``n`` batches (the other process busy during ``busy``): the thread count of each
+        batch, and the tuner."""
+        import torch
+
+        from ihas_lightning import threads as th
+
+        tuner = th.thread_tuner(max_threads, probe=3, first_check=5, max_every=40, warmup=2, load=self.load())
+        tuner.on_train_start(self.trainer, None)
         seen = []
         for i in range(n):
-            busy["on"] = busy_from <= i < busy_to
-            tuner.on_train_batch_start(trainer, None, batch, i)
+            self.busy = i in busy
+            tuner.on_train_batch_start(self.trainer, None, self.batch, i)
             seen.append(torch.get_num_threads())
-            clock["t"] += FORWARD * step_seconds()
-            tuner.on_before_backward(trainer, None, None)
-            clock["t"] += (1 - FORWARD) * step_seconds()  # the backward and step: at the count set now
-            tuner.on_train_batch_end(trainer, None, None, batch, i)
-        tuner.on_train_end(trainer, None)
-        assert torch.get_num_threads() == 2  # outside a fit: the configured count
-        return seen
-
-    try:
-        seen = fit(100, 250, 400)
-        assert seen[0] == 1 and seen[12] == 2  # starts at 1, 2 threads measured faster within a few batches
-        assert seen[90] == 2  # quiet: 2 threads kept
-        assert seen[240] == 1  # busy core: switched to 1 thread
-        assert seen[399] == 2  # free again: back to 2
-        slow_probes = sum(1 for i in range(150, 250) if seen[i] == 2)
-        assert slow_probes <= 4  # probing 2 threads on the busy machine: one batch per check
-        seen = fit(0, 400, 400)  # the next fit starts at 2 (where the last ended); the core is busy
-        assert seen[0] == 2 and seen[20] == 1
-        assert sum(seen[20:]) - 380 <= 380 // 40 + 1  # from then on 1 thread; one probe batch at 2 per check
-        seen = fit(0, 400, 60)  # and the next one at 1, from the first batch
-        assert all(n == 1 for n in seen[:6])  # until the first check probes 2
-        t0 = clock["t"]
-        seen = fit(0, 400, 400)  # starting at 1 on the busy machine: each probe of 2 threads ...
-        wasted = clock["t"] - t0 - 400 * 1.5
-        probes = sum(n == 2 for n in seen)
-        assert 1 <= probes <= 400 // 40 + 2  # (4x further apart each time, at most 40 here)
-        assert wasted == pytest.approx(probes * FORWARD * (10.0 - 1.5))  # ... costs its forward pass only
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_the_tuner_does_not_probe_more_threads_while_other_processes_fill_the_cores(monkeypatch):
-    """With the load of other processes known (``OtherLoad``): while another process keeps the second core
-    busy, a run at 1 thread never tries 2 (no probe to pay for); a run that starts at 2 still drops to 1
-    by probing; once the core is free again the tuner probes 2 threads and takes them. Fake clock and
-    fake load."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from ihas_lightning import threads as th
-
-    clock = {"t": 0.0}
-    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
-    busy = {"on": False}
-
-    class FakeLoad:  # another process on the second core while busy["on"]; windows of >= 0.2 s
-        available, n = True, 2
-
-        def reset(self) -> None:
-            self.start = clock["t"]
-
-        def busy(self) -> float | None:
-            return None if clock["t"] - self.start < 0.2 else (1.0 if busy["on"] else 0.05)
-
-    def step_seconds() -> float:
-        return 1.5 if torch.get_num_threads() == 1 else (10.0 if busy["on"] else 1.0)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    trainer, batch = SimpleNamespace(global_step=0), (None, torch.zeros(10))
-
-    def fit(busy_to: int, n: int) -> tuple[list[int], object]:
-        tuner = th.thread_tuner(2, probe=3, first_check=5, max_every=40, warmup=2, load=FakeLoad())
-        tuner.on_train_start(trainer, None)
-        seen = []
-        for i in range(n):
-            busy["on"] = i < busy_to
-            tuner.on_train_batch_start(trainer, None, batch, i)
-            seen.append(torch.get_num_threads())
-            clock["t"] += 0.25 * step_seconds()
-            tuner.on_before_backward(trainer, None, None)
-            clock["t"] += 0.75 * step_seconds()
-            tuner.on_train_batch_end(trainer, None, None, batch, i)
-        tuner.on_train_end(trainer, None)
+            self.t += self.FORWARD * self.step(torch.get_num_threads(), self.busy)
+            tuner.on_before_backward(self.trainer, None, None)
+            # the backward and step: at the count set now (a probe may have ended in the forward)
+            self.t += (1 - self.FORWARD) * self.step(torch.get_num_threads(), self.busy)
+            tuner.on_train_batch_end(self.trainer, None, None, self.batch, i)
+        tuner.on_train_end(self.trainer, None)
+        assert torch.get_num_threads() == max_threads  # outside a fit: the configured count
         return seen, tuner
 
-    try:
-        monkeypatch.setitem(th._CHOSEN, "tuned", 1)  # starts at 1 thread
-        seen, tuner = fit(busy_to=300, n=320)
-        assert all(n == 1 for n in seen[:300])  # busy: 2 threads never tried
-        assert tuner.skipped >= 300 // 40  # looked at the load every `every` batches (free: no back-off)
-        assert tuner.probe_seconds == pytest.approx(3 * 1.0)  # one probe: 3 quiet batches, once freed
-        assert seen[-1] == 2  # free again: probed within `every` batches and taken
-        seen, tuner = fit(busy_to=200, n=200)  # starts at 2 (where the last fit ended) on the busy machine
-        assert seen[0] == 2 and all(n == 1 for n in seen[20:])  # drops to 1 by probing, never goes back
-    finally:
-        torch.set_num_threads(before)
 
-
-def test_on_more_cores_the_tuner_tries_the_room_other_processes_leave(monkeypatch):
-    """4 usable cores, another process on one of them: the tuner tries 3 threads (not 4, which would share
-    the busy core) and keeps them; once the core is free it tries 4 and takes them. Fake clock and load."""
-    from types import SimpleNamespace
-
+@pytest.fixture
+def torch_threads(monkeypatch):
+    """The test may change torch's thread count and the tuner's per-process state; both are restored."""
     import torch
 
     from ihas_lightning import threads as th
 
-    clock = {"t": 0.0}
-    monkeypatch.setattr("time.perf_counter", lambda: clock["t"])
-    busy = {"on": True}
-
-    class FakeLoad:
-        available, n = True, 4
-
-        def reset(self) -> None:
-            self.start = clock["t"]
-
-        def busy(self) -> float | None:
-            return None if clock["t"] - self.start < 0.2 else (1.0 if busy["on"] else 0.0)
-
-    def step_seconds() -> float:
-        t = torch.get_num_threads()
-        if t == 4:
-            return 10.0 if busy["on"] else 0.55  # a thread on the busy core: every op waits for it
-        return {1: 1.5, 2: 0.9, 3: 0.7}[t]
-
     before = torch.get_num_threads()
-    monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)
-    trainer, batch = SimpleNamespace(global_step=0), (None, torch.zeros(10))
-    try:
-        torch.set_num_threads(4)
-        tuner = th.thread_tuner(4, probe=3, first_check=5, max_every=40, warmup=2, load=FakeLoad())
-        tuner.on_train_start(trainer, None)
-        seen = []
-        for i in range(400):
-            busy["on"] = i < 200
-            tuner.on_train_batch_start(trainer, None, batch, i)
-            seen.append(torch.get_num_threads())
-            clock["t"] += 0.25 * step_seconds()
-            tuner.on_before_backward(trainer, None, None)
-            clock["t"] += 0.75 * step_seconds()
-            tuner.on_train_batch_end(trainer, None, None, batch, i)
-        tuner.on_train_end(trainer, None)
-        assert seen[0] == 1 and seen[10] == 3 and seen[199] == 3  # the room: 3 threads, kept
-        assert seen[10:200].count(3) >= 185  # (a check against 1 thread now and then)
-        assert 4 not in seen[:200]  # never onto the busy core
-        assert seen[399] == 4  # freed: tried and taken
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.delitem(th._CHOSEN, "tuned", raising=False)  # a fresh process
+    yield
+    torch.set_num_threads(before)
+
+
+def _two_cores(threads: int, busy: bool) -> float:  # 2 threads: 1.0 quiet, 10.0 with a busy core; 1: 1.5
+    return 1.5 if threads == 1 else (10.0 if busy else 1.0)
+
+
+def test_thread_tuner_follows_the_faster_count(monkeypatch, torch_threads):
+    """auto while a fit runs: a fresh process starts at 1 thread and moves to 2 when it is faster; a busy
+    core makes 2 threads slower than 1 -> the tuner switches to 1; when the core is free again it goes
+    back to 2; the next fit starts where the last one ended. The load of other processes is not known
+    here, so the tuner learns all of it by probing."""
+    import torch
+
+    torch.set_num_threads(2)
+    m = _Machine(monkeypatch, 2, _two_cores, known=False)
+    seen, _ = m.fit(2, 400, busy=range(100, 250))
+    assert seen[0] == 1 and seen[12] == 2  # starts at 1, 2 threads measured faster within a few batches
+    assert seen[90] == 2  # quiet: 2 threads kept
+    assert seen[240] == 1  # busy core: switched to 1 thread
+    assert seen[399] == 2  # free again: back to 2
+    assert seen[150:250].count(2) <= 4  # probing 2 threads on the busy machine: one batch per check
+    seen, _ = m.fit(2, 400, busy=range(400))  # the next fit starts at 2 (where the last ended); core busy
+    assert seen[0] == 2 and seen[20] == 1
+    assert sum(seen[20:]) - 380 <= 380 // 40 + 1  # from then on 1 thread; one probe batch at 2 per check
+    seen, _ = m.fit(2, 60, busy=range(400))  # and the next one at 1, from the first batch
+    assert all(n == 1 for n in seen[:6])  # until the first check probes 2
+    t0 = m.t
+    seen, _ = m.fit(2, 400, busy=range(400))  # starting at 1 on the busy machine: each probe of 2 ...
+    wasted = m.t - t0 - 400 * 1.5
+    probes = seen.count(2)
+    assert 1 <= probes <= 400 // 40 + 2  # (4x further apart each time, at most 40 here)
+    assert wasted == pytest.approx(probes * m.FORWARD * (10.0 - 1.5))  # ... costs its forward pass only
+
+
+def test_the_tuner_does_not_probe_more_threads_while_other_processes_fill_the_cores(
+    monkeypatch, torch_threads
+):
+    """With the load of other processes known (``OtherLoad``): while another process keeps the second core
+    busy, a run at 1 thread never tries 2 (no probe to pay for); a run that starts at 2 still drops to 1
+    by probing; once the core is free again the tuner probes 2 threads and takes them."""
+    import torch
+
+    from ihas_lightning import threads as th
+
+    torch.set_num_threads(2)
+    m = _Machine(monkeypatch, 2, _two_cores)
+    th._CHOSEN["tuned"] = 1  # starts at 1 thread
+    seen, tuner = m.fit(2, 320, busy=range(300))
+    assert all(n == 1 for n in seen[:300])  # busy: 2 threads never tried
+    assert tuner.skipped >= 300 // 40  # looked at the load every `every` batches (free: no back-off)
+    assert tuner.probe_seconds == pytest.approx(3 * 1.0)  # one probe: 3 quiet batches, once freed
+    assert seen[-1] == 2  # free again: probed within `every` batches and taken
+    seen, _ = m.fit(2, 200, busy=range(200))  # starts at 2 (where the last fit ended), the core busy
+    assert seen[0] == 2 and all(n == 1 for n in seen[20:])  # drops to 1 by probing, never goes back
+
+
+def test_on_more_cores_the_tuner_tries_the_room_other_processes_leave(monkeypatch, torch_threads):
+    """4 usable cores, another process on one of them: the tuner tries 3 threads (not 4, which would share
+    the busy core) and keeps them; once the core is free it tries 4 and takes them."""
+    import torch
+
+    def step(threads: int, busy: bool) -> float:  # 4 threads with a busy core: every op waits for it
+        return (10.0 if busy else 0.55) if threads == 4 else {1: 1.5, 2: 0.9, 3: 0.7}[threads]
+
+    torch.set_num_threads(4)
+    seen, _ = _Machine(monkeypatch, 4, step).fit(4, 400, busy=range(200))
+    assert seen[0] == 1 and seen[10] == 3 and seen[199] == 3  # the room: 3 threads, kept
+    assert seen[10:200].count(3) >= 185  # (a check against 1 thread now and then)
+    assert 4 not in seen[:200]  # never onto the busy core
+    assert seen[399] == 4  # freed: tried and taken
 
 
 def test_other_load_reads_proc_stat(tmp_path):
