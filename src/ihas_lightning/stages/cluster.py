@@ -471,6 +471,8 @@ def train_router(
         mean, std = embedding_stats(model.embedding, data["train"][0], bs)
         extra = {"embedding": model.embedding, "mean": mean, "std": std}
     decays = router_weight_decays(rc) if features == "embedding" else [0.0]  # ids: SparseAdam, no decay
+    if not len(data["val"][1]):
+        decays = decays[:1]  # nothing to choose on: the first value
     rows, epochs, rbs = len(data["train"][1]), int(rc.epochs), int(rc.batch_size)
     # an epoch is one pass over the rows, or more passes (whole reshuffles) where a small train split
     # would give fewer than min_steps steps in all (without a Lightning epoch per few batches)
@@ -480,7 +482,7 @@ def train_router(
     val = DataLoader(val_set, sampler=BatchSampler(SequentialSampler(val_set), bs, drop_last=False),
                      batch_size=None)  # fmt: skip
     # one fit per weight decay (the same seed and batches); the best validation agreement wins, a tie
-    # goes to the stronger decay (the simpler classifier); without validation rows the first value
+    # goes to the stronger decay (the simpler classifier)
     best: tuple[float, float, Any] | None = None
     val_agreement: dict[str, float | None] = {}
     for wd in decays:
@@ -504,10 +506,9 @@ def train_router(
         val_agreement[f"{wd:g}"] = a
         score = -1.0 if a is None else a
         if best is None or score > best[0] or (score == best[0] and wd > best[1]):
-            best = (score, wd, module)
+            best = (score, wd, r)
     assert best is not None
-    module = best[2]
-    router = module.distilled()
+    router = best[2]
     agreement = {}
     with torch.no_grad():
         for s, (x, c) in data.items():
