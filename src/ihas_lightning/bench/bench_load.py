@@ -4,8 +4,9 @@ and with one core kept busy by a spinning process that this benchmark starts and
 
 Thread settings, side by side in one process on the same batches:
 
-* ``auto``  -- the default: ``trainer.threads=auto`` (the usable cores) with its run-time re-check
-  against 1 thread (:func:`ihas_lightning.threads.thread_tuner`, added by ``training.build_trainer``);
+* ``auto``  -- the default: ``trainer.threads=auto`` (the usable cores), re-chosen while the fit runs
+  from step times and the load of other processes (:func:`ihas_lightning.threads.thread_tuner`, added by
+  ``training.build_trainer``);
 * ``fixed`` -- the usable cores, never re-checked (the previous default);
 * ``one``   -- 1 thread;
 
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     md = [f"# Training speed quiet and with one core busy ({r['cores']} usable cores, torch {r['torch']})", "",
           "Samples/s through `lightning.Trainer` (the modules and trainer callbacks of `stage=search`), batch "
-          f"{r['batch']}, {r['statistic']} ({r['rounds']}). `auto`: the default (usable cores, re-checked against "
-          "1 thread while the fit runs); `fixed`: the usable cores, never re-checked (the previous default); "
+          f"{r['batch']}, {r['statistic']} ({r['rounds']}). `auto`: the default (usable cores, re-chosen while "
+          "the fit runs from step times and other processes' load); `fixed`: the usable cores, never re-checked (the previous default); "
           "`one`: 1 thread. `textbook`: the dense-Adam loop (the faster of 1 thread and the usable cores); "
           "`floor`: that loop without the embedding update (lookup, MLP forward and backward down to the "
           "looked-up rows, MLP Adam), the most any loop that trains this model can reach. "
