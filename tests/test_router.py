@@ -163,6 +163,24 @@ def test_the_serve_exact_warning_is_decided_on_validation():
     assert warning is None  # no validation AUC (one class): nothing to decide on
 
 
+def test_the_fast_routing_target_is_judged_on_the_interval_of_the_difference():
+    """Within 0.001 of the exact routing: met only when the whole 95% interval is above -0.001; a
+    split too small to tell is undecided, not a cost or a gain."""
+    from ihas_lightning.stages.evaluate import fast_routing_report, fast_routing_target
+
+    assert fast_routing_target([-0.0004, 0.0003]) == "met"
+    assert fast_routing_target([-0.009, -0.002]) == "not met"
+    assert fast_routing_target([-0.008, 0.004]) == "undecided"
+    assert fast_routing_target([None, None]) == "n/a"
+    fast = {"val_auc": 0.697, "test_auc": 0.701, "inference_ms": 0.1}
+    exact = {"val_auc": 0.70, "test_auc": 0.70, "inference_ms": 2.0}
+    diffs = {"val": {"ci": [-0.009, 0.003]}, "test": {"ci": [-0.0002, 0.0021]}}
+    report, warning = fast_routing_report(fast, exact, {"val": 0.97, "test": 0.98}, diffs)
+    assert report["val_within_0.001"] == "undecided" and report["test_within_0.001"] == "met"
+    assert report["val_auc_minus_exact_ci95"] == [-0.009, 0.003]
+    assert "95% CI [-0.0090, +0.0030]" in warning and "serve with routing=exact" in warning
+
+
 @pytest.mark.parametrize("bad", [-0.1, "[]", "[0.0,-1]", "many"])
 def test_a_bad_router_weight_decay_is_a_one_line_error(bad):
     from omegaconf import OmegaConf
