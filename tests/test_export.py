@@ -156,3 +156,37 @@ def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path)
     assert np.abs(onnx_p - exact.numpy()).max() <= 1e-6
     res = bench_serve.measure({"base": fns["base"], "ihas_models_only": fns["ihas_models_only"]}, x, single=5)
     assert set(res["base"]) == {"b1_p50_ms", "b1_p99_ms", "b256_ms", "b4096_rows_per_s"}
+    threads = torch.get_num_threads()
+    one = bench_serve.one_thread({k: fns[k] for k in bench_serve.ONE_THREAD}, x, rounds=1)
+    assert set(one) == set(bench_serve.ONE_THREAD) and torch.get_num_threads() == threads
+
+
+def test_the_low_rank_gate_is_the_gate_truncated_by_svd():
+    """The bench's low-rank gate: rank r gives a gate weight of rank r that is the best rank-r
+    approximation; at full rank it is the gate itself (to float error), and routing runs through it."""
+    from ihas_lightning.bench import bench_serve
+
+    _, routed, x, _ = bench_serve.criteo_shaped(total_ids=3000, rows=512)
+    search = routed.search_model
+    w = search.gate.linear.weight.detach()
+    width = w.shape[0]
+    assert set(bench_serve.LOW_RANKS) < set(range(1, width))
+    with torch.inference_mode():
+        e = search.embed(x)
+        full = bench_serve.low_rank_gate(routed, width)
+        torch.testing.assert_close(
+            full.search_model.gate.gate_logits(e), search.gate.gate_logits(e), rtol=0, atol=1e-4
+        )
+        r = 16
+        low = bench_serve.low_rank_gate(routed, r)
+        down, up = low.search_model.gate.linear
+        wr = up.weight @ down.weight
+        assert torch.linalg.matrix_rank(wr) == r
+        s = torch.linalg.svdvals(w)
+        # Eckart-Young: the error of the best rank-r approximation is the tail of the singular values
+        torch.testing.assert_close(
+            torch.linalg.matrix_norm(w - wr), s[r:].square().sum().sqrt(), rtol=1e-4, atol=1e-5
+        )
+        assert low.route(x).shape == (len(x),) and isinstance(
+            search.gate.linear, torch.nn.Linear
+        )  # not changed

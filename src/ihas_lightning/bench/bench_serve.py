@@ -124,6 +124,28 @@ def _onnx(module: torch.nn.Module, x: torch.Tensor, path: Path):
     return lambda b: sess.run(None, {"x": b.numpy()})
 
 
+#: timed again at 1 torch thread (batch 4096): does the thread count change the routed / Base ratio?
+ONE_THREAD = ("base", "base_folded", "ihas_fast")
+
+
+def one_thread(fns: dict[str, Any], x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
+    """Rows/s at batch 4096 with 1 torch thread (fastest of ``rounds`` rounds, every candidate in turn);
+    the thread count is restored after."""
+    threads = torch.get_num_threads()
+    b4096 = [x[i : i + 4096] for i in range(0, len(x), 4096)]
+    best = {name: float("inf") for name in fns}
+    torch.set_num_threads(1)
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                best[name] = min(best[name], _time(fn, b4096, repeats=1))
+    finally:
+        torch.set_num_threads(threads)
+    out = {name: round(len(x) / t, 1) for name, t in best.items()}
+    print("  1 thread, batch 4096 rows/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx: bool) -> dict[str, Any]:
     """``routed``: the cluster models as trained (packed by field size); every ``ihas_*`` row serves them
     in their serving layout (:meth:`RoutedModel.compact`, as evaluate / predict / export do), and the
@@ -148,6 +170,9 @@ def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx
         unfused.fused = None  # the router's lookup, then each cluster's rows to its own model
         fns["ihas_fast_unfused"] = unfused.forward
         fns["ihas_fast_trained_layout"] = routed.with_fast_routing().forward
+    if routed.search_model.gate.linear.in_features > max(LOW_RANKS):
+        for r in LOW_RANKS:
+            fns[f"ihas_low_rank_gate_{r}"] = low_rank_gate(served, r).forward
     if onnx:
         fns["onnx_base"] = _onnx(ServingModule(model=base, mode="open").eval(), x, tmp / "base.onnx")
         fns["onnx_base_folded"] = _onnx(ServingModule(model=base_folded, mode="open").eval(), x,
@@ -157,6 +182,30 @@ def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx
             fns["onnx_ihas_fast"] = _onnx(ServingModule(routed=served.with_fast_routing()).eval(), x,
                                           tmp / "ihas_fast.onnx")  # fmt: skip
     return fns
+
+
+def low_rank_gate(routed: RoutedModel, rank: int) -> RoutedModel:
+    """The exact routing with the gate's N·d x N·d weight replaced by its best rank-``rank``
+    approximation (truncated SVD, two thin linear layers): the issue's "low-rank gate", measured for
+    speed and for its agreement with the exact clusters; not a serving option (the distilled router is
+    faster at every rank that agrees as well)."""
+    import copy
+
+    search = copy.deepcopy(routed.search_model)
+    lin = search.gate.linear
+    u, s, vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+    down = torch.nn.Linear(lin.in_features, rank, bias=False)
+    up = torch.nn.Linear(rank, lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        down.weight.copy_(vh[:rank])
+        up.weight.copy_(u[:, :rank] * s[:rank])
+        if lin.bias is not None:
+            up.bias.copy_(lin.bias)
+    search.gate.linear = torch.nn.Sequential(down, up)
+    return RoutedModel(search, routed.centroids, list(routed.cluster_models), routed.input).eval()
+
+
+LOW_RANKS = (32, 64, 128)
 
 
 def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]]:
@@ -262,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {info}", flush=True)
             fns = candidates(base, routed, x, tmp, onnx=not args.no_onnx)
             res = measure(fns, x)
+            with torch.inference_mode():
+                exact = torch.cat([routed.route(b) for b in x.split(4096)])
+                for m in [m for m in fns if m.startswith("ihas_low_rank_gate_")]:
+                    r_ = low_rank_gate(routed, int(m.rsplit("_", 1)[1]))
+                    info.setdefault("low_rank_gate_agreement", {})[m] = round(
+                        float((torch.cat([r_.route(b) for b in x.split(4096)]) == exact).float().mean()), 4
+                    )
+            one = one_thread({k_: fns[k_] for k_ in ONE_THREAD if k_ in fns}, x)
             r = res["ihas_exact"]["b4096_rows_per_s"]
             ratio, ratio_folded = ({k_: round(res[b]["b4096_rows_per_s"] / v["b4096_rows_per_s"], 2)
                                     for k_, v in res.items()} for b in ("base", "base_folded"))  # fmt: skip
@@ -271,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 "time_vs_base_b4096": ratio,
                 "time_vs_base_folded_b4096": ratio_folded,
                 "ihas_exact_rows_per_s": r,
+                "one_thread_b4096_rows_per_s": one,
             }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,12 +347,24 @@ def main(argv: list[str] | None = None) -> int:
             md.append(f"| {m} | {v['b1_p50_ms']:.3f} | {v['b1_p99_ms']:.3f} | {v['b256_ms']:.3f} | "
                       f"{v['b4096_rows_per_s']:,.0f} | {s['time_vs_base_b4096'][m]:.2f} | "
                       f"{s['time_vs_base_folded_b4096'][m]:.2f} |")  # fmt: skip
+        one = s.get("one_thread_b4096_rows_per_s") or {}
+        if "base_folded" in one and "ihas_fast" in one:
+            md += ["", "At 1 torch thread (batch 4096): " + ", ".join(f"{k} {v:,.0f} rows/s" for k, v in one.items())
+                   + f"; ihas_fast time x Base folded {one['base_folded'] / one['ihas_fast']:.2f}."]  # fmt: skip
+        lr = s.get("low_rank_gate_agreement")
+        if lr:
+            md += ["", "Low-rank gate (exact routing with the gate's weight truncated by SVD), agreement with the exact "
+                   "assignment on this set: " + ", ".join(f"rank {k.rsplit('_', 1)[1]} {v:.3f}" for k, v in lr.items())
+                   + "."]  # fmt: skip
         fr = s.get("fast_routing")
         if fr:
+            ci = fr.get("test_auc_minus_exact_ci95") or [None, None]
             md.append("")
             md.append(f"Fast routing (evaluate on this run's test split): agreement with the exact assignment "
-                      f"{fr['agreement_test']:.3f}, test AUC {fr['test_auc_minus_exact']:+.4f} against the exact "
-                      "routing.")  # fmt: skip
+                      f"{fr['agreement_test']:.3f}, test AUC {fr['test_auc_minus_exact']:+.6f} against the exact "
+                      "routing" + ("" if ci[0] is None else
+                                   f" (95% CI [{ci[0]:+.6f}, {ci[1]:+.6f}]; within 0.001: {fr.get('test_within_0.001')})")
+                      + ".")  # fmt: skip
         md.append("")
     Path(f"{out}.md").write_text("\n".join(md))
     print(f"-> {out}.md")
