@@ -97,6 +97,46 @@ def test_the_cluster_stage_distils_the_assignment_and_evaluate_reports_both_rout
         assert fr[f"{split}_auc_minus_exact"] == pytest.approx(fast[f"{split}_auc"] - exact[f"{split}_auc"])
         # evaluate routes as the stage did (the stage's subsets are the whole splits here)
         assert fr[f"agreement_{split}"] == pytest.approx(agree[split], abs=1e-6)
+        lo, hi = fr[f"{split}_auc_minus_exact_ci95"]  # DeLong's interval around the difference
+        assert lo <= fr[f"{split}_auc_minus_exact"] <= hi and fr[f"{split}_within_0.001"] in (
+            "met",
+            "undecided",
+            "not met",
+        )
+
+
+def test_routing_auto_serves_fast_only_where_evaluate_found_it_within_0_001_on_validation(
+    cfg_factory, run_with_router, tmp_path
+):
+    from ihas_lightning import pipeline
+    from ihas_lightning.serving import choose_routing, load_run_config, load_run_models
+
+    run, prepared = run_with_router
+    rm = load_run_models(load_run_config(run))
+    res = json.loads((run / "evaluate" / "results.json").read_text())
+    fake = tmp_path / "evaluate" / "results.json"
+    fake.parent.mkdir()
+    for verdict, want in (("met", "fast"), ("undecided", "exact"), ("not met", "exact")):
+        fake.write_text(
+            json.dumps({**res, "fast_routing": {**res["fast_routing"], "val_within_0.001": verdict}})
+        )
+        routing, why = choose_routing(tmp_path, "auto", rm)
+        assert routing == want and ("within 0.001" in why), (verdict, why)
+    assert choose_routing(tmp_path, "auto", rm, "base") == ("exact", "the model does not route")
+    assert (
+        choose_routing(tmp_path, "exact", rm)[0] == "exact"
+        and choose_routing(tmp_path, "fast", rm)[0] == "fast"
+    )
+    fake.unlink()
+    routing, why = choose_routing(tmp_path, "auto", rm)
+    assert routing == "exact" and "run stage=evaluate" in why
+    # through the CLI, on the run's own verdict
+    want = "fast" if res["fast_routing"]["val_within_0.001"] == "met" else "exact"
+    out = tmp_path / "auto.parquet"
+    pipeline.run_stage(cfg_factory("stage=predict", f"predict.run={run}", f"predict.input={prepared / 'test.parquet'}",
+                                   f"predict.output={out}", "predict.routing=auto", "predict.progress=false"))  # fmt: skip
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["model"] == ("iHAS (fast routing)" if want == "fast" else "iHAS")
 
 
 def test_predict_and_export_with_fast_routing(cfg_factory, run_with_router):

@@ -127,6 +127,39 @@ class ServingModule(nn.Module):
         return torch.sigmoid(logits), c
 
 
+#: ``predict.routing`` / ``export.routing``
+ROUTINGS = ("exact", "fast", "auto")
+
+
+def choose_routing(run_dir: Path, routing: str, rm: RunModels, which: str = "final") -> tuple[str, str]:
+    """(``exact`` | ``fast``, why) for serving ``which`` of the run. ``auto`` takes the fast routing
+    where ``stage=evaluate`` judged it within 0.001 AUC of the exact routing on validation (the whole 95%
+    interval of the difference above -0.001: ``fast_routing.val_within_0.001 == "met"`` in
+    ``<run>/evaluate/results.json``), else the exact one; a model that does not route is served as it
+    is (``exact``)."""
+    from .rundir import EVALUATE_DIR
+    from .utils import read_json
+
+    if routing != "auto":
+        return routing, f"routing={routing} given"
+    if rm.entry(which)[1] is not rm.routed:
+        return "exact", "the model does not route"
+    if rm.routed_fast is None:
+        return "exact", "the run has no distilled router"
+    res = run_dir / EVALUATE_DIR / "results.json"
+    if not res.is_file():
+        return "exact", f"no {res} to judge the fast routing by (run stage=evaluate)"
+    fr = read_json(res).get("fast_routing") or {}
+    verdict = fr.get("val_within_0.001")
+    if verdict is None:
+        return "exact", f"{res} has no verdict on the fast routing (re-run stage=evaluate)"
+    d, (lo, hi) = fr.get("val_auc_minus_exact"), fr.get("val_auc_minus_exact_ci95") or [None, None]
+    judged = "" if d is None or lo is None else f" (validation AUC {d:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}])"
+    if verdict == "met":
+        return "fast", f"fast routing within 0.001 AUC of the exact on validation{judged}"
+    return "exact", f"fast routing within 0.001 AUC of the exact on validation: {verdict}{judged}"
+
+
 def served_fn(model: nn.Module) -> Callable:
     """The logits function of an open-mode model (no selector at inference) in its serving layout
     (:func:`~ihas_lightning.models.compact.compact`: the first layer folded into the table where it

@@ -48,8 +48,10 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError("config key 'export.run': the run dir of a finished stage=all")
     if e.model not in MODELS:
         raise ConfigError(f"config key 'export.model': must be one of {list(MODELS)} (got {e.model!r})")
-    if e.routing not in ("exact", "fast"):
-        raise ConfigError(f"config key 'export.routing': must be exact or fast (got {e.routing!r})")
+    from ..serving import ROUTINGS
+
+    if e.routing not in ROUTINGS:
+        raise ConfigError(f"config key 'export.routing': must be one of {list(ROUTINGS)} (got {e.routing!r})")
     if not e.formats or any(f not in FORMATS for f in e.formats):
         raise ConfigError(
             f"config key 'export.formats': a non-empty list of {list(FORMATS)} (got {list(e.formats)})"
@@ -128,7 +130,7 @@ def parity(
 def run(cfg: DictConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    from ..serving import load_run_config, load_run_models
+    from ..serving import choose_routing, load_run_config, load_run_models
 
     check_cfg(cfg)
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._dynamo", "torch.export"):
@@ -139,7 +141,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rcfg = load_run_config(run_dir)
     rm = load_run_models(rcfg)
     name = rm.entry(str(e.model))[0]
-    module = rm.serving_module(str(e.model), str(e.routing)).eval()
+    routing, why = choose_routing(run_dir, str(e.routing), rm, str(e.model))
+    if e.routing == "auto":
+        log.info("export: routing=auto -> %s: %s", routing, why)
+    module = rm.serving_module(str(e.model), routing).eval()
     final = Path(str(e.dir or run_dir / "export"))
     if final.exists() and not e.overwrite:
         raise DataError(f"{final}: an artifact is already there; set export.overwrite=true to replace it")

@@ -55,8 +55,12 @@ def check_cfg(cfg: DictConfig) -> None:
     _inputs(cfg)
     if p.model not in MODELS:
         raise ConfigError(f"config key 'predict.model': must be one of {list(MODELS)} (got {p.model!r})")
-    if p.routing not in ("exact", "fast"):
-        raise ConfigError(f"config key 'predict.routing': must be exact or fast (got {p.routing!r})")
+    from ..serving import ROUTINGS
+
+    if p.routing not in ROUTINGS:
+        raise ConfigError(
+            f"config key 'predict.routing': must be one of {list(ROUTINGS)} (got {p.routing!r})"
+        )
     if p.batch_size < 1:
         raise ConfigError(f"config key 'predict.batch_size': must be an integer >= 1 (got {p.batch_size})")
     if p.on_bad_rows not in ("fail", "skip"):
@@ -154,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from ..data.prepare import load_encoders, rows_progress
-    from ..serving import auc_logloss, load_run_config, load_run_models
+    from ..serving import auc_logloss, choose_routing, load_run_config, load_run_models
 
     check_cfg(cfg)
     run_dir = Path(str(cfg.predict.run))
@@ -165,7 +169,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rcfg = load_run_config(run_dir)
     t0 = time.perf_counter()
     rm = load_run_models(rcfg)
-    scorer = Scorer(rm, str(cfg.predict.model), int(cfg.predict.batch_size), str(cfg.predict.routing))
+    routing, why = choose_routing(run_dir, str(cfg.predict.routing), rm, str(cfg.predict.model))
+    if cfg.predict.routing == "auto":
+        log.info("predict: routing=auto -> %s: %s", routing, why)
+    scorer = Scorer(rm, str(cfg.predict.model), int(cfg.predict.batch_size), routing)
     raw = [p for p in inputs if not p.name.endswith(".parquet")]
     encoders = load_encoders(rm.prepared, rm.fmap) if raw else None
     out = Path(str(cfg.predict.output or run_dir / "predict" / f"{inputs[0].name.split('.')[0]}.parquet"))
