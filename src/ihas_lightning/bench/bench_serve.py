@@ -283,7 +283,8 @@ def criteo_prepared(tmp: Path, rows: int, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", help="a finished routed iHAS run dir (default: train one on the synthetic data)")
+    ap.add_argument("--run", help="a finished routed iHAS run dir, timed on its test split (default: train one "
+                    "on the synthetic data)")  # fmt: skip
     ap.add_argument("--out", default="experiments/results/bench_serve")
     ap.add_argument("--ids", type=int, default=1_000_000)
     ap.add_argument("--no-onnx", action="store_true")
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
                                "sets": {}}  # fmt: skip
+    from ..serving import load_run_config
+
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         run = Path(args.run) if args.run else None
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             run = tmp / "run"
             run_all(compose(["stage=all", "logger=none", f"paths.data_dir={tmp / 'data'}",
                              "trainer.enable_progress_bar=false", "prepare.progress=false"], output_dir=run))  # fmt: skip
-        sets = {"synthetic": from_run(run)}
+        # --run: that run's test split, named after its dataset (else the default synthetic run)
+        sets = {"synthetic" if not args.run else f"run_{load_run_config(run).dataset.name}": from_run(run)}
         if args.criteo_rows:
             sets["criteo_generated"] = from_run(criteo_prepared(tmp, args.criteo_rows))
         sets["criteo_shaped"] = criteo_shaped(args.ids)
