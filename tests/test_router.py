@@ -157,6 +157,7 @@ def test_predict_and_export_with_fast_routing(cfg_factory, run_with_router):
                                    f"export.dir={run / 'export_fast'}"))  # fmt: skip
     man = json.loads((run / "export_fast" / "manifest.json").read_text())
     assert man["routing"].startswith("fast") and all(f["ok"] for f in man["formats"].values())
+    assert man["routing_reason"] == "routing=fast given"
     import onnxruntime as ort
 
     t = pq.read_table(prepared / "test.parquet")

@@ -188,6 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "routing": ("fast (distilled router)" if module.routed.fast else "exact")
             if module.routed
             else None,
+            "routing_reason": why if module.routed is not None else None,  # routing=auto: why this one
             "clusters": int(rm.k) if module.routed is not None else 1,
             "input": {
                 "name": "x",
