@@ -42,8 +42,8 @@ def paired_auc_difference(y: Any, a: Any, b: Any, level: float = 0.95) -> dict[s
     Each positive's placement is the share of negatives scored below it (ties count half), each
     negative's the share of positives above it; the AUC is the mean placement, and the covariance of
     the two scorings' placements over the positives and over the negatives gives the variance of the
-    difference. Rows the two scorings score alike add no variance. ``diff``, ``se`` and ``ci`` are
-    None when a class is missing."""
+    difference (0 when the two scorings agree on every row). ``diff``, ``se`` and ``ci`` are None when
+    a class is missing."""
     import numpy as np
     from scipy import stats
 

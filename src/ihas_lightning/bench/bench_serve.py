@@ -20,8 +20,13 @@ Models, each on the same input ids:
   (:func:`ihas_lightning.models.compact.compact`, as evaluate / predict / export do);
   ``ihas_models_only_trained_layout`` / ``ihas_fast_trained_layout`` time the layout they were trained
   in (packed by field size, one lookup per distinct size, a reorder), side by side;
+* ``ihas_low_rank_gate_<r>`` -- the exact routing with the gate's weight truncated to rank r by SVD
+  (:func:`low_rank_gate`), with its agreement with the exact clusters;
 * ``onnx_base`` / ``onnx_base_folded`` / ``onnx_ihas`` / ``onnx_ihas_fast`` -- the exported graphs in onnxruntime (same
   thread count).
+
+Base, Base folded and the fast routing are also timed at batch 4096 with 1 torch thread
+(:func:`one_thread`).
 
 At batch 1: p50 / p99 latency over single rows; batch 256: mean ms per batch; batch 4096: rows/s over
 the whole set (batch 256 and 4096: the fastest of 3 rounds, each round timing every candidate in
@@ -186,9 +191,10 @@ def candidates(base: DLRM, routed: RoutedModel, x: torch.Tensor, tmp: Path, onnx
 
 def low_rank_gate(routed: RoutedModel, rank: int) -> RoutedModel:
     """The exact routing with the gate's N·d x N·d weight replaced by its best rank-``rank``
-    approximation (truncated SVD, two thin linear layers): the issue's "low-rank gate", measured for
-    speed and for its agreement with the exact clusters; not a serving option (the distilled router is
-    faster at every rank that agrees as well)."""
+    approximation (truncated SVD, two thin linear layers), measured for speed and for its agreement
+    with the exact clusters. Not a serving option: it keeps the embedding, the threshold search and the
+    dispatch, so it stays 15-39x Base folded against the distilled router's 1.4-2x
+    (``experiments/README.md``)."""
     import copy
 
     search = copy.deepcopy(routed.search_model)

@@ -379,7 +379,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
 
 
 def fast_routing_target(ci: list[float | None]) -> str:
-    """The issue's target for the fast path, AUC within 0.001 (``SIGNIFICANT``) of the exact routing,
+    """The fast path's serving target, AUC within 0.001 (``SIGNIFICANT``) of the exact routing,
     judged on a 95% interval of the difference: ``met`` when fast - exact >= -0.001 over the whole
     interval, ``not met`` when it is below -0.001 over the whole interval, ``undecided`` when the split
     is too small to tell (the interval spans -0.001), ``n/a`` without an interval."""
