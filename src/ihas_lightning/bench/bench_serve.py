@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.inference_mode():
                 exact = torch.cat([routed.route(b) for b in x.split(4096)])
                 for m in [m for m in fns if m.startswith("ihas_low_rank_gate_")]:
-                    r_ = low_rank_gate(routed, int(m.rsplit("_", 1)[1]))
+                    r_ = fns[m].__self__  # the candidate's routed model (its bound forward)
                     info.setdefault("low_rank_gate_agreement", {})[m] = round(
                         float((torch.cat([r_.route(b) for b in x.split(4096)]) == exact).float().mean()), 4
                     )
