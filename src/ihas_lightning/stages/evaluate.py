@@ -180,14 +180,15 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
 
     # ---- predictions (val: what selection and the warnings use; test: the reported numbers) ------------
     logits: dict[str, dict[str, torch.Tensor]] = {}
-    clusters: dict[str, torch.Tensor] = {}
+    clusters: dict[str, torch.Tensor] = {}  # the exact routing's
+    fast_clusters: dict[str, torch.Tensor] = {}  # the distilled router's
     for split, (bx, _) in data.items():
         logits[split] = {}
         for row, fn, _m, _n in entries:
-            if fn is routed:
+            if fn is routed or (fn is not None and fn is rm.routed_fast):
                 with torch.inference_mode():
-                    outs = [routed.forward_with_clusters(x) for x in bx]
-                clusters[split] = (
+                    outs = [fn.forward_with_clusters(x) for x in bx]
+                (clusters if fn is routed else fast_clusters)[split] = (
                     torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
                 )
                 logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
@@ -258,16 +259,12 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     warnings = evaluate_warnings(rows, final=final)
     fast_routing = None
     if rm.routed_fast is not None:
-        agreement = {}
-        for split in ("val", "test"):
-            bx = data[split][0]
-            with torch.inference_mode():
-                fc = (
-                    torch.cat([rm.routed_fast.route(x) for x in bx])
-                    if bx
-                    else torch.zeros(0, dtype=torch.long)
-                )
-            agreement[split] = float((fc == clusters[split]).float().mean()) if len(fc) else None
+        agreement = {
+            split: float((fast_clusters[split] == clusters[split]).float().mean())
+            if len(clusters[split])
+            else None
+            for split in ("val", "test")
+        }
         fast_row = next(r for r in rows if r["model"] == f"{final} (fast routing)")
         differences = {
             split: paired_auc_difference(
