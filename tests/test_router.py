@@ -213,12 +213,19 @@ def test_the_fast_routing_target_is_judged_on_the_interval_of_the_difference():
     assert fast_routing_target([-0.009, -0.002]) == "not met"
     assert fast_routing_target([-0.008, 0.004]) == "undecided"
     assert fast_routing_target([None, None]) == "n/a"
+    # the interval is estimated from the rerouted rows alone: a handful of them decides nothing
+    assert fast_routing_target([-0.0003, 0.0059], rerouted=8) == "undecided"
+    assert fast_routing_target([-0.0003, 0.0059], rerouted=1800) == "met"
+    assert fast_routing_target([0.0, 0.0], rerouted=0) == "met"  # the same clusters: the same scores
     fast = {"val_auc": 0.697, "test_auc": 0.701, "inference_ms": 0.1}
     exact = {"val_auc": 0.70, "test_auc": 0.70, "inference_ms": 2.0}
-    diffs = {"val": {"ci": [-0.009, 0.003]}, "test": {"ci": [-0.0002, 0.0021]}}
+    diffs = {
+        "val": {"ci": [-0.009, 0.003], "rerouted": 40},
+        "test": {"ci": [-0.0002, 0.0021], "rerouted": 35},
+    }
     report, warning = fast_routing_report(fast, exact, {"val": 0.97, "test": 0.98}, diffs)
     assert report["val_within_0.001"] == "undecided" and report["test_within_0.001"] == "met"
-    assert report["val_auc_minus_exact_ci95"] == [-0.009, 0.003]
+    assert report["val_auc_minus_exact_ci95"] == [-0.009, 0.003] and report["test_rerouted_rows"] == 35
     assert "95% CI [-0.0090, +0.0030]" in warning and "serve with routing=exact" in warning
 
 

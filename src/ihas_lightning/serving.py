@@ -154,7 +154,11 @@ def choose_routing(run_dir: Path, routing: str, rm: RunModels, which: str = "fin
     if verdict is None:
         return "exact", f"{res} has no verdict on the fast routing (re-run stage=evaluate)"
     d, (lo, hi) = fr.get("val_auc_minus_exact"), fr.get("val_auc_minus_exact_ci95") or [None, None]
-    judged = "" if d is None or lo is None else f" (validation AUC {d:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}])"
+    rerouted = fr.get("val_rerouted_rows")
+    judged = "" if d is None or lo is None else (
+        f" (validation AUC {d:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}]"
+        + ("" if rerouted is None else f", {rerouted} rows routed differently") + ")"
+    )  # fmt: skip
     if verdict == "met":
         return "fast", f"fast routing within 0.001 AUC of the exact on validation{judged}"
     return "exact", f"fast routing within 0.001 AUC of the exact on validation: {verdict}{judged}"

@@ -267,9 +267,14 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         }
         fast_row = next(r for r in rows if r["model"] == f"{final} (fast routing)")
         differences = {
-            split: paired_auc_difference(
-                data[split][1].numpy(), logits[split][fast_row["model"]].numpy(), logits[split][final].numpy()
-            )  # fmt: skip
+            split: {
+                **paired_auc_difference(
+                    data[split][1].numpy(),
+                    logits[split][fast_row["model"]].numpy(),
+                    logits[split][final].numpy(),
+                ),
+                "rerouted": int((fast_clusters[split] != clusters[split]).sum()),
+            }  # fmt: skip
             for split in ("val", "test")
         }
         fast_routing, warning = fast_routing_report(fast_row, rows_by(rows, final), agreement, differences)
@@ -375,14 +380,26 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     return metrics
 
 
-def fast_routing_target(ci: list[float | None]) -> str:
+#: fewer rows routed differently than this (but some) leave the fast routing's target undecided
+MIN_REROUTED = 30
+
+
+def fast_routing_target(ci: list[float | None], rerouted: int | None = None) -> str:
     """The fast path's serving target, AUC within 0.001 (``SIGNIFICANT``) of the exact routing,
     judged on a 95% interval of the difference: ``met`` when fast - exact >= -0.001 over the whole
     interval, ``not met`` when it is below -0.001 over the whole interval, ``undecided`` when the split
-    is too small to tell (the interval spans -0.001), ``n/a`` without an interval."""
+    is too small to tell (the interval spans -0.001), ``n/a`` without an interval.
+
+    Only the ``rerouted`` rows (routed differently by the two) make the scorings differ, so the
+    interval's width is estimated from them alone; with a handful (1 to ``MIN_REROUTED - 1``) it is
+    itself noise, and the verdict is ``undecided`` whatever the interval says. Measured on the Criteo
+    sample: 8 rerouted validation rows gave [-0.0003, +0.0059] ("met"), and the test split then lost
+    0.0143."""
     lo, hi = ci
     if lo is None or hi is None:
         return "n/a"
+    if rerouted is not None and 0 < rerouted < MIN_REROUTED:
+        return "undecided"
     if lo >= -SIGNIFICANT:
         return "met"
     return "not met" if hi < -SIGNIFICANT else "undecided"
@@ -408,9 +425,11 @@ def fast_routing_report(
         fa, ea = fast[f"{split}_auc"], exact[f"{split}_auc"]
         report[f"agreement_{split}"] = agreement.get(split)
         report[f"{split}_auc_minus_exact"] = None if fa is None or ea is None else fa - ea
-        ci = (differences.get(split) or {}).get("ci", [None, None])
+        diff = differences.get(split) or {}
+        ci = diff.get("ci", [None, None])
         report[f"{split}_auc_minus_exact_ci95"] = ci
-        report[f"{split}_within_{SIGNIFICANT}"] = fast_routing_target(ci)
+        report[f"{split}_rerouted_rows"] = diff.get("rerouted")
+        report[f"{split}_within_{SIGNIFICANT}"] = fast_routing_target(ci, diff.get("rerouted"))
     report.update(inference_ms=fast["inference_ms"], exact_inference_ms=exact["inference_ms"])
     d, dt = report["val_auc_minus_exact"], report["test_auc_minus_exact"]
     if d is None or d >= -SIGNIFICANT:
