@@ -17,7 +17,8 @@ from .errors import ConfigError
 PHASES = ("search", "cluster", "derive", "retrain", "evaluate")
 OVERRIDABLE = ("search_every", "model_lr_scale", "max_epochs", "patience", "search_monitor")
 RETRAIN_INITS = ("searched", "scratch", "rewind", "continue")
-SELECTS = ("best", "last")
+SELECTS = ("best", "last", "sparsest")
+OBJECTIVES = ("logloss", "ne")
 
 
 def setting(cfg: DictConfig, key: str) -> Any:
@@ -130,6 +131,7 @@ def spec(cfg: DictConfig, search_epochs: int) -> dict[str, Any]:
         "arch_update": m.get("arch_update"),
         "arch_optim": OmegaConf.to_container(m.arch_optim, resolve=True) if m.get("arch_optim") else {},
         "snapshots": list(m.get("snapshots") or []),
+        "objective": str(m.get("objective") or "logloss"),
         "search_epochs": int(search_epochs),
         # transfer: the selector is loaded from another run and frozen (no architecture update)
         "frozen_selector": transferring(cfg),
@@ -176,7 +178,7 @@ def _err(key: str, msg: str) -> ConfigError:
 
 def check(cfg: DictConfig) -> None:
     """Every method key a run will use, checked before any work."""
-    from .models.selectors import ARCH_UPDATES, build_selector
+    from .models.selectors import ARCH_UPDATES, build_selector, selector_class
 
     m = cfg.method
     if not m.get("name"):
@@ -228,6 +230,13 @@ def check(cfg: DictConfig) -> None:
     sel = m.select
     if sel not in SELECTS:
         raise _err("select", f"must be one of {list(SELECTS)} (got {sel!r})")
+    if sel == "sparsest" and has_selector(cfg) and not hasattr(
+        selector_class(str(m.selector._target_)), "open_all"
+    ):
+        raise _err("select", f"sparsest needs a selector that can open every gate ({m.selector._target_} cannot)")
+    obj = m.get("objective")
+    if obj not in OBJECTIVES:
+        raise _err("objective", f"must be one of {list(OBJECTIVES)} (got {obj!r})")
     for t in m.get("snapshots") or []:
         t = str(t)
         if t != "init" and not (t.startswith("epoch_") and t[6:].isdigit()):

@@ -87,6 +87,26 @@ def batches_per_epoch(rows: int, batch: int) -> int:
     return max(1, math.ceil(int(rows) / int(batch)))
 
 
+def patience_epochs(patience: int | None, batches_per_epoch: int, patience_steps: int | None) -> int | None:
+    """Early stopping's patience in epochs: at least ``patience`` epochs and at least ``patience_steps``
+    training batches without improvement. An epoch of 40 batches (a sample) is not an epoch of 20k
+    (full Criteo): a fixed count of epochs stops a small fit on a plateau it would leave a few hundred
+    steps later, and keeps a large one waiting for hours. None stays None (no early stopping)."""
+    if patience is None:
+        return None
+    need = math.ceil(int(patience_steps or 0) / max(1, int(batches_per_epoch)))
+    return max(int(patience), need)
+
+
+def base_rate_entropy(positive_rate: float | None) -> float | None:
+    """Logloss of the constant predictor at ``positive_rate`` on rows of that rate (its entropy, nats):
+    the unit of normalized entropy (logloss / this)."""
+    if positive_rate is None:
+        return None
+    p = min(max(float(positive_rate), 1e-6), 1 - 1e-6)
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
 def prior_logit(positive_rate: float | None) -> float | None:
     """Log-odds of a positive rate (the output bias of a model that predicts the base rate)."""
     if positive_rate is None:

@@ -54,9 +54,16 @@ class PretrainConfig:
 
 
 @dataclass
+class SelectToleranceConfig:  # method.select=sparsest: how much worse than gates open an epoch may be
+    ne: float = MISSING
+    auc: float = MISSING
+
+
+@dataclass
 class SearchConfig:
     max_epochs: int | None = MISSING
     patience: int | None = MISSING
+    patience_steps: int | None = MISSING
     monitor: str = MISSING
     search_monitor: str | None = MISSING
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -68,6 +75,7 @@ class SearchConfig:
     holdout_fraction: float = MISSING
     search_batch_size: int | None = MISSING
     min_gate_steps: int = MISSING
+    tolerance: SelectToleranceConfig = field(default_factory=SelectToleranceConfig)
     ckpt: str | None = MISSING
     resume: str | None = MISSING
 
@@ -104,6 +112,7 @@ class DeriveConfig:
 class RetrainConfig:
     max_epochs: int | None = MISSING
     patience: int | None = MISSING
+    patience_steps: int | None = MISSING
     monitor: str = MISSING
     init: str | None = MISSING
     keep_threshold: float = MISSING
@@ -213,6 +222,7 @@ class MethodConfig:
     search_monitor: str | None = MISSING
     early_stop: bool = MISSING
     select: str = MISSING
+    objective: str = MISSING
     snapshots: list[str] = MISSING
     phases: list[str] = MISSING
     cluster_k: int | None = MISSING

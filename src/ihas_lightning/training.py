@@ -147,9 +147,15 @@ def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any
     return L.Trainer(**kw)
 
 
-def selection_callbacks(out: Path, monitor: str, patience: int | None, save_last: bool = True):
+def selection_callbacks(
+    out: Path, monitor: str, patience: int | None, save_last: bool = True, sparsest: Any = None
+):
     """(callbacks, checkpoint callback): the best checkpoint ``out/best.ckpt`` by ``monitor`` and
-    early stopping with ``patience``, both ignoring epochs where ``module.in_pretrain(epoch)``."""
+    early stopping with ``patience``, both ignoring epochs where ``module.in_pretrain(epoch)``.
+
+    ``sparsest`` (a :class:`~ihas_lightning.modules.selection.SparsestSelection`): it writes
+    ``best.ckpt`` instead (the sparsest epoch within tolerance of the gates-open model) and is the
+    returned checkpoint callback; ``last.ckpt`` is still saved every epoch."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     mode = "max" if monitor.endswith("auc") else "min"
@@ -169,14 +175,17 @@ def selection_callbacks(out: Path, monitor: str, patience: int | None, save_last
     ckpt = PhaseCheckpoint(
         dirpath=str(out),
         filename="best",
-        monitor=monitor,
+        monitor=None if sparsest is not None else monitor,
         mode=mode,
-        save_top_k=1,
+        save_top_k=0 if sparsest is not None else 1,
         save_last=save_last,
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
     cbs: list = [ckpt]
+    if sparsest is not None:
+        cbs.append(sparsest)
+        ckpt = sparsest
     if patience is not None:
         cbs.append(PhaseEarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
     return cbs, ckpt
@@ -228,13 +237,18 @@ def fit_ctr(
     monitor: str = "val/logloss",
     ckpt_dir: Path | None = None,
     resume: Path | None = None,
+    keep_init: bool = False,
 ) -> dict[str, Any]:
     """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
     ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
     checkpoint, epochs run, seconds, params}.
 
     ``ckpt_dir``: where the fit keeps its checkpoints meanwhile (``best.ckpt`` and ``last.ckpt``, so a
-    killed fit can continue: ``resume`` = a ``last.ckpt`` of the same fit); default ``out``, no last."""
+    killed fit can continue: ``resume`` = a ``last.ckpt`` of the same fit); default ``out``, no last.
+
+    ``keep_init``: the weights the fit starts from are a candidate too (validated before the first step,
+    ``best_epoch`` -1 when kept): a warm-started fit is then never worse on ``monitor`` than its start."""
+    init = _validate_init(module, dm, cfg, ckpt_dir or out, monitor) if keep_init and monitor_val else None
     callbacks: list[Any] = []
     ckpt_cb = None
     overrides: dict[str, Any] = {"enable_checkpointing": monitor_val}
@@ -265,6 +279,12 @@ def fit_ctr(
         trainer.strategy.barrier("fit_ctr best")
         best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
         best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
+        if init is not None and _better(init[1], best_score, monitor):
+            # the start beats every epoch on validation: it is the result (rank 0 moves the file)
+            if is_global_zero():
+                Path(init[0]).replace(best)
+            trainer.strategy.barrier("fit_ctr init")
+            best_score, best_epoch = init[1], -1
         module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
     else:  # fast_dev_run / no validation: the last weights are the result
         trainer.save_checkpoint(str(best))
@@ -283,6 +303,28 @@ def fit_ctr(
         "fit_seconds": round(fit_s, 3),
         "params": int(module.model.num_parameters()),
     }
+
+
+def _better(a: float | None, b: float | None, monitor: str) -> bool:
+    """``a`` is strictly better than ``b`` on ``monitor`` (a missing ``b`` is beaten by any ``a``)."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return a > b if monitor.endswith("auc") else a < b
+
+
+def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple[str, float] | None:
+    """Validate ``module`` as it is (before any step) on a throwaway trainer and save it as
+    ``where/init.ckpt``: (path, its ``monitor``), None when no validation metric came out."""
+    trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False, logger=False)
+    res = trainer.validate(module, datamodule=dm, verbose=False)
+    score = (res[0] if res else {}).get(monitor)
+    if score is None:
+        return None
+    path = Path(where) / "init.ckpt"
+    trainer.save_checkpoint(str(path))
+    return str(path), float(score)
 
 
 def _f(v: Any) -> float | None:

@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 MODES = ("open", "stochastic", "deterministic")
+# the gate logit of a gate that is open for good (:meth:`BernoulliGate.open_all`)
+OPEN_LOGIT = 30.0
 INPUT_NORMS = ("none", "center", "batch")
 
 
@@ -100,6 +102,19 @@ class BernoulliGate(nn.Module):
             nn.init.constant_(self.linear.bias, self.init_bias)
         else:
             nn.init.constant_(self.logits, self.init_bias)
+
+    @torch.no_grad()
+    def open_all(self, logit: float = OPEN_LOGIT) -> None:
+        """Set every gate deterministically open for every sample: zero weights (the gate no longer
+        depends on the sample) and a bias of ``logit`` (sigmoid(30) is 1.0 in float32). Every mode then
+        keeps every dim: ``stochastic`` draws 1 (the logistic noise never reaches -30 after clamping),
+        and ``deterministic`` sees one histogram bin, no valley, so the 0.5 fallback keeps all. This is
+        the search's fallback when no sparser epoch was within tolerance of the gates-open model."""
+        if self.instance_wise:
+            self.linear.weight.zero_()
+            self.linear.bias.fill_(float(logit))
+        else:
+            self.logits.fill_(float(logit))
 
     def gate_logits(self, e: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid logits z with p = sigmoid(z); e: [B, D]."""

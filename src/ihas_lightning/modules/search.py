@@ -69,6 +69,7 @@ from ..models.selectors import ARCH_UPDATES
 from .ctr import CTRModule, bce_loss
 
 HIST_BINS = 50
+OBJECTIVES = ("logloss", "ne")
 GATE_SELECTOR_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm", "lambda_reg", "polarization")
 log = logging.getLogger("ihas_lightning")
 
@@ -297,6 +298,7 @@ class SearchModule(CTRModule):
         output_bias: float | None = None,
         model_lr_scale: float = 1.0,
         method: dict[str, Any] | None = None,
+        constant_logloss: float | None = None,
     ):
         method = dict(method or {})
         selector = method.get("selector")
@@ -348,6 +350,17 @@ class SearchModule(CTRModule):
         self.model_lr_scale = float(model_lr_scale) if sel is not None else 1.0
         self.lr_scaled = False
         self.arch_optim_cfg = arch_optim
+        # method.objective=ne: the architecture objective is the normalized entropy (BCE divided by the
+        # constant predictor's logloss at the train base rate) + the regularizer, so lambda weighs the
+        # same against the data term at 2% and at 25% CTR; logloss: BCE + regularizer (the authors')
+        self.objective = str(method.get("objective") or "logloss")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"method.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        h0 = float(constant_logloss) if constant_logloss else 1.0
+        if not h0 > 0:
+            raise ValueError(f"constant_logloss must be > 0, got {constant_logloss!r}")
+        self.constant_logloss = h0
+        self.loss_scale = 1.0 / h0 if self.objective == "ne" else 1.0
         self.search_epochs = method.get("search_epochs")
         self.snapshots = [str(t) for t in (method.get("snapshots") or [])]
         self.snapshot_dir: Path | None = None  # set by the stage; snapshots are skipped without it
@@ -531,7 +544,7 @@ class SearchModule(CTRModule):
             bce = bce_loss(logits, y)
             reg = self.selector.regularizer(aux) if len(y) else None
             reg = torch.zeros((), device=bce.device) if reg is None else reg
-            self.manual_backward(bce + reg)
+            self.manual_backward(bce * self.loss_scale + reg)
         sync_gradients(self.model.arch_parameters(), len(y))
         opt.step()
         self.gate_steps += 1
@@ -549,7 +562,7 @@ class SearchModule(CTRModule):
         bce = bce_loss(logits, y)
         reg = self.selector.regularizer(aux) if len(y) else None
         reg = torch.zeros((), device=bce.device) if reg is None else reg
-        self.manual_backward(bce + reg)
+        self.manual_backward(bce * self.loss_scale + reg)
         sync_gradients(list(self.model.parameters()), len(y))
         for opt in opts:
             opt.step()
@@ -600,8 +613,12 @@ class SearchModule(CTRModule):
     def _eval_epoch_end(self, split: str) -> None:
         if self._count.get(split) and self.regs[split].update_count:
             # the upper-level objective of the search on this split: logloss of the deterministic
-            # selection + the selector's regularizer (what the architecture steps minimise)
-            self.log(f"{split}/objective", self.loglosses[split].compute() + self.regs[split].compute())
+            # selection (in NE units under method.objective=ne) + the selector's regularizer (what the
+            # architecture steps minimise)
+            ll = self.loglosses[split].compute()
+            self.log(f"{split}/objective", ll * self.loss_scale + self.regs[split].compute())
+            if constant_given := self.hparams.get("constant_logloss"):
+                self.log(f"{split}/ne", ll / float(constant_given))
             self.regs[split].reset()
         super()._eval_epoch_end(split)
         if self.selector is not None and not self.in_pretrain():

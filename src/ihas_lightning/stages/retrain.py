@@ -64,6 +64,7 @@ CONFIG_KEYS = [
     "seed",
     "retrain.max_epochs",
     "retrain.patience",
+    "retrain.patience_steps",
     "retrain.init",
     "method.name",
     "method.retrain_init",
@@ -84,6 +85,9 @@ def check_cfg(cfg: DictConfig) -> None:
     from ..training import check_fit_cfg
 
     check_fit_cfg(cfg.retrain, "retrain")
+    ps = cfg.retrain.get("patience_steps")
+    if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
+        raise ConfigError(f"config key 'retrain.patience_steps': must be an integer >= 0 or null (got {ps!r})")
     init = cfg.retrain.get("init")
     if init is not None and str(init) not in INITS:
         raise ConfigError(
@@ -272,12 +276,19 @@ def _train_cluster(
             cfg,
             tmp,
             max_epochs=int(cfg.retrain.max_epochs),
-            patience=cfg.retrain.get("patience"),
+            patience=schedule.patience_epochs(
+                cfg.retrain.get("patience"),
+                schedule.batches_per_epoch(n["train"], bs),
+                cfg.retrain.get("patience_steps"),
+            ),
             logger=sub,
             monitor_val=monitor,
             monitor=str(cfg.retrain.monitor),
             ckpt_dir=partial if monitor else None,
             resume=resume,
+            # the cluster model's start (e.g. the searched model narrowed to the cluster's dims) is a
+            # candidate: the retrained model is never worse on the cluster's validation rows than it
+            keep_init=resume is None,
         )
         res["resumed_from_epoch"] = (
             int(torch.load(resume, map_location="cpu", weights_only=True).get("epoch", -1))

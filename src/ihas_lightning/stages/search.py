@@ -62,7 +62,13 @@ MANIFEST_KEYS = ["seed", "dataset", "model", "method", "search", "trainer"]
 
 
 # ---- module construction ----------------------------------------------------------------------------
-def build_module(cfg: DictConfig, feature_map, output_bias: float | None = None, search_every: int = 100):
+def build_module(
+    cfg: DictConfig,
+    feature_map,
+    output_bias: float | None = None,
+    search_every: int = 100,
+    constant_logloss: float | None = None,
+):
     """The :class:`SearchModule` of ``cfg.method`` (Base: no selector)."""
     from ..modules.search import SearchModule
 
@@ -80,6 +86,7 @@ def build_module(cfg: DictConfig, feature_map, output_bias: float | None = None,
         output_bias=output_bias,
         model_lr_scale=float(method.setting(cfg, "model_lr_scale")),
         method=method.spec(cfg, int(method.setting(cfg, "max_epochs"))),
+        constant_logloss=constant_logloss,
     )
 
 
@@ -203,6 +210,13 @@ def check_cfg(cfg: DictConfig) -> None:
     scale = sc.get("model_lr_scale")
     if not isinstance(scale, (int, float)) or float(scale) <= 0:
         raise ConfigError(f"config key 'search.model_lr_scale': must be > 0 (got {scale!r})")
+    for key in ("ne", "auc"):
+        v = (sc.get("tolerance") or {}).get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
+            raise ConfigError(f"config key 'search.tolerance.{key}': must be a number in [0, 1) (got {v!r})")
+    ps = sc.get("patience_steps")
+    if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
+        raise ConfigError(f"config key 'search.patience_steps': must be an integer >= 0 or null (got {ps!r})")
     mg = sc.get("min_gate_steps")
     if not isinstance(mg, int) or mg < 0:
         raise ConfigError(f"config key 'search.min_gate_steps': must be an integer >= 0 (got {mg!r})")
@@ -305,8 +319,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prior = dm.positive_rate("train")
     bias = schedule.prior_logit(prior) if cfg.model.output_bias == "prior" else None
     synthetic = (prepared / "truth.json").is_file()
+    h0 = schedule.base_rate_entropy(prior)
     try:
-        module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100)
+        module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100, constant_logloss=h0)
     except ValueError as e:  # a knob that does not fit this dataset (e.g. k > its field count)
         raise ConfigError(
             f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {fmap.num_fields} fields)"
@@ -319,6 +334,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if sel:
         budget["arch_update"] = update
         budget["embedding_optimizer"] = module.model_cfg["embedding_optimizer"]
+        # derived from the data (logged): the unit of the NE objective and of the selection tolerance
+        budget["objective"] = module.objective
+        budget["constant_logloss"] = round(h0, 6) if h0 is not None else None
     if bilevel:
         if hold is not None:
             gate_dm = IHASDataModule(
@@ -341,11 +359,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     monitor = str(method.setting(cfg, "search_monitor")) if sel else str(sc.monitor)
     search_epochs = int(method.setting(cfg, "max_epochs"))
     early_stop = bool(cfg.method.early_stop)
+    steps = sc.get("patience_steps")
     patience = method.setting(cfg, "patience") if early_stop else None
+    patience = schedule.patience_epochs(patience, bpe, steps)
+    budget["patience"] = patience
     select_last = cfg.method.select == "last"
+    sparsest = sel and cfg.method.select == "sparsest" and not method.transferring(cfg)
     logger = build_logger(cfg, str(cfg.get("tag") or "search"))
     try:
-        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience)
+        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, sparsest=sparsest_rule(cfg, out, h0))
         throughput = throughput_callback()
         callbacks.append(throughput)
         if sel:
@@ -354,7 +376,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 0,
                 SearchSchedule(
                     pretrain_max_epochs=int(pre.max_epochs),
-                    pretrain_patience=pre.get("patience"),
+                    pretrain_patience=budget.setdefault(
+                        "pretrain_patience", schedule.patience_epochs(pre.get("patience"), bpe, steps)
+                    ),
                     search_max_epochs=search_epochs,
                     monitor=str(sc.monitor),
                     restore_best=bool(pre.get("restore_best", True)),
@@ -371,6 +395,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
         fit_seconds = time.perf_counter() - t0
         gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
+        if sparsest and ckpt_cb.fallback:
+            _select_gates_open(trainer, module, ckpt_cb, out)
         best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
         # trainer=ddp: every rank takes rank 0's decisions (each save below is collective, and rank 0
         # writes the file right after deciding)
@@ -420,6 +446,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "parameter_counts": counts,
             "best_ckpt": str(best),
         }
+        if sparsest:
+            metrics["selection"] = ckpt_cb.summary()
+            metrics["selection_note"] = (
+                "best_epoch is the selected search epoch; the fallback's weights are the pretrained ones"
+            )
         if sel:
             metrics["arch_steps"] = gate_steps
             metrics["selector"] = module.model.selector.statistics()
@@ -452,6 +483,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 metrics["per_group_field_mask"] = stats["per_group_field_mask"]
                 metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
             metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
+            if sparsest and ckpt_cb.fallback:
+                ref = ckpt_cb.reference or {}
+                metrics["warnings"].insert(0, (
+                    f"no search epoch was within search.tolerance of the gates-open pretrained model on "
+                    f"validation (logloss {ref.get('val_logloss', float('nan')):.4f}, AUC "
+                    f"{ref.get('val_auc', float('nan')):.4f}): the search keeps every dim (gates open)"
+                ))
             for w in metrics["warnings"]:
                 log.warning("search: %s", w)
         if samples_all is not None:
@@ -472,6 +510,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return metrics
     finally:
         finish_loggers()
+
+
+def sparsest_rule(cfg: DictConfig, out: Path, h0: float | None):
+    """The :class:`~ihas_lightning.modules.selection.SparsestSelection` callback of
+    ``method.select=sparsest`` (None for any other rule)."""
+    if not (method.has_selector(cfg) and cfg.method.select == "sparsest") or method.transferring(cfg):
+        return None
+    from ..modules.selection import SparsestSelection
+
+    tol = cfg.search.tolerance
+    return SparsestSelection(out, float(tol.ne), float(tol.auc), float(h0 or 1.0))
+
+
+def _select_gates_open(trainer, module, rule, out: Path) -> None:
+    """The fallback of ``select=sparsest``: the pretrained weights with every gate open, as best.ckpt."""
+    state = torch.load(rule.pretrained_path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.model.selector.open_all()
+    module.eval_mode = "deterministic"
+    path = out / BEST
+    trainer.save_checkpoint(path)
+    rule.best_model_path = str(path)
+    log.warning("search: no search epoch within search.tolerance of the gates-open model: gates open")
 
 
 def _round(v: float | None) -> float | None:

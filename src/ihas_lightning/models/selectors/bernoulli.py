@@ -85,6 +85,10 @@ class BernoulliSelector(Selector):
         mask, p = self.gate(e.detach(), mode)
         return e * mask, {"mask": mask, "p": p}
 
+    def open_all(self) -> None:
+        """Every gate open for every sample (the search's gates-open fallback)."""
+        self.gate.open_all()
+
     def arch_param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         if self.gate.instance_wise:
             return [

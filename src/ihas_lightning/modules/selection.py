@@ -1,0 +1,164 @@
+"""The search's checkpoint selection that never does harm: the sparsest search epoch whose validation
+logloss and AUC are within a stated tolerance of the gates-open pretrained model, else gates open.
+
+Why: the bi-level search trades the validation logloss against the gate's sparsity regularizer. Where
+closing dims costs accuracy (a small or low-CTR log, where a few dims carry the signal), the epoch
+with the best ``val/objective`` can be a sparser *and worse* model than the gates-open model the
+search started from (it is Base, pretrained). This rule keeps what the search found only where it
+costs nothing measurable on validation:
+
+* the **reference** is the pretrained model with its gates open (the restored best pretraining epoch):
+  its validation logloss ``L0`` and AUC ``A0``;
+* a search epoch (deterministic masks) is **admissible** when ``L <= L0 + tol_ne * H0`` and
+  ``A >= A0 - tol_auc``, with ``H0`` the logloss of the constant predictor at the train base rate (so
+  ``tol_ne`` is in units of normalized entropy and means the same at 2% and 25% CTR);
+* of the admissible epochs the **sparsest** (fewest open dims on validation; ties: the lower logloss,
+  then the earlier epoch) is selected;
+* when **none** is admissible the search selects the pretrained weights with every gate open
+  (:meth:`~ihas_lightning.models.gate.BernoulliGate.open_all`): iHAS-1 is then Base as pretrained,
+  and a warning says so.
+
+:func:`choose` is the rule over a finished list (the brute-force reference the tests compare with);
+:class:`SparsestSelection` applies it epoch by epoch, saving ``best.ckpt`` whenever the choice changes
+and ``pretrained.ckpt`` when the search phase starts (the fallback's weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger("ihas_lightning")
+
+PRETRAINED = "pretrained.ckpt"
+
+
+def admissible(cand: dict[str, float], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float) -> bool:
+    """``cand`` is within tolerance of ``ref`` on validation logloss (in NE units of ``h0``) and AUC."""
+    ll, auc = cand.get("val_logloss"), cand.get("val_auc")
+    if ll is None or auc is None or not (math.isfinite(ll) and math.isfinite(auc)):
+        return False
+    return ll <= ref["val_logloss"] + tol_ne * h0 + 1e-12 and auc >= ref["val_auc"] - tol_auc - 1e-12
+
+
+def _key(c: dict[str, Any]) -> tuple[float, float, int]:
+    return (float(c["open_share"]), float(c["val_logloss"]), int(c["epoch"]))
+
+
+def choose(
+    candidates: Sequence[dict[str, Any]], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float
+) -> int | None:
+    """Index of the selected candidate (the sparsest admissible one), or None (gates open)."""
+    ok = [i for i, c in enumerate(candidates) if admissible(c, ref, tol_ne, tol_auc, h0)]
+    return min(ok, key=lambda i: _key(candidates[i])) if ok else None
+
+
+class SparsestSelection(Callback):
+    """Applies :func:`choose` while the search runs (see the module docstring).
+
+    ``best_model_path`` is ``out/best.ckpt`` once an epoch was selected ('' before); after the fit,
+    :meth:`summary` tells what was chosen and :attr:`fallback` whether no epoch was admissible."""
+
+    def __init__(self, out: Path, tol_ne: float, tol_auc: float, h0: float):
+        self.out = Path(out)
+        self.tol_ne, self.tol_auc, self.h0 = float(tol_ne), float(tol_auc), float(h0)
+        self.pretrain: dict[int, dict[str, float]] = {}
+        self.reference: dict[str, Any] | None = None
+        self.candidates: list[dict[str, Any]] = []
+        self.chosen: int | None = None
+        self.best_model_path = ""
+        self.pretrained_path = ""
+
+    # ---- checkpointed state (an exact resume) ----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "pretrain": self.pretrain,
+            "reference": self.reference,
+            "candidates": self.candidates,
+            "chosen": self.chosen,
+            "best_model_path": self.best_model_path,
+            "pretrained_path": self.pretrained_path,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pretrain = {int(k): v for k, v in (state.get("pretrain") or {}).items()}
+        self.reference = state.get("reference")
+        self.candidates = list(state.get("candidates") or [])
+        self.chosen = state.get("chosen")
+        self.best_model_path = str(state.get("best_model_path") or "")
+        self.pretrained_path = str(state.get("pretrained_path") or "")
+
+    # ---- hooks -----------------------------------------------------------------------------------
+    def _reference(self, trainer, pl_module) -> dict[str, Any] | None:
+        """The gates-open pretrained model's validation metrics: the epoch the schedule restored (its
+        best), else the last pretraining epoch."""
+        if not self.pretrain:
+            return None
+        from .search import SearchSchedule
+
+        sched = next((c for c in trainer.callbacks if isinstance(c, SearchSchedule)), None)
+        epoch = sched.best_epoch if sched is not None and sched.restore_best else None
+        if epoch not in self.pretrain:
+            epoch = max(self.pretrain)
+        return {"epoch": int(epoch), **self.pretrain[epoch]}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        start = pl_module.search_start_epoch
+        if start is None or trainer.current_epoch != start or self.pretrained_path:
+            return
+        # the weights the search starts from: the fallback if no search epoch is admissible
+        path = self.out / PRETRAINED
+        trainer.save_checkpoint(path)
+        self.pretrained_path = str(path)
+        self.reference = self._reference(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # the fit's validations only (not trainer.validate of the chosen checkpoint)
+        m = trainer.callback_metrics
+        epoch = int(trainer.current_epoch)
+        ll, auc = m.get("val/logloss"), m.get("val/auc")
+        if ll is None or auc is None:
+            return
+        if pl_module.in_pretrain(epoch):
+            self.pretrain[epoch] = {"val_logloss": float(ll), "val_auc": float(auc)}
+            return
+        share = m.get("val/open_share")
+        if share is None:
+            return
+        if self.reference is None:  # a fixed-length pretraining that ran no hook above
+            self.reference = self._reference(trainer, pl_module)
+        cand = {"epoch": epoch, "val_logloss": float(ll), "val_auc": float(auc), "open_share": float(share)}
+        cand["admissible"] = self.reference is not None and admissible(
+            cand, self.reference, self.tol_ne, self.tol_auc, self.h0
+        )
+        self.candidates.append(cand)
+        best = self.candidates[self.chosen] if self.chosen is not None else None
+        if cand["admissible"] and (best is None or _key(cand) < _key(best)):
+            self.chosen = len(self.candidates) - 1
+            path = self.out / "best.ckpt"
+            trainer.save_checkpoint(path)
+            self.best_model_path = str(path)
+
+    # ---- after the fit ---------------------------------------------------------------------------
+    @property
+    def fallback(self) -> bool:
+        """No search epoch was admissible: the gates-open pretrained model is selected."""
+        return self.chosen is None and bool(self.pretrained_path) and self.reference is not None
+
+    def summary(self) -> dict[str, Any]:
+        chosen = self.candidates[self.chosen] if self.chosen is not None else None
+        return {
+            "rule": "sparsest search epoch within tolerance of the gates-open pretrained model, else gates open",
+            "tolerance": {"ne": self.tol_ne, "auc": self.tol_auc, "logloss": self.tol_ne * self.h0},
+            "constant_logloss": self.h0,
+            "reference": self.reference,
+            "candidates": self.candidates,
+            "chosen_epoch": None if chosen is None else chosen["epoch"],
+            "fallback": "gates open" if self.fallback else None,
+        }
