@@ -317,7 +317,8 @@ def _better(a: float | None, b: float | None, monitor: str) -> bool:
 def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple[str, float] | None:
     """Validate ``module`` as it is (before any step) on a throwaway trainer and save it as
     ``where/init.ckpt``: (path, its ``monitor``), None when no validation metric came out."""
-    trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False)
+    # no inference mode: the module's metric states must stay normal tensors for the fit that follows
+    trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False, inference_mode=False)
     res = trainer.validate(module, datamodule=dm, verbose=False)
     score = (res[0] if res else {}).get(monitor)
     if score is None:
