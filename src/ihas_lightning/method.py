@@ -230,10 +230,14 @@ def check(cfg: DictConfig) -> None:
     sel = m.select
     if sel not in SELECTS:
         raise _err("select", f"must be one of {list(SELECTS)} (got {sel!r})")
-    if sel == "sparsest" and has_selector(cfg) and not hasattr(
-        selector_class(str(m.selector._target_)), "open_all"
+    if (
+        sel == "sparsest"
+        and has_selector(cfg)
+        and not hasattr(selector_class(str(m.selector._target_)), "open_all")
     ):
-        raise _err("select", f"sparsest needs a selector that can open every gate ({m.selector._target_} cannot)")
+        raise _err(
+            "select", f"sparsest needs a selector that can open every gate ({m.selector._target_} cannot)"
+        )
     obj = m.get("objective")
     if obj not in OBJECTIVES:
         raise _err("objective", f"must be one of {list(OBJECTIVES)} (got {obj!r})")

@@ -314,7 +314,9 @@ def _better(a: float | None, b: float | None, monitor: str) -> bool:
     return a > b if monitor.endswith("auc") else a < b
 
 
-def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple[str, float] | None:
+def _validate_init(
+    module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str
+) -> tuple[str, float] | None:
     """Validate ``module`` as it is (before any step) on a throwaway trainer and save it as
     ``where/init.ckpt``: (path, its ``monitor``), None when no validation metric came out."""
     # no inference mode: the module's metric states must stay normal tensors for the fit that follows

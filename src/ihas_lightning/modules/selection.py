@@ -38,7 +38,9 @@ log = logging.getLogger("ihas_lightning")
 PRETRAINED = "pretrained.ckpt"
 
 
-def admissible(cand: dict[str, float], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float) -> bool:
+def admissible(
+    cand: dict[str, float], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float
+) -> bool:
     """``cand`` is within tolerance of ``ref`` on validation logloss (in NE units of ``h0``) and AUC."""
     ll, auc = cand.get("val_logloss"), cand.get("val_auc")
     if ll is None or auc is None or not (math.isfinite(ll) and math.isfinite(auc)):

@@ -87,7 +87,9 @@ def check_cfg(cfg: DictConfig) -> None:
     check_fit_cfg(cfg.retrain, "retrain")
     ps = cfg.retrain.get("patience_steps")
     if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
-        raise ConfigError(f"config key 'retrain.patience_steps': must be an integer >= 0 or null (got {ps!r})")
+        raise ConfigError(
+            f"config key 'retrain.patience_steps': must be an integer >= 0 or null (got {ps!r})"
+        )
     init = cfg.retrain.get("init")
     if init is not None and str(init) not in INITS:
         raise ConfigError(

@@ -485,11 +485,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
             if sparsest and ckpt_cb.fallback:
                 ref = ckpt_cb.reference or {}
-                metrics["warnings"].insert(0, (
-                    f"no search epoch was within search.tolerance of the gates-open pretrained model on "
-                    f"validation (logloss {ref.get('val_logloss', float('nan')):.4f}, AUC "
-                    f"{ref.get('val_auc', float('nan')):.4f}): the search keeps every dim (gates open)"
-                ))
+                metrics["warnings"].insert(
+                    0,
+                    (
+                        f"no search epoch was within search.tolerance of the gates-open pretrained model on "
+                        f"validation (logloss {ref.get('val_logloss', float('nan')):.4f}, AUC "
+                        f"{ref.get('val_auc', float('nan')):.4f}): the search keeps every dim (gates open)"
+                    ),
+                )
             for w in metrics["warnings"]:
                 log.warning("search: %s", w)
         if samples_all is not None:

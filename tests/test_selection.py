@@ -1,0 +1,235 @@
+"""The search's no-harm selection (method.select=sparsest), the NE objective, step-based patience and
+the retrain's start kept as a candidate."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ihas_lightning.modules.selection import SparsestSelection, admissible, choose
+from ihas_lightning.schedule import base_rate_entropy, patience_epochs
+
+
+# ---- the rule ------------------------------------------------------------------------------------------
+def _brute(cands, ref, tol_ne, tol_auc, h0):
+    """Every admissible candidate compared with every other: the one no other beats (sparser, then lower
+    logloss, then earlier)."""
+    ok = [
+        c
+        for c in cands
+        if c["val_logloss"] <= ref["val_logloss"] + tol_ne * h0 and c["val_auc"] >= ref["val_auc"] - tol_auc
+    ]
+    for c in ok:
+        beaten = False
+        for o in ok:
+            if o is c:
+                continue
+            t_o = (o["open_share"], o["val_logloss"], o["epoch"])
+            t_c = (c["open_share"], c["val_logloss"], c["epoch"])
+            if t_o < t_c:
+                beaten = True
+        if not beaten:
+            return c["epoch"]
+    return None
+
+
+class _Trainer:
+    """What SparsestSelection reads of a trainer: the epoch, the metrics, the phase and the callbacks."""
+
+    def __init__(self):
+        self.current_epoch = 0
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.sanity_checking = False
+        self.state = SimpleNamespace(fn="fit")
+        self.callbacks: list = []
+        self.saved: list[tuple[int, str]] = []
+
+    def save_checkpoint(self, path):
+        self.saved.append((self.current_epoch, str(path)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streaming_selection_matches_the_brute_force_rule(seed, tmp_path):
+    rng = random.Random(seed)
+    h0 = rng.choice([0.11, 0.47, 0.6])
+    tol_ne, tol_auc = rng.choice([(0.0, 0.0), (0.002, 0.001), (0.05, 0.02)])
+    pretrain = [(0.5 - 0.01 * e + rng.uniform(0, 0.02), 0.7 + rng.uniform(0, 0.02)) for e in range(3)]
+    ref_epoch = min(range(3), key=lambda e: pretrain[e][0])
+    cands = [
+        {
+            "epoch": 3 + i,
+            "val_logloss": pretrain[ref_epoch][0] + rng.uniform(-0.01, 0.02),
+            "val_auc": pretrain[ref_epoch][1] + rng.uniform(-0.02, 0.01),
+            # coarse shares so that ties occur
+            "open_share": rng.choice([0.3, 0.4, 0.5, 0.6]),
+        }
+        for i in range(rng.randint(0, 8))
+    ]
+    rule = SparsestSelection(tmp_path, tol_ne, tol_auc, h0)
+    tr = _Trainer()
+    tr.callbacks = [SimpleNamespace(best_epoch=ref_epoch, restore_best=True)]
+    # stand-in for SearchSchedule: the rule finds it by type
+    from ihas_lightning.modules import search as search_mod
+
+    sched = search_mod.SearchSchedule(3, 1, 10)
+    sched.best_epoch = ref_epoch
+    tr.callbacks = [sched]
+    module = SimpleNamespace(search_start_epoch=None, in_pretrain=lambda e: e < 3)
+    for e, (ll, auc) in enumerate(pretrain):
+        tr.current_epoch = e
+        tr.callback_metrics = {"val/logloss": torch.tensor(ll), "val/auc": torch.tensor(auc)}
+        rule.on_validation_end(tr, module)
+    module.search_start_epoch = 3
+    tr.current_epoch = 3
+    rule.on_train_epoch_start(tr, module)
+    assert tr.saved == [(3, str(tmp_path / "pretrained.ckpt"))]
+    assert rule.reference["epoch"] == ref_epoch
+    for c in cands:
+        tr.current_epoch = c["epoch"]
+        tr.callback_metrics = {
+            "val/logloss": torch.tensor(c["val_logloss"], dtype=torch.float64),
+            "val/auc": torch.tensor(c["val_auc"], dtype=torch.float64),
+            "val/open_share": torch.tensor(c["open_share"], dtype=torch.float64),
+        }
+        rule.on_validation_end(tr, module)
+    ref = {"val_logloss": pretrain[ref_epoch][0], "val_auc": pretrain[ref_epoch][1]}
+    want = _brute(cands, ref, tol_ne, tol_auc, h0)
+    got = rule.summary()["chosen_epoch"]
+    assert got == want
+    idx = choose(cands, rule.reference, tol_ne, tol_auc, h0)
+    assert (None if idx is None else cands[idx]["epoch"]) == want
+    assert rule.fallback == (want is None)
+    # best.ckpt was last written at the chosen epoch
+    best_saves = [e for e, p in tr.saved if p.endswith("best.ckpt")]
+    assert (best_saves[-1] if best_saves else None) == want
+    # a validation outside the fit (trainer.validate of the result) is not a candidate
+    tr.state.fn = "validate"
+    n = len(rule.candidates)
+    rule.on_validation_end(tr, module)
+    assert len(rule.candidates) == n
+
+
+def test_admissible_tolerance_is_in_ne_units():
+    ref = {"val_logloss": 0.10, "val_auc": 0.70}
+    c = {"val_logloss": 0.1002, "val_auc": 0.70}
+    assert admissible(c, ref, 0.002, 0.0, h0=0.11)  # 0.0002 <= 0.002 * 0.11
+    assert not admissible(c, ref, 0.002, 0.0, h0=0.05)
+    assert not admissible({**c, "val_auc": 0.6989}, ref, 0.002, 0.001, h0=0.11)
+    assert not admissible({**c, "val_logloss": float("nan")}, ref, 1.0, 1.0, h0=0.11)
+
+
+def test_base_rate_entropy_and_step_patience():
+    assert base_rate_entropy(0.5) == pytest.approx(math.log(2))
+    p = 0.03
+    assert base_rate_entropy(p) == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    for pat, bpe, steps in itertools.product([None, 0, 1, 3], [1, 40, 70, 20000], [None, 0, 400]):
+        got = patience_epochs(pat, bpe, steps)
+        if pat is None:
+            assert got is None
+            continue
+        # the fewest epochs that are >= pat and cover >= steps batches
+        want = next(e for e in range(10_000) if e >= pat and e * bpe >= (steps or 0))
+        assert got == want
+
+
+def test_open_all_keeps_every_dim_in_every_mode():
+    from ihas_lightning.models.gate import BernoulliGate
+
+    for iw in (True, False):
+        g = BernoulliGate(24, instance_wise=iw, input_norm="center" if iw else "none", init_bias=-2.0)
+        g.open_all()
+        e = torch.randn(64, 24) * 5
+        for mode in ("stochastic", "deterministic", "open"):
+            mask, p = g(e, mode)
+            assert torch.equal(mask, torch.ones_like(mask)), (iw, mode)
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+SMALL = ["dataset.rows=5000", "model.batch_size=256", "search.search_every=2", "search.patience_steps=0"]
+
+
+def test_search_falls_back_to_gates_open_when_every_epoch_does_harm(cfg_factory):
+    """A regularizer so strong that the gate closes (nearly) everything: no epoch is within tolerance,
+    so the selected model is the pretrained one with every gate open (its validation numbers equal the
+    reference's) and the search says so."""
+    from ihas_lightning.stages.search import run
+
+    cfg = cfg_factory(*SMALL, "search.pretrain.max_epochs=2", "search.pretrain.patience=null",
+                      "search.max_epochs=2", "method.gate.lambda_reg=50.0", "method.gate.lr=0.5",
+                      "search.tolerance.ne=0", "search.tolerance.auc=0")  # fmt: skip
+    m = run(cfg)
+    sel = m["selection"]
+    assert sel["fallback"] == "gates open" and sel["chosen_epoch"] is None
+    assert sel["candidates"] and not any(c["admissible"] for c in sel["candidates"])
+    assert m["open_share"] == 1.0
+    assert m["val/logloss"] == pytest.approx(sel["reference"]["val_logloss"], abs=1e-6)
+    assert m["val/auc"] == pytest.approx(sel["reference"]["val_auc"], abs=1e-6)
+    assert "gates open" in m["warnings"][0]
+    assert m["budget"]["objective"] == "ne" and 0 < m["budget"]["constant_logloss"] < math.log(2) + 1e-9
+    saved = json.load(open(cfg.paths.output_dir + "/search/metrics.json"))
+    assert saved["selection"]["fallback"] == "gates open"
+
+
+def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
+    from ihas_lightning.stages.search import run
+
+    cfg = cfg_factory(*SMALL, "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
+                      "search.max_epochs=3", "search.patience=null", "search.tolerance.ne=0.9",
+                      "search.tolerance.auc=0.9")  # fmt: skip
+    m = run(cfg)
+    sel = m["selection"]
+    assert all(c["admissible"] for c in sel["candidates"]) and len(sel["candidates"]) == 3
+    want = min(sel["candidates"], key=lambda c: (c["open_share"], c["val_logloss"], c["epoch"]))
+    assert sel["chosen_epoch"] == want["epoch"] == m["best_epoch"]
+    assert m["val/logloss"] == pytest.approx(want["val_logloss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("override", ["search.tolerance.ne=-1", "search.tolerance.auc=2", "method.select=nope",
+                                      "method.objective=mse", "search.patience_steps=-3",
+                                      "retrain.patience_steps=x"])  # fmt: skip
+def test_bad_selection_keys_are_one_line_errors(cfg_factory, override):
+    """A wrong type fails while composing; a wrong value in the stage checks: both name the key."""
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.validate import check_config
+
+    try:
+        cfg = cfg_factory("stage=all", override)
+    except Exception as e:  # noqa: BLE001 - the schema's type check (the entry point's one line)
+        assert override.split("=")[0].split(".")[-1] in str(e)
+        return
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        check_config(cfg, trainer=False)
+
+
+def test_fit_keeps_its_start_when_training_only_hurts(cfg_factory, tmp_path):
+    """keep_init: a fit whose every epoch is worse on validation than its start returns the start."""
+    from ihas_lightning.data.datamodule import IHASDataModule
+    from ihas_lightning.data.dataset_dir import ensure_prepared
+    from ihas_lightning.modules.ctr import CTRModule
+    from ihas_lightning.training import fit_ctr
+
+    cfg = cfg_factory("dataset.rows=3000", "trainer.threads=1")
+    prepared = ensure_prepared(cfg)
+    dm = IHASDataModule(str(prepared), batch_size=256)
+    vocab = dm.feature_map.vocab_sizes
+    model = {
+        "embed_dim": 4,
+        "hidden": [8],
+        "lr": 5.0,
+        "weight_decay": 0.0,
+        "embedding_optimizer": "sparse_adam",
+    }
+    torch.manual_seed(0)
+    module = CTRModule(vocab, model, output_bias=-1.0)  # near the base rate; lr 5 wrecks it
+    res = fit_ctr(module, dm, cfg, tmp_path / "fit", max_epochs=2, patience=None, keep_init=True)
+    assert res["best_epoch"] == -1
+    torch.manual_seed(0)
+    again = CTRModule(vocab, model, output_bias=-1.0)
+    plain = fit_ctr(again, dm, cfg, tmp_path / "plain", max_epochs=2, patience=None)
+    assert plain["best_epoch"] >= 0 and res["val_logloss"] < plain["val_logloss"]
