@@ -397,6 +397,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
         if sparsest and ckpt_cb.fallback:
             _select_gates_open(trainer, module, ckpt_cb, out)
+        # before validate(ckpt_path=best) below, which restores the callbacks' state of that checkpoint
+        selection = ckpt_cb.summary() if sparsest else None
         best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
         # trainer=ddp: every rank takes rank 0's decisions (each save below is collective, and rank 0
         # writes the file right after deciding)
@@ -447,7 +449,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "best_ckpt": str(best),
         }
         if sparsest:
-            metrics["selection"] = ckpt_cb.summary()
+            metrics["selection"] = selection
             metrics["selection_note"] = (
                 "best_epoch is the selected search epoch; the fallback's weights are the pretrained ones"
             )
@@ -483,8 +485,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 metrics["per_group_field_mask"] = stats["per_group_field_mask"]
                 metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
             metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
-            if sparsest and ckpt_cb.fallback:
-                ref = ckpt_cb.reference or {}
+            if sparsest and selection["fallback"]:
+                ref = selection["reference"] or {}
                 metrics["warnings"].insert(
                     0,
                     (
