@@ -226,3 +226,59 @@ def test_dims_heatmap_puts_many_fields_on_rows(tmp_path):
     assert h > w
     w, h = Image.open(wide).size
     assert w > h
+
+
+@pytest.mark.parametrize("cinput", ["masked_embedding", "mask", "probs"])
+def test_the_feature_stream_runs_the_gate_once_and_repeats_the_same_features(cinput):
+    """Later passes rebuild the first pass's features from the masks kept as bits (the gate runs on
+    the first pass only, except for probs)."""
+    from ihas_lightning.routing import cluster_features
+    from ihas_lightning.stages.cluster import FeatureStream
+
+    torch.manual_seed(0)
+    model = DLRM([30] * 5, embed_dim=3, gate=dict(tau=0.1, init_bias=0.0)).eval()  # 15 dims: not bytes
+    torch.nn.init.normal_(model.gate.linear.weight, std=2.0)
+    x = torch.randint(0, 30, (1000, 5), dtype=torch.int32)
+    stream = FeatureStream(model, _batches(x, 300), cinput)
+    want = [cluster_features(model, x[i : i + 300], cinput) for i in range(0, 1000, 300)]
+    for _ in range(3):
+        got = list(stream())
+        assert len(got) == len(want)
+        for (f, m), (wf, wm) in zip(got, want):
+            assert torch.equal(f, wf) and torch.equal(m, wm) and not f.requires_grad
+        assert all(torch.equal(m, wm) for m, (_, wm) in zip(stream.masks(), want))
+    assert stream.gate_rows == (3000 if cinput == "probs" else 1000)
+    changed = FeatureStream(model, _batches(x, 300), cinput)
+    list(changed())
+    changed.batches = _batches(x, 250)
+    if cinput == "masked_embedding":
+        with pytest.raises(RuntimeError, match="changed between passes"):
+            list(changed())
+
+
+def test_the_row_sample_gathers_the_rows_a_second_read_would(searched):
+    """The router's rows gathered from the clustering's pass are the rows _rows_of reads."""
+    from ihas_lightning.rundir import iter_split, make_datamodule, prepared_dir
+    from ihas_lightning.stages.cluster import RowSample, _rows_of
+
+    make, _ = searched
+    cfg = make("stage=cluster")
+    dm = make_datamodule(cfg, prepared_dir(cfg), batch_size=256)
+    n = dm.num_rows("train")
+    assign = np.random.default_rng(1).integers(0, 3, n).astype(np.int32)
+    for max_rows in (50, n, 10 * n):
+        sample = RowSample(n, max_rows, seed=7)
+        for _ in range(2):  # a second pass is ignored
+            for x, _ in iter_split(dm, "train", 256):
+                sample.add(x)
+        assert sample.complete
+        xs, cs = sample.rows(assign, dm.feature_map.num_fields)
+        xr, cr = _rows_of(dm, "train", assign, max_rows, 7, 256, dm.feature_map.num_fields)
+        assert torch.equal(xs, xr) and torch.equal(cs, cr)
+        assert len(cs) == n if max_rows >= n else 0 < len(cs) < n
+    short = RowSample(n + 1, 10, seed=0)
+    for x, _ in iter_split(dm, "train", 256):
+        short.add(x)
+    assert not short.complete
+    with pytest.raises(RuntimeError, match="no whole pass"):
+        short.rows(assign, dm.feature_map.num_fields)

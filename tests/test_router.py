@@ -241,3 +241,40 @@ def test_a_bad_router_weight_decay_is_a_one_line_error(bad):
         router_weight_decays(rc)
     assert router_weight_decays(OmegaConf.create("weight_decay: 0.01")) == [0.01]
     assert router_weight_decays(OmegaConf.create("weight_decay: [0, 1e-3]")) == [0.0, 0.001]
+
+
+def test_one_fit_of_every_weight_decay_equals_a_fit_each():
+    """RouterModule with a list of weight decays: each head ends where its own fit ends (the same
+    batches; the summed loss gives each head its own gradient)."""
+    from ihas_lightning.models import DLRM
+    from ihas_lightning.modules.router import RouterModule, embedding_stats
+
+    torch.manual_seed(0)
+    vocab = [9, 4, 13]
+    search = DLRM(vocab, 8, gate={}).eval()
+    x = torch.stack([torch.randint(0, v, (512,)) for v in vocab], 1)
+    c = (x[:, 0] % 3).long()
+    mean, std = embedding_stats(search.embedding, x, batch_size=100)
+    decays = [0.0, 0.01, 0.1]
+
+    def fit(wd):
+        m = RouterModule(vocab, 3, lr=0.05, features="embedding", embedding=search.embedding, mean=mean, std=std,
+                         weight_decay=wd)  # fmt: skip
+        opt = m.configure_optimizers()
+        for i in range(0, 512, 64):
+            opt.zero_grad()
+            logits = m.all_logits(x[i : i + 64])
+            torch.stack(
+                [torch.nn.functional.cross_entropy(lg, c[i : i + 64]) for lg in logits]
+            ).sum().backward()
+            opt.step()
+        return m
+
+    together = fit(decays)
+    for h, wd in enumerate(decays):
+        alone = fit(wd)
+        torch.testing.assert_close(together.heads[h].weight, alone.head.weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(together.distilled(h)(x), alone.distilled()(x), rtol=1e-5, atol=1e-5)
+    # the precomputed standardised table gives the standardised embedding
+    with torch.no_grad():
+        torch.testing.assert_close(together.standardised(x), (search.embed(x) - mean) / std.clamp_min(1e-6))
