@@ -168,7 +168,7 @@ def test_search_falls_back_to_gates_open_when_every_epoch_does_harm(cfg_factory)
     assert sel["fallback"] == "gates open" and sel["chosen_epoch"] is None
     assert sel["candidates"] and not any(c["admissible"] for c in sel["candidates"])
     # every search epoch is a candidate (the summary is not the restored checkpoint's)
-    assert len(sel["candidates"]) == m["epochs_run"] + 1 - m["pretrain_epochs"]
+    assert len(sel["candidates"]) == m["epochs_run"] - m["pretrain_epochs"]
     assert m["open_share"] == 1.0
     assert m["val/logloss"] == pytest.approx(sel["reference"]["val_logloss"], abs=1e-6)
     assert m["val/auc"] == pytest.approx(sel["reference"]["val_auc"], abs=1e-6)
@@ -187,7 +187,7 @@ def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
     m = run(cfg)
     sel = m["selection"]
     assert all(c["admissible"] for c in sel["candidates"]) and len(sel["candidates"]) == 3
-    assert m["epochs_run"] + 1 - m["pretrain_epochs"] == 3
+    assert m["epochs_run"] - m["pretrain_epochs"] == 3
     want = min(sel["candidates"], key=lambda c: (c["open_share"], c["val_logloss"], c["epoch"]))
     assert sel["chosen_epoch"] == want["epoch"] == m["best_epoch"]
     assert m["val/logloss"] == pytest.approx(want["val_logloss"], abs=1e-6)
