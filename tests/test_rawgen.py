@@ -85,3 +85,18 @@ def test_cli(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 1201
     with pytest.raises(SystemExit):
         rawgen.main(["--format", "criteo", "--rows", "0", "--out", str(out)])
+
+
+def test_criteo_positive_rate_moves_the_intercept_only(tmp_path):
+    """--positive-rate: the labels' rate is near the target; the features are unchanged."""
+    import numpy as np
+
+    a = rawgen.generate("criteo", 20_000, tmp_path / "a.txt", seed=3)
+    b = rawgen.generate("criteo", 20_000, tmp_path / "b.txt", seed=3, positive_rate=0.03)
+    la, lb = a.read_text().splitlines(), b.read_text().splitlines()
+    assert [r.split("\t", 1)[1] for r in la] == [r.split("\t", 1)[1] for r in lb]
+    rate = np.mean([r[0] == "1" for r in lb])
+    assert 0.025 < rate < 0.035 and np.mean([r[0] == "1" for r in la]) > 0.15
+    sig = np.random.default_rng(0).normal(size=5000)
+    bb = rawgen.intercept_for_rate(sig, 0.1)
+    assert abs(np.mean(1 / (1 + np.exp(-(sig + bb)))) - 0.1) < 1e-6

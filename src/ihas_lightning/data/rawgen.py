@@ -108,7 +108,25 @@ def _token(field_id: int, ranks: np.ndarray, seed: int) -> np.ndarray:
     return (splitmix64(ranks.astype(np.uint64) ^ salt) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def criteo_chunk(rng: np.random.Generator, n: int, rows: int, seed: int) -> pa.Table:
+def intercept_for_rate(signal: np.ndarray, rate: float) -> float:
+    """The intercept b with mean(sigmoid(signal + b)) = ``rate`` (bisection; the mean is monotone in b)."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"--positive-rate must be in (0, 1), got {rate}")
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if float(np.mean(1.0 / (1.0 + np.exp(-(signal + mid))))) < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def criteo_chunk(
+    rng: np.random.Generator, n: int, rows: int, seed: int, positive_rate: float | None = None
+) -> pa.Table:
+    """One chunk of Criteo rows; ``positive_rate`` sets the labels' expected rate (default ~25%) by
+    moving the intercept of the hidden logistic model, the signal unchanged."""
     cols: dict[str, pa.Array] = {}
     signal = np.zeros(n)
     ints = []
@@ -129,7 +147,8 @@ def criteo_chunk(rng: np.random.Generator, n: int, rows: int, seed: int) -> pa.T
             signal += np.where(ranks < 8, (ranks % 4 - 1.5) * 0.4, 0.0)
         miss = rng.random(n) < pmiss if pmiss > 0 else None
         cats.append(_hex8(_token(j, ranks, seed), miss))
-    p = 1.0 / (1.0 + np.exp(-(signal - 1.2)))
+    b = -1.2 if positive_rate is None else intercept_for_rate(signal, positive_rate)
+    p = 1.0 / (1.0 + np.exp(-(signal + b)))
     cols["label"] = pa.array((rng.random(n) < p).astype(np.int8))
     for i, a in enumerate(ints):
         cols[f"I{i + 1}"] = a
@@ -167,10 +186,15 @@ def avazu_chunk(rng: np.random.Generator, n: int, rows: int, seed: int, start: i
     return pa.table(table)
 
 
-def generate(fmt: str, rows: int, out: str | Path, seed: int = 0, gz: bool = False) -> Path:
-    """Write ``rows`` raw rows of ``fmt`` ('criteo' | 'avazu') to ``out`` (gzip if ``gz``)."""
+def generate(
+    fmt: str, rows: int, out: str | Path, seed: int = 0, gz: bool = False, positive_rate: float | None = None
+) -> Path:
+    """Write ``rows`` raw rows of ``fmt`` ('criteo' | 'avazu') to ``out`` (gzip if ``gz``);
+    ``positive_rate`` (Criteo only) sets the expected share of positive labels."""
     if fmt not in ("criteo", "avazu"):
         raise ValueError(f"--format must be criteo or avazu, got {fmt!r}")
+    if positive_rate is not None and (fmt != "criteo" or not 0.0 < positive_rate < 1.0):
+        raise ValueError(f"--positive-rate must be in (0, 1) and needs --format criteo (got {positive_rate})")
     if rows < 1:
         raise ValueError(f"--rows must be >= 1, got {rows}")
     out = Path(out)
@@ -183,7 +207,7 @@ def generate(fmt: str, rows: int, out: str | Path, seed: int = 0, gz: bool = Fal
                 n = min(CHUNK, rows - start)
                 rng = np.random.default_rng([seed, k])
                 if fmt == "criteo":
-                    t = criteo_chunk(rng, n, rows, seed)
+                    t = criteo_chunk(rng, n, rows, seed, positive_rate)
                     opts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
                 else:
                     t = avazu_chunk(rng, n, rows, seed, start)
@@ -207,11 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gz", action="store_true", help="gzip-compress the output")
+    ap.add_argument("--positive-rate", type=float, default=None, help="Criteo: the labels' expected rate")
     args = ap.parse_args(argv)
     if args.rows < 1:
         ap.error(f"--rows must be >= 1, got {args.rows}")
+    if args.positive_rate is not None and (args.format != "criteo" or not 0 < args.positive_rate < 1):
+        ap.error(f"--positive-rate must be in (0, 1) and needs --format criteo (got {args.positive_rate})")
     t0 = time.perf_counter()
-    path = generate(args.format, args.rows, args.out, seed=args.seed, gz=args.gz)
+    path = generate(
+        args.format, args.rows, args.out, seed=args.seed, gz=args.gz, positive_rate=args.positive_rate
+    )
     dt = time.perf_counter() - t0
     print(f"wrote {args.rows} {args.format} rows to {path} in {dt:.1f}s ({args.rows / dt:,.0f} rows/s)")
     return 0
