@@ -311,7 +311,7 @@ def test_gate_weight_decay_and_input_norm_reach_the_gate():
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert decay[id(m.model.gate.linear.weight)] == 0.01
     assert decay[id(m.model.gate.linear.bias)] == 0.0  # the bias is never decayed
-    m2 = SearchModule(VOCAB, MODEL, GATE, pretrain_epochs=0, search_every=1)
+    m2 = SearchModule(VOCAB, MODEL, {**GATE, "weight_decay": None}, pretrain_epochs=0, search_every=1)
     groups = m2.configure_optimizers()[2].param_groups
     assert groups[0]["params"][0] is m2.model.gate.linear.weight
     assert groups[0]["weight_decay"] == MODEL.get("weight_decay", 1e-6)  # null -> model.weight_decay
