@@ -172,7 +172,14 @@ def selection_callbacks(
                 trainer
             )
 
-    ckpt = PhaseCheckpoint(
+    class LastOnly(ModelCheckpoint):
+        """last.ckpt after every validation of the fit (best.ckpt is the selection rule's)."""
+
+        def on_validation_end(self, trainer, pl_module):
+            if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    ckpt = (LastOnly if sparsest is not None else PhaseCheckpoint)(
         dirpath=str(out),
         filename="best",
         monitor=None if sparsest is not None else monitor,
