@@ -114,7 +114,12 @@ def row_name(cfg: DictConfig, which: str) -> str | None:
 def retrain_init(cfg: DictConfig) -> str:
     """``retrain.init`` when set, else the method's ``retrain_init`` (default scratch)."""
     v = cfg.retrain.get("init")
-    return str(v if v is not None else (cfg.method.get("retrain_init") or "scratch"))
+    if v is not None:
+        return str(v)
+    v = str(cfg.method.get("retrain_init") or "scratch")
+    # a transfer replaces the source's backbone: a method default that reuses it (iHAS's continue)
+    # becomes the embedding-only warm start
+    return "searched" if v in ("rewind", "continue") and transferring(cfg) else v
 
 
 def spec(cfg: DictConfig, search_epochs: int) -> dict[str, Any]:
