@@ -164,7 +164,7 @@ def test_search_falls_back_to_gates_open_when_every_epoch_does_harm(cfg_factory)
                       "search.max_epochs=2", "method.gate.lambda_reg=50.0", "method.gate.lr=0.5",
                       "search.tolerance.ne=0", "search.tolerance.auc=0")  # fmt: skip
     m = run(cfg)
-    sel = m["selection"]
+    sel = m["sparsest_selection"]
     assert sel["fallback"] == "gates open" and sel["chosen_epoch"] is None
     assert sel["candidates"] and not any(c["admissible"] for c in sel["candidates"])
     # every search epoch is a candidate (the summary is not the restored checkpoint's)
@@ -175,7 +175,7 @@ def test_search_falls_back_to_gates_open_when_every_epoch_does_harm(cfg_factory)
     assert "gates open" in m["warnings"][0]
     assert m["budget"]["objective"] == "ne" and 0 < m["budget"]["constant_logloss"] < math.log(2) + 1e-9
     saved = json.load(open(cfg.paths.output_dir + "/search/metrics.json"))
-    assert saved["selection"]["fallback"] == "gates open"
+    assert saved["sparsest_selection"]["fallback"] == "gates open"
 
 
 def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
@@ -185,7 +185,7 @@ def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
                       "search.max_epochs=3", "search.patience=null", "search.tolerance.ne=0.9",
                       "search.tolerance.auc=0.9")  # fmt: skip
     m = run(cfg)
-    sel = m["selection"]
+    sel = m["sparsest_selection"]
     assert all(c["admissible"] for c in sel["candidates"]) and len(sel["candidates"]) == 3
     assert m["epochs_run"] - m["pretrain_epochs"] == 3
     want = min(sel["candidates"], key=lambda c: (c["open_share"], c["val_logloss"], c["epoch"]))
@@ -236,3 +236,20 @@ def test_fit_keeps_its_start_when_training_only_hurts(cfg_factory, tmp_path):
     again = CTRModule(vocab, model, output_bias=-1.0)
     plain = fit_ctr(again, dm, cfg, tmp_path / "plain", max_epochs=2, patience=None)
     assert plain["best_epoch"] >= 0 and res["val_logloss"] < plain["val_logloss"]
+
+
+def test_the_rule_stops_the_search_after_patience_epochs_without_a_new_choice(tmp_path):
+    rule = SparsestSelection(tmp_path, 0.0, 0.0, 0.5, patience=2)
+    rule.reference = {"epoch": 0, "val_logloss": 0.5, "val_auc": 0.7}
+    rule.pretrained_path = "x"
+    tr = _Trainer()
+    tr.should_stop = False
+    module = SimpleNamespace(search_start_epoch=1, in_pretrain=lambda e: e < 1)
+    # epoch 1 admissible (chosen), 2 sparser but worse, 3 admissible but denser: two epochs without a choice
+    for e, (ll, auc, share) in enumerate([(0.49, 0.71, 0.5), (0.6, 0.6, 0.3), (0.49, 0.72, 0.6)], start=1):
+        tr.current_epoch = e
+        tr.callback_metrics = {k: torch.tensor(v) for k, v in
+                               (("val/logloss", ll), ("val/auc", auc), ("val/open_share", share))}  # fmt: skip
+        rule.on_validation_end(tr, module)
+        assert tr.should_stop == (e == 3), e
+    assert rule.summary()["chosen_epoch"] == 1

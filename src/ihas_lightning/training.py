@@ -190,9 +190,9 @@ def selection_callbacks(
         auto_insert_metric_name=False,
     )
     cbs: list = [ckpt]
-    if sparsest is not None:
-        cbs.append(sparsest)
-        ckpt = sparsest
+    if sparsest is not None:  # the rule also stops the search (no new choice for `patience` epochs)
+        sparsest.patience = None if patience is None else int(patience)
+        return [sparsest, ckpt], sparsest  # the rule first: last.ckpt then holds its state of this epoch
     if patience is not None:
         cbs.append(PhaseEarlyStopping(monitor=monitor, mode=mode, patience=int(patience)))
     return cbs, ckpt

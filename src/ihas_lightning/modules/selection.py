@@ -14,6 +14,8 @@ costs nothing measurable on validation:
   ``tol_ne`` is in units of normalized entropy and means the same at 2% and 25% CTR);
 * of the admissible epochs the **sparsest** (fewest open dims on validation; ties: the lower logloss,
   then the earlier epoch) is selected;
+* the search phase stops once ``patience`` search epochs in a row brought no new choice (the
+  search's early stopping under this rule: a sparser gate that costs accuracy is no progress);
 * when **none** is admissible the search selects the pretrained weights with every gate open
   (:meth:`~ihas_lightning.models.gate.BernoulliGate.open_all`): iHAS-1 is then Base as pretrained,
   and a warning says so.
@@ -66,8 +68,12 @@ class SparsestSelection(Callback):
     ``best_model_path`` is ``out/best.ckpt`` once an epoch was selected ('' before); after the fit,
     :meth:`summary` tells what was chosen and :attr:`fallback` whether no epoch was admissible."""
 
-    def __init__(self, out: Path, tol_ne: float, tol_auc: float, h0: float):
+    def __init__(self, out: Path, tol_ne: float, tol_auc: float, h0: float, patience: int | None = None):
         self.out = Path(out)
+        # early stopping of the search phase: stop after this many search epochs without a new choice
+        # (a sparser admissible epoch); None = run the search's epoch budget
+        self.patience = None if patience is None else int(patience)
+        self.wait = 0
         self.tol_ne, self.tol_auc, self.h0 = float(tol_ne), float(tol_auc), float(h0)
         self.pretrain: dict[int, dict[str, float]] = {}
         self.reference: dict[str, Any] | None = None
@@ -85,6 +91,7 @@ class SparsestSelection(Callback):
             "chosen": self.chosen,
             "best_model_path": self.best_model_path,
             "pretrained_path": self.pretrained_path,
+            "wait": self.wait,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -94,6 +101,7 @@ class SparsestSelection(Callback):
         self.chosen = state.get("chosen")
         self.best_model_path = str(state.get("best_model_path") or "")
         self.pretrained_path = str(state.get("pretrained_path") or "")
+        self.wait = int(state.get("wait", 0))
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _reference(self, trainer, pl_module) -> dict[str, Any] | None:
@@ -146,6 +154,11 @@ class SparsestSelection(Callback):
             path = self.out / "best.ckpt"
             trainer.save_checkpoint(path)
             self.best_model_path = str(path)
+            self.wait = 0
+        else:
+            self.wait += 1
+            if self.patience is not None and self.wait >= self.patience:
+                trainer.should_stop = True  # no sparser admissible epoch for `patience` epochs
 
     # ---- after the fit ---------------------------------------------------------------------------
     @property

@@ -431,7 +431,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "test/auc": _metric(test, "test/auc"),
             "test/logloss": _metric(test, "test/logloss"),
             "monitor": monitor,
-            "selection": "last epoch" if select_last else f"best {monitor}",
+            "selection": "last epoch"
+            if select_last
+            else ("sparsest within search.tolerance of gates open" if sparsest else f"best {monitor}"),
             "best_epoch": checkpoint_epoch(best),
             "epochs_run": int(trainer.current_epoch),
             "pretrain_epochs": module.search_start_epoch if sel else 0,
@@ -449,7 +451,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "best_ckpt": str(best),
         }
         if sparsest:
-            metrics["selection"] = selection
+            metrics["sparsest_selection"] = selection
             metrics["selection_note"] = (
                 "best_epoch is the selected search epoch; the fallback's weights are the pretrained ones"
             )
