@@ -258,3 +258,25 @@ def test_help_shows_our_groups_and_usage():
     assert r.returncode == 0
     assert "Usage: python -m ihas_lightning" in r.stdout
     assert "backbone: dcn, deepfm, fm, mlp, wide_deep" in r.stdout and "experiment=table2" in r.stdout
+
+
+def test_dataset_configs_describe_data_only():
+    """No method, gate, optimizer or budget key in conf/dataset/*.yaml: every dataset runs the same method
+    defaults (a value that must differ is derived from the data, e.g. model.batch_size=auto)."""
+    import yaml
+
+    from ihas_lightning.config import compose
+
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+    for f in sorted(conf.glob("*.yaml")):
+        doc = yaml.safe_load(f.read_text()) or {}
+        top = set(doc) - {"defaults"}
+        global_pkg = f.read_text().lstrip().startswith("# @package _global_")
+        assert top <= ({"dataset"} if global_pkg else top), f"{f.name}: {sorted(top - {'dataset'})}"
+    base = compose(["dataset=criteo"])
+    for name in [f.stem for f in conf.glob("*.yaml")]:
+        cfg = compose([f"dataset={name}"])
+        for group in ("method", "search", "model", "retrain", "cluster"):
+            assert cfg[group] == base[group], (name, group)
