@@ -190,6 +190,11 @@ def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
     assert m["epochs_run"] - m["pretrain_epochs"] == 3
     want = min(sel["candidates"], key=lambda c: (c["open_share"], c["val_logloss"], c["epoch"]))
     assert sel["chosen_epoch"] == want["epoch"] == m["best_epoch"]
+    # the excess logloss is bounded on the same validation rows, paired with the reference's
+    assert sel["tolerance"]["paired"] and sel["tolerance"]["confidence"] == 0.95
+    for c in sel["candidates"]:
+        diff = c["val_logloss"] - sel["reference"]["val_logloss"]
+        assert c["excess_upper"] > diff - 1e-6
     assert m["val/logloss"] == pytest.approx(want["val_logloss"], abs=1e-6)
 
 
@@ -253,3 +258,52 @@ def test_the_rule_stops_the_search_after_patience_epochs_without_a_new_choice(tm
         rule.on_validation_end(tr, module)
         assert tr.should_stop == (e == 3), e
     assert rule.summary()["chosen_epoch"] == 1
+
+
+def test_excess_upper_is_the_one_sided_paired_bound():
+    from statistics import NormalDist
+
+    from ihas_lightning.modules.selection import excess_upper
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(400, generator=g, dtype=torch.float64)
+    cand = ref + 0.01 + 0.05 * torch.randn(400, generator=g, dtype=torch.float64)
+    d = [float(a - b) for a, b in zip(cand, ref)]
+    mean = sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    want = mean + NormalDist().inv_cdf(0.95) * sd / len(d) ** 0.5
+    assert excess_upper(cand, ref, 0.95) == pytest.approx(want, rel=1e-9)
+    assert excess_upper(cand, ref, 0.0) == pytest.approx(mean, rel=1e-9)
+    assert excess_upper(cand[:10], ref, 0.95) is None  # not the same rows: the means are compared
+    # with the bound, a candidate whose mean is within tolerance but whose bound is not is refused
+    c = {"val_logloss": 0.5, "val_auc": 0.7, "excess_upper": 0.003}
+    assert not admissible(c, {"val_logloss": 0.5, "val_auc": 0.7}, 0.002, 0.0, h0=1.0)
+    assert admissible({**c, "excess_upper": 0.001}, {"val_logloss": 0.5, "val_auc": 0.7}, 0.002, 0.0, h0=1.0)
+
+
+def test_fit_replaces_its_start_only_when_it_beats_it_with_confidence(cfg_factory, tmp_path):
+    """init_confidence: a fit that clearly learns (a near-constant start) replaces the start; with a
+    confidence so high that no bound can be below 0 the start is kept."""
+    from ihas_lightning.data.datamodule import IHASDataModule
+    from ihas_lightning.data.dataset_dir import ensure_prepared
+    from ihas_lightning.modules.ctr import CTRModule
+    from ihas_lightning.training import fit_ctr
+
+    cfg = cfg_factory("dataset.rows=6000", "trainer.threads=1")
+    dm = IHASDataModule(str(ensure_prepared(cfg)), batch_size=256)
+    vocab = dm.feature_map.vocab_sizes
+    model = {
+        "embed_dim": 4,
+        "hidden": [8],
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "embedding_optimizer": "sparse_adam",
+    }
+    torch.manual_seed(0)
+    res = fit_ctr(CTRModule(vocab, model, output_bias=-1.0), dm, cfg, tmp_path / "a", max_epochs=3,
+                  patience=None, keep_init=True, init_confidence=0.95)  # fmt: skip
+    assert res["best_epoch"] >= 0
+    torch.manual_seed(0)
+    res = fit_ctr(CTRModule(vocab, model, output_bias=-1.0), dm, cfg, tmp_path / "b", max_epochs=1,
+                  patience=None, keep_init=True, init_confidence=1 - 1e-15)  # fmt: skip
+    assert res["best_epoch"] == -1

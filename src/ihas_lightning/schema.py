@@ -57,6 +57,7 @@ class PretrainConfig:
 class SelectToleranceConfig:  # method.select=sparsest: how much worse than gates open an epoch may be
     ne: float = MISSING
     auc: float = MISSING
+    confidence: float = MISSING
 
 
 @dataclass
@@ -123,6 +124,9 @@ class RetrainConfig:
 class EvaluateConfig:
     batch_size: int = MISSING
     timing_repeats: int = MISSING
+    timing_rows: int = MISSING
+    permutations: int = MISSING
+    heterogeneity_rows: int = MISSING
     base_ckpt: str | None = MISSING
 
 

@@ -245,6 +245,7 @@ def fit_ctr(
     ckpt_dir: Path | None = None,
     resume: Path | None = None,
     keep_init: bool = False,
+    init_confidence: float = 0.0,
 ) -> dict[str, Any]:
     """Fit ``module`` (a CTRModule) on ``dm`` up to ``max_epochs``, early-stopped on ``monitor``; write
     ``out/best.ckpt`` (best ``monitor``) and return {val auc/logloss and test auc/logloss of the best
@@ -254,7 +255,10 @@ def fit_ctr(
     killed fit can continue: ``resume`` = a ``last.ckpt`` of the same fit); default ``out``, no last.
 
     ``keep_init``: the weights the fit starts from are a candidate too (validated before the first step,
-    ``best_epoch`` -1 when kept): a warm-started fit is then never worse on ``monitor`` than its start."""
+    ``best_epoch`` -1 when kept): a warm-started fit is then never worse on validation than its start.
+    With ``init_confidence`` > 0 the trained model must *prove* it: it replaces the start only where the
+    one-sided ``init_confidence`` bound of its paired per-row excess validation logloss over the start is
+    below 0 (on a few hundred rows with a handful of positives, a lower mean is mostly noise)."""
     init = _validate_init(module, dm, cfg, ckpt_dir or out, monitor) if keep_init and monitor_val else None
     callbacks: list[Any] = []
     ckpt_cb = None
@@ -286,8 +290,11 @@ def fit_ctr(
         trainer.strategy.barrier("fit_ctr best")
         best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
         best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
-        if init is not None and _better(init[1], best_score, monitor):
-            # the start beats every epoch on validation: it is the result (rank 0 moves the file)
+        if init is not None and _start_wins(
+            init, best, module, dm, cfg, monitor, best_score, init_confidence
+        ):
+            # the trained model did not beat its start on validation: the start is the result (rank 0
+            # moves the file)
             if is_global_zero():
                 Path(init[0]).replace(best)
             trainer.strategy.barrier("fit_ctr init")
@@ -321,20 +328,48 @@ def _better(a: float | None, b: float | None, monitor: str) -> bool:
     return a > b if monitor.endswith("auc") else a < b
 
 
-def _validate_init(
-    module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str
-) -> tuple[str, float] | None:
+def _start_wins(
+    init, best: Path, module: Any, dm: Any, cfg: DictConfig, monitor: str, best_score, conf: float
+):
+    """Keep the fit's start (``init`` = (path, score, per-row losses)) instead of ``best``?"""
+    if conf <= 0 or init[2] is None:
+        return _better(init[1], best_score, monitor)
+    from .modules.selection import excess_upper
+
+    trained = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
+    rows = _val_rows(trained, dm, cfg, best.parent)
+    upper = excess_upper(rows, init[2], conf)
+    return _better(init[1], best_score, monitor) if upper is None else upper >= 0.0
+
+
+def _val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
+    """Validate ``module`` on a throwaway trainer; returns its per-row validation losses (or None)."""
+    import torch
+
+    trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False, inference_mode=False)
+    module.row_losses = []
+    trainer.validate(module, datamodule=dm, verbose=False)
+    rows, module.row_losses = module.row_losses, None
+    return torch.cat(rows) if rows else None
+
+
+def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple | None:
     """Validate ``module`` as it is (before any step) on a throwaway trainer and save it as
-    ``where/init.ckpt``: (path, its ``monitor``), None when no validation metric came out."""
+    ``where/init.ckpt``: (path, its ``monitor``, its per-row validation losses), None when no
+    validation metric came out."""
+    import torch
+
     # no inference mode: the module's metric states must stay normal tensors for the fit that follows
     trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False, inference_mode=False)
+    module.row_losses = []
     res = trainer.validate(module, datamodule=dm, verbose=False)
+    rows, module.row_losses = module.row_losses, None
     score = (res[0] if res else {}).get(monitor)
     if score is None:
         return None
     path = Path(where) / "init.ckpt"
     trainer.save_checkpoint(str(path))
-    return str(path), float(score)
+    return str(path), float(score), (torch.cat(rows) if rows else None)
 
 
 def _f(v: Any) -> float | None:

@@ -155,8 +155,16 @@ class CTRModule(L.LightningModule):
         logits = self(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
         self.loglosses[split].update(loss.detach())
+        self.keep_row_loss(split, loss)
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
+
+    def keep_row_loss(self, split: str, loss: torch.Tensor) -> None:
+        """Collect the per-row validation losses of this pass where a callback asked for them
+        (``row_losses`` set to a list, e.g. by the search's selection rule, which compares them paired)."""
+        rows = getattr(self, "row_losses", None)
+        if split == "val" and rows is not None:
+            rows.append(loss.detach().double().cpu())
 
     def _eval_epoch_end(self, split: str) -> None:
         if not self._count.get(split):

@@ -9,9 +9,14 @@ costs nothing measurable on validation:
 
 * the **reference** is the pretrained model with its gates open (the restored best pretraining epoch):
   its validation logloss ``L0`` and AUC ``A0``;
-* a search epoch (deterministic masks) is **admissible** when ``L <= L0 + tol_ne * H0`` and
-  ``A >= A0 - tol_auc``, with ``H0`` the logloss of the constant predictor at the train base rate (so
-  ``tol_ne`` is in units of normalized entropy and means the same at 2% and 25% CTR);
+* a search epoch (deterministic masks) is **admissible** when its excess validation logloss over the
+  reference, ``L - L0``, is at most ``tol_ne * H0`` *with confidence* ``confidence``: the upper bound of
+  the one-sided interval of the paired per-row difference (the same validation rows scored by both
+  models) is below the tolerance; and ``A >= A0 - tol_auc``. ``H0`` is the logloss of the constant
+  predictor at the train base rate, so ``tol_ne`` is in units of normalized entropy and means the same
+  at 2% and 25% CTR. The burden of proof is on the sparser model: on a 400-row validation split the
+  bound is wide and a sparse epoch is admitted only where it is clearly no worse; on millions of rows
+  the bound is tight. ``confidence=0`` compares the means only;
 * of the admissible epochs the **sparsest** (fewest open dims on validation; ties: the lower logloss,
   then the earlier epoch) is selected;
 * the search phase stops once ``patience`` search epochs in a row brought no new choice (the
@@ -31,8 +36,10 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger("ihas_lightning")
@@ -40,14 +47,29 @@ log = logging.getLogger("ihas_lightning")
 PRETRAINED = "pretrained.ckpt"
 
 
+def excess_upper(rows: torch.Tensor | None, ref_rows: torch.Tensor | None, confidence: float) -> float | None:
+    """Upper bound of the one-sided ``confidence`` interval of mean(rows - ref_rows), the candidate's
+    excess logloss over the reference on the same rows (a normal interval on the paired differences);
+    None when the two are not the same rows (then the means are compared)."""
+    if rows is None or ref_rows is None or rows.shape != ref_rows.shape or len(rows) < 2:
+        return None
+    d = rows.double() - ref_rows.double()
+    z = float(NormalDist().inv_cdf(confidence)) if confidence > 0 else 0.0
+    return float(d.mean() + z * d.std(unbiased=True) / math.sqrt(len(d)))
+
+
 def admissible(
     cand: dict[str, float], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float
 ) -> bool:
-    """``cand`` is within tolerance of ``ref`` on validation logloss (in NE units of ``h0``) and AUC."""
+    """``cand`` is within tolerance of ``ref``: its excess validation logloss (the paired upper bound
+    ``excess_upper`` where known, else the difference of the means) at most ``tol_ne`` NE units of
+    ``h0``, and its validation AUC at most ``tol_auc`` below."""
     ll, auc = cand.get("val_logloss"), cand.get("val_auc")
     if ll is None or auc is None or not (math.isfinite(ll) and math.isfinite(auc)):
         return False
-    return ll <= ref["val_logloss"] + tol_ne * h0 + 1e-12 and auc >= ref["val_auc"] - tol_auc - 1e-12
+    excess = cand.get("excess_upper")
+    excess = ll - ref["val_logloss"] if excess is None else excess
+    return excess <= tol_ne * h0 + 1e-12 and auc >= ref["val_auc"] - tol_auc - 1e-12
 
 
 def _key(c: dict[str, Any]) -> tuple[float, float, int]:
@@ -68,8 +90,20 @@ class SparsestSelection(Callback):
     ``best_model_path`` is ``out/best.ckpt`` once an epoch was selected ('' before); after the fit,
     :meth:`summary` tells what was chosen and :attr:`fallback` whether no epoch was admissible."""
 
-    def __init__(self, out: Path, tol_ne: float, tol_auc: float, h0: float, patience: int | None = None):
+    def __init__(
+        self,
+        out: Path,
+        tol_ne: float,
+        tol_auc: float,
+        h0: float,
+        patience: int | None = None,
+        confidence: float = 0.95,
+    ):
         self.out = Path(out)
+        self.confidence = float(confidence)
+        # per-row validation losses of the best pretraining epoch so far, then the reference's
+        self._best_rows: tuple[int, float, torch.Tensor] | None = None
+        self.ref_rows: torch.Tensor | None = None
         # early stopping of the search phase: stop after this many search epochs without a new choice
         # (a sparser admissible epoch); None = run the search's epoch budget
         self.patience = None if patience is None else int(patience)
@@ -92,6 +126,7 @@ class SparsestSelection(Callback):
             "best_model_path": self.best_model_path,
             "pretrained_path": self.pretrained_path,
             "wait": self.wait,
+            "ref_rows": self.ref_rows,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -102,6 +137,7 @@ class SparsestSelection(Callback):
         self.best_model_path = str(state.get("best_model_path") or "")
         self.pretrained_path = str(state.get("pretrained_path") or "")
         self.wait = int(state.get("wait", 0))
+        self.ref_rows = state.get("ref_rows")
 
     # ---- hooks -----------------------------------------------------------------------------------
     def _reference(self, trainer, pl_module) -> dict[str, Any] | None:
@@ -117,6 +153,21 @@ class SparsestSelection(Callback):
             epoch = max(self.pretrain)
         return {"epoch": int(epoch), **self.pretrain[epoch]}
 
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.row_losses = []  # the pass's per-row losses (CTRModule.keep_row_loss)
+
+    def _take_rows(self, pl_module) -> torch.Tensor | None:
+        rows = getattr(pl_module, "row_losses", None)
+        pl_module.row_losses = None
+        return torch.cat(rows) if rows else None
+
+    def _fix_ref_rows(self) -> None:
+        """The reference's per-row losses: those of the pretraining epoch the reference is."""
+        if self.reference is not None and self._best_rows is not None and self.ref_rows is None:
+            if self._best_rows[0] == self.reference["epoch"]:
+                self.ref_rows = self._best_rows[2]
+            self._best_rows = None
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         start = pl_module.search_start_epoch
         if start is None or trainer.current_epoch != start or self.pretrained_path:
@@ -126,6 +177,7 @@ class SparsestSelection(Callback):
         trainer.save_checkpoint(path)
         self.pretrained_path = str(path)
         self.reference = self._reference(trainer, pl_module)
+        self._fix_ref_rows()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -133,17 +185,22 @@ class SparsestSelection(Callback):
         m = trainer.callback_metrics
         epoch = int(trainer.current_epoch)
         ll, auc = m.get("val/logloss"), m.get("val/auc")
+        rows = self._take_rows(pl_module)
         if ll is None or auc is None:
             return
         if pl_module.in_pretrain(epoch):
             self.pretrain[epoch] = {"val_logloss": float(ll), "val_auc": float(auc)}
+            if rows is not None and (self._best_rows is None or float(ll) < self._best_rows[1]):
+                self._best_rows = (epoch, float(ll), rows)
             return
         share = m.get("val/open_share")
         if share is None:
             return
         if self.reference is None:  # a fixed-length pretraining that ran no hook above
             self.reference = self._reference(trainer, pl_module)
+            self._fix_ref_rows()
         cand = {"epoch": epoch, "val_logloss": float(ll), "val_auc": float(auc), "open_share": float(share)}
+        cand["excess_upper"] = excess_upper(rows, self.ref_rows, self.confidence)
         cand["admissible"] = self.reference is not None and admissible(
             cand, self.reference, self.tol_ne, self.tol_auc, self.h0
         )
@@ -170,7 +227,13 @@ class SparsestSelection(Callback):
         chosen = self.candidates[self.chosen] if self.chosen is not None else None
         return {
             "rule": "sparsest search epoch within tolerance of the gates-open pretrained model, else gates open",
-            "tolerance": {"ne": self.tol_ne, "auc": self.tol_auc, "logloss": self.tol_ne * self.h0},
+            "tolerance": {
+                "ne": self.tol_ne,
+                "auc": self.tol_auc,
+                "logloss": self.tol_ne * self.h0,
+                "confidence": self.confidence,
+                "paired": self.ref_rows is not None,
+            },
             "constant_logloss": self.h0,
             "reference": self.reference,
             "candidates": self.candidates,

@@ -291,6 +291,8 @@ def _train_cluster(
             # the cluster model's start (e.g. the searched model narrowed to the cluster's dims) is a
             # candidate: the retrained model is never worse on the cluster's validation rows than it
             keep_init=resume is None,
+            # ... and it must beat that start with confidence (the search's burden of proof)
+            init_confidence=float(cfg.search.tolerance.confidence),
         )
         res["resumed_from_epoch"] = (
             int(torch.load(resume, map_location="cpu", weights_only=True).get("epoch", -1))

@@ -210,7 +210,7 @@ def check_cfg(cfg: DictConfig) -> None:
     scale = sc.get("model_lr_scale")
     if not isinstance(scale, (int, float)) or float(scale) <= 0:
         raise ConfigError(f"config key 'search.model_lr_scale': must be > 0 (got {scale!r})")
-    for key in ("ne", "auc"):
+    for key in ("ne", "auc", "confidence"):
         v = (sc.get("tolerance") or {}).get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
             raise ConfigError(f"config key 'search.tolerance.{key}': must be a number in [0, 1) (got {v!r})")
@@ -527,7 +527,9 @@ def sparsest_rule(cfg: DictConfig, out: Path, h0: float | None):
     from ..modules.selection import SparsestSelection
 
     tol = cfg.search.tolerance
-    return SparsestSelection(out, float(tol.ne), float(tol.auc), float(h0 or 1.0))
+    return SparsestSelection(
+        out, float(tol.ne), float(tol.auc), float(h0 or 1.0), confidence=float(tol.confidence)
+    )
 
 
 def _select_gates_open(trainer, module, rule, out: Path) -> None:
