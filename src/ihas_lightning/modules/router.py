@@ -94,7 +94,8 @@ class RouterModule(L.LightningModule):
         """``(E(x) - mean) / std`` [B, D] of ids x [B, F] (the frozen embedding)."""
         if self.ztable is not None:
             idx = x.to(self.ztable.device).long() + self.offsets
-            return self.ztable[idx].flatten(1).to(x.device)
+            # one flat row gather (an [B, F] advanced index of the table is ~15x slower on CPU)
+            return self.ztable.index_select(0, idx.reshape(-1)).view(len(x), -1).to(x.device)
         with torch.no_grad():  # the embedding stays where the search model is (the batch may be elsewhere)
             dev = self.embedding.tables[0].weight.device
             return (self.embedding(x.to(dev)).to(x.device) - self.mean) / self.std

@@ -610,6 +610,24 @@ def router_weight_decays(rc: Any) -> list[float]:
     return out
 
 
+class _IndexedBatches:
+    """Re-iterable batches ``(t[idx] for t in tensors)`` of ``batch_size`` rows in ``order``'s order (a
+    sampler, drawn anew each pass): the batches of ``DataLoader(BatchSampler(order, batch_size))``, each
+    taken with one index tensor."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], order: Any, batch_size: int):
+        self.tensors, self.order, self.batch_size = tensors, order, int(batch_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self):
+        idx = torch.as_tensor(list(self.order), dtype=torch.long)
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            yield tuple(t[j] for t in self.tensors)
+
+
 def train_router(
     cfg: DictConfig,
     dm: Any,
@@ -628,7 +646,7 @@ def train_router(
     without a complete one is read again (:func:`_rows_of`). Every value of ``weight_decay`` is fitted
     in one fit (one classifier per value on the same batches, :class:`RouterModule`), with no
     validation pass per epoch: the agreements are measured once, on the folded routers."""
-    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+    from torch.utils.data import RandomSampler, TensorDataset
 
     from ..modules.router import RouterModule, embedding_stats
     from ..training import build_trainer
@@ -667,9 +685,10 @@ def train_router(
     module = RouterModule(fmap.vocab_sizes, k, lr=float(rc.lr), features=features,
                           weight_decay=decays if features == "embedding" else decays[0], **extra)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    # whole batches: the tensors are indexed once per batch (no per-row __getitem__ + collate)
+    # whole batches: the tensors are indexed once per batch by an index tensor (no per-row __getitem__
+    # + collate, no list of ints), in the order of a seeded RandomSampler
     order = RandomSampler(train_set, num_samples=per_epoch, generator=gen)
-    train = DataLoader(train_set, sampler=BatchSampler(order, rbs, drop_last=False), batch_size=None)
+    train = _IndexedBatches(train_set.tensors, order, rbs)
     # one process (under trainer=ddp the cluster stage runs on rank 0 alone)
     trainer = build_trainer(cfg, epochs, [], None, out.parent, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, strategy="auto",
