@@ -40,10 +40,21 @@ def test_base_beats_the_constant_predictor_with_the_defaults(cfg_factory, name, 
 
 
 def test_search_selects_on_the_criteo_sample_with_the_defaults(cfg_factory, criteo_raw):
+    """The gate learns (bimodal, closes dims) on the 7k-row sample; the selection keeps a sparser epoch only
+    where its paired 95% bound says it is no worse than gates open on validation, else gates open. Either
+    way the selected model's validation logloss is within the tolerance of the reference's."""
     from ihas_lightning.stages.search import run
 
     m = run(cfg_factory("stage=search", *_explicit("criteo", criteo_raw)))
     assert m["budget"]["search_every"] == 1 and m["gate_steps"] >= 200
-    assert m["open_share"] < 0.9  # closes a non-trivial share of dims
-    assert m["gate"]["polarization"]["share_valley_found"] > 0.9  # bimodal for (nearly) every sample
-    assert m["warnings"] == []
+    sel = m["sparsest_selection"]
+    # the gate itself closes a non-trivial share of dims, bimodally, in the search epochs
+    assert min(c["open_share"] for c in sel["candidates"]) < 0.9
+    assert sel["tolerance"]["paired"]
+    ref = sel["reference"]
+    tol = sel["tolerance"]["logloss"]
+    assert m["val/logloss"] <= ref["val_logloss"] + tol + 1e-6
+    if sel["fallback"]:
+        assert m["open_share"] == 1.0 and "gates open" in m["warnings"][0]
+    else:
+        assert m["open_share"] < 1.0 and m["gate"]["polarization"]["share_valley_found"] > 0.9
