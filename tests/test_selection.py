@@ -307,3 +307,19 @@ def test_fit_replaces_its_start_only_when_it_beats_it_with_confidence(cfg_factor
     res = fit_ctr(CTRModule(vocab, model, output_bias=-1.0), dm, cfg, tmp_path / "b", max_epochs=1,
                   patience=None, keep_init=True, init_confidence=1 - 1e-15)  # fmt: skip
     assert res["best_epoch"] == -1
+
+
+def test_a_cluster_too_rare_to_judge_keeps_its_start(cfg_factory):
+    """At a 3% base rate on 4k rows each cluster's validation rows hold a handful of positives: fewer than
+    retrain.min_class_rows, so no cluster model is trained and iHAS routes to the narrowed searched model."""
+    from ihas_lightning import pipeline
+
+    cfg = cfg_factory("stage=all", "dataset=synthetic_ctr3", "dataset.rows=4000", "model.batch_size=256",
+                      "search.max_epochs=2", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
+                      "search.search_every=2", "evaluate.timing_repeats=1", "stage.train_base=false")  # fmt: skip
+    pipeline.run(cfg)
+    out = cfg.paths.output_dir
+    r = json.load(open(f"{out}/retrain/retrain.json"))
+    for c in r["clusters"]:
+        assert c["kept_start"] and "retrain.min_class_rows=10" in c["kept_start"]
+        assert c["best_epoch"] == -1 and c["epochs_run"] == 0

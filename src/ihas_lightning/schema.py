@@ -114,6 +114,7 @@ class RetrainConfig:
     max_epochs: int | None = MISSING
     patience: int | None = MISSING
     patience_steps: int | None = MISSING
+    min_class_rows: int = MISSING
     monitor: str = MISSING
     init: str | None = MISSING
     keep_threshold: float = MISSING

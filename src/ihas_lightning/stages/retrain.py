@@ -65,6 +65,8 @@ CONFIG_KEYS = [
     "retrain.max_epochs",
     "retrain.patience",
     "retrain.patience_steps",
+    "retrain.min_class_rows",
+    "search.tolerance",
     "retrain.init",
     "method.name",
     "method.retrain_init",
@@ -85,6 +87,9 @@ def check_cfg(cfg: DictConfig) -> None:
     from ..training import check_fit_cfg
 
     check_fit_cfg(cfg.retrain, "retrain")
+    mc = cfg.retrain.get("min_class_rows")
+    if not isinstance(mc, int) or isinstance(mc, bool) or mc < 0:
+        raise ConfigError(f"config key 'retrain.min_class_rows': must be an integer >= 0 (got {mc!r})")
     ps = cfg.retrain.get("patience_steps")
     if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
         raise ConfigError(
@@ -180,6 +185,18 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     return metrics
 
 
+def _too_few_to_judge(dm: Any, n: dict[str, int], need: int) -> str | None:
+    """Why the cluster's validation rows cannot show a trained model beats its start (None: they can):
+    fewer than ``need`` positives or negatives."""
+    rate = dm.positive_rate("val") if n["val"] else None
+    if rate is None:
+        return None
+    pos = int(round(rate * n["val"]))
+    if min(pos, n["val"] - pos) < need:
+        return f"{pos} positives / {n['val'] - pos} negatives in its validation rows (< retrain.min_class_rows={need})"
+    return None
+
+
 def _train_cluster(
     cfg: DictConfig,
     c: int,
@@ -249,6 +266,13 @@ def _train_cluster(
         c, n["train"], n["val"], n["test"], rate or 0.0, dims, sum(dims), module.model.num_parameters(), bs, init,
     )  # fmt: skip
     monitor = n["val"] > 0
+    epochs = int(cfg.retrain.max_epochs)
+    few = _too_few_to_judge(dm, n, int(cfg.retrain.min_class_rows))
+    if few and init in ("continue", "searched", "rewind") and monitor:
+        # too few positives (or negatives) among the cluster's validation rows to tell whether training
+        # helped: a 0.05%-CTR cluster was trained to predict 0 for every row and wrecked the pooled AUC
+        log.warning("retrain stage: cluster %d: %s; it keeps its start (no training)", c, few)
+        epochs = 0
     if not monitor:
         log.warning(
             "retrain stage: cluster %d has no val samples: no early stopping, the last epoch is kept", c
@@ -277,7 +301,7 @@ def _train_cluster(
             dm,
             cfg,
             tmp,
-            max_epochs=int(cfg.retrain.max_epochs),
+            max_epochs=epochs,
             patience=schedule.patience_epochs(
                 cfg.retrain.get("patience"),
                 schedule.batches_per_epoch(n["train"], bs),
@@ -300,6 +324,8 @@ def _train_cluster(
             else None
         )
         res["best_ckpt"] = str((cdir / BEST).resolve())
+        if epochs == 0:
+            res["best_epoch"] = -1  # the start
         metrics = {
             "cluster": c,
             "field_dims": dims,
@@ -311,6 +337,7 @@ def _train_cluster(
             "parameter_counts": module.model.parameter_counts(),
             **res,
             "resumed": False,
+            "kept_start": few if epochs == 0 else None,
         }
         if is_global_zero():
             write_json(tmp / "metrics.json", metrics)
