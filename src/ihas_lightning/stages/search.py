@@ -534,7 +534,7 @@ def sparsest_rule(cfg: DictConfig, out: Path, h0: float | None):
 
 def _select_gates_open(trainer, module, rule, out: Path) -> None:
     """The fallback of ``select=sparsest``: the pretrained weights with every gate open, as best.ckpt."""
-    state = torch.load(rule.pretrained_path, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(rule.pretrained_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     module.model.selector.open_all()
     module.eval_mode = "deterministic"
