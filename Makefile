@@ -32,65 +32,65 @@ test-all: install ## run every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
 
 bad-inputs: install ## 53 bad command lines: exit code and first line of each -> experiments/results/bad_inputs_after.{json,md}
-	$(PY) -m ihas_lightning.bench.bad_inputs
+	$(PY) -m experiments.bench.bad_inputs
 
 bench-serve: install ## inference, ~10 min: Base (as trained, folded) vs routed iHAS (exact, fast in one lookup, models only, onnxruntime) at batch 1/256/4096 on synthetic, 2M generated Criteo rows and a 1M-id shape -> experiments/results/bench_serve.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_serve
+	$(PY) -m experiments.bench.bench_serve
 
 bench-scale: install ## the whole pipeline on 5M generated Criteo rows (~8 min), per stage: seconds, rows/s, peak RSS; extrapolated to 45.8M rows -> experiments/results/bench_scale.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_scale $(BENCH_SCALE_ARGS)
+	$(PY) -m experiments.bench.bench_scale $(BENCH_SCALE_ARGS)
 
 ACCEL ?= gpu
 bench-gpu: install ## <= 5 min on one GPU: train samples/s (data on the device, fp32/bf16), routed rows/s, CPU/GPU AUC parity -> experiments/results/bench_gpu.json (ACCEL=cpu: the CPU dry run)
-	$(PY) -m ihas_lightning.bench.bench_gpu --accelerator $(ACCEL) $(if $(filter cpu,$(ACCEL)),--out experiments/results/bench_gpu_cpu_dryrun.json,)
+	$(PY) -m experiments.bench.bench_gpu --accelerator $(ACCEL) $(if $(filter cpu,$(ACCEL)),--out experiments/results/bench_gpu_cpu_dryrun.json,)
 
 bench: bench-data bench-train ## run all benchmarks (results in experiments/results/)
 
 bench-data: install ## preprocessing and loader throughput -> experiments/results/bench_data.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_data
+	$(PY) -m experiments.bench.bench_data
 
 bench-train: install ## training throughput vs a textbook dense-Adam loop, the optimizer's duplicate merge side by side, quiet vs one core busy, malloc tuning on vs off -> experiments/results/bench_{train,optim,train_load,train_alloc}.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_train
-	$(PY) -m ihas_lightning.bench.bench_optim
-	$(PY) -m ihas_lightning.bench.bench_load
-	$(PY) -m ihas_lightning.bench.bench_alloc
+	$(PY) -m experiments.bench.bench_train
+	$(PY) -m experiments.bench.bench_optim
+	$(PY) -m experiments.bench.bench_load
+	$(PY) -m experiments.bench.bench_alloc
 
 bench-train-alloc: install ## ~12 min: trainer.malloc_tuning on vs off, stage=search on 1M generated Criteo rows, quiet and one core busy -> experiments/results/bench_train_alloc.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_alloc
+	$(PY) -m experiments.bench.bench_alloc
 
 bench-fuxictr: install ## ~6 min: Base's training step vs FuxiCTR 2.3.10's (its BaseModel.train_step), quiet and one core busy -> experiments/results/bench_fuxictr.{json,md}
 	$(PIP) install -q -e '.[compare]'
-	$(PY) -m ihas_lightning.bench.bench_fuxictr
+	$(PY) -m experiments.bench.bench_fuxictr
 
 bench-fuxictr-e2e: install ## ~10 min: one epoch of Base as each user runs it, our CLI vs FuxiCTR 2.3.10's NpzDataLoader + train_epoch, on 800k generated Criteo rows, quiet and one core busy -> experiments/results/bench_fuxictr_e2e.{json,md}
 	$(PIP) install -q -e '.[compare]'
-	$(PY) -m ihas_lightning.bench.bench_fuxictr_e2e
+	$(PY) -m experiments.bench.bench_fuxictr_e2e
 
 bench-train-load: install ## ~14 min: Base and search samples/s quiet and with one core busy (thread settings side by side) -> experiments/results/bench_train_load.{json,md}
-	$(PY) -m ihas_lightning.bench.bench_load
+	$(PY) -m experiments.bench.bench_load
 
 acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments/results/synthetic_acceptance.{json,md}
-	$(PY) -m ihas_lightning.bench.acceptance $(ACCEPTANCE_ARGS)
+	$(PY) -m experiments.bench.acceptance $(ACCEPTANCE_ARGS)
 
 acceptance-real: install ## stage=all with the defaults on the real Criteo/Avazu samples (seeds 0-9) + synthetic seeds 5-14 -> experiments/results/acceptance_real.{json,md}
-	$(PY) -m ihas_lightning.bench.acceptance_real $(ACCEPTANCE_ARGS)
+	$(PY) -m experiments.bench.acceptance_real $(ACCEPTANCE_ARGS)
 
 baselines: install ## every method (base, ihas, adafs_soft/hard, autofield, optfs) via stage=all, seeds 0-2, synthetic + Criteo sample -> experiments/results/baselines.{json,md}
-	$(PY) -m ihas_lightning.bench.baselines $(BASELINES_ARGS)
+	$(PY) -m experiments.bench.baselines $(BASELINES_ARGS)
 
 tune: install ## the gate sweeps behind the real datasets' defaults (Hydra Optuna sweeper) -> experiments/results/tune_gate_*.{json,md}
 	$(PIP) install -q -e '.[dev,tune]'
-	OMP_NUM_THREADS=1 $(PY) -m ihas_lightning.bench.tune --dataset criteo
-	OMP_NUM_THREADS=1 $(PY) -m ihas_lightning.bench.tune --dataset avazu
+	OMP_NUM_THREADS=1 $(PY) -m experiments.bench.tune --dataset criteo
+	OMP_NUM_THREADS=1 $(PY) -m experiments.bench.tune --dataset avazu
 
 lint: install ## ruff + the layer contract (import-linter: stages never import each other)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/ruff format --check src tests experiments
 	$(VENV)/bin/lint-imports
 
 format: install
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests experiments
+	$(VENV)/bin/ruff format src tests experiments
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun wandb .pytest_cache

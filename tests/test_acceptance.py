@@ -1,10 +1,10 @@
-"""The synthetic acceptance runner (``python -m ihas_lightning.bench.acceptance``): its verdicts and table."""
+"""The synthetic acceptance runner (``python -m experiments.bench.acceptance``): its verdicts and table."""
 
 from __future__ import annotations
 
 import pytest
 
-from ihas_lightning.bench import acceptance
+from experiments.bench import acceptance
 
 
 def _run(seed, gain, f1s):

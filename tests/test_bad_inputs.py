@@ -10,7 +10,7 @@ import pytest
 
 @pytest.mark.slow
 def test_every_bad_input_is_one_line_and_exit_2_before_training(tmp_path):
-    from ihas_lightning.bench import bad_inputs
+    from experiments.bench import bad_inputs
 
     assert bad_inputs.main(["--out", str(tmp_path / "bad"), "--label", "t"]) == 0
     rows = json.loads((tmp_path / "bad_t.json").read_text())

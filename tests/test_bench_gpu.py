@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.filterwarnings("ignore")
 def test_bench_gpu_dry_run_on_cpu(tmp_path):
-    from ihas_lightning.bench import bench_gpu
+    from experiments.bench import bench_gpu
 
     out = tmp_path / "bench_gpu.json"
     assert bench_gpu.main(["--accelerator", "cpu", "--quick", "--out", str(out)]) == 0

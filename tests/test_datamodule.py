@@ -282,7 +282,7 @@ def test_errors(prepared, tmp_path):
 
 
 def test_bench_loader_smoke(tmp_path):
-    from ihas_lightning.bench.bench_loader import bench_loader
+    from experiments.bench.bench_loader import bench_loader
 
     res = bench_loader(rows=3000, fields=5, batch_size=256, epochs=1)
     assert set(res["results"]) == {"in_memory", "streaming_w0", "streaming_w2"}

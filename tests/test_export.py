@@ -128,7 +128,7 @@ def test_a_service_scores_raw_criteo_rows_with_the_artifact_alone(cfg_factory, c
 def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path):
     """The serving benchmark's candidates compute the same probabilities; its timers run (no speed is
     asserted: speed lives in experiments/results/bench_serve.md)."""
-    from ihas_lightning.bench import bench_serve
+    from experiments.bench import bench_serve
 
     base, routed, x, info = bench_serve.criteo_shaped(total_ids=5000, rows=1024)
     assert info["fields"] == 39 and 4000 < info["ids"] < 6000
@@ -164,7 +164,7 @@ def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path)
 def test_the_low_rank_gate_is_the_gate_truncated_by_svd():
     """The bench's low-rank gate: rank r gives a gate weight of rank r that is the best rank-r
     approximation; at full rank it is the gate itself (to float error), and routing runs through it."""
-    from ihas_lightning.bench import bench_serve
+    from experiments.bench import bench_serve
 
     _, routed, x, _ = bench_serve.criteo_shaped(total_ids=3000, rows=512)
     search = routed.search_model

@@ -313,7 +313,7 @@ def test_bench_train_load_runs_every_cell(tmp_path):
     import json
     import multiprocessing as mp
 
-    from ihas_lightning.bench import bench_load
+    from experiments.bench import bench_load
 
     bench_load.main(["--vocabs", "3000", "--batches", "10", "--loaded-batches", "8", "--rounds", "1",
                      "--textbook-batches", "4", "--warmup", "2", "--out", str(tmp_path)])  # fmt: skip
@@ -330,7 +330,7 @@ def test_bench_train_alloc_runs_the_cli_pair(tmp_path):
     off as subprocesses, their samples/s and page faults read back; no speed is asserted."""
     import json
 
-    from ihas_lightning.bench import bench_alloc
+    from experiments.bench import bench_alloc
 
     out = tmp_path / "alloc"
     bench_alloc.main(["--rows", "20000", "--rounds", "1", "--loads", "quiet", "--methods", "base",
@@ -347,8 +347,8 @@ def test_bench_train_alloc_runs_the_cli_pair(tmp_path):
 def test_bench_fuxictr_trains_fuxictrs_dnn(tmp_path):
     """The FuxiCTR side of make bench-fuxictr: its DNN over our fields learns on our batches."""
     pytest.importorskip("fuxictr", reason="FuxiCTR is installed only by make bench-fuxictr")
-    from ihas_lightning.bench.bench_fuxictr import as_dicts, fuxictr_dnn
-    from ihas_lightning.bench.bench_train import make_batches
+    from experiments.bench.bench_fuxictr import as_dicts, fuxictr_dnn
+    from experiments.bench.bench_train import make_batches
 
     vocab = [50] * 5
     batches = as_dicts(make_batches(vocab, 30, 512), len(vocab))
@@ -363,7 +363,7 @@ def test_bench_fuxictr_e2e_runs_both_epochs(tmp_path):
     pytest.importorskip("fuxictr", reason="FuxiCTR is installed only by make bench-fuxictr(-e2e)")
     import json
 
-    from ihas_lightning.bench import bench_fuxictr_e2e
+    from experiments.bench import bench_fuxictr_e2e
 
     out = tmp_path / "e2e"
     bench_fuxictr_e2e.main(["--rows", "30000", "--rounds", "1", "--loads", "quiet", "--out", str(out)])

@@ -24,6 +24,8 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path):
     whl = next(wheels.glob("ihas_lightning-*.whl"))
     names = zipfile.ZipFile(whl).namelist()
     assert "ihas_lightning/conf/config.yaml" in names and "ihas_lightning/conf/method/ihas.yaml" in names
+    # the lab (benchmarks, acceptance, tuning, bad inputs) lives in experiments/, not in the package
+    assert not [n for n in names if "/bench/" in n or n.startswith(("bench/", "experiments/"))], names
 
     # a fresh venv with the wheel; the other packages (torch, lightning, ...) from this environment
     venv = tmp_path / "venv"

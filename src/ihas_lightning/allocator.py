@@ -11,7 +11,7 @@ the main arena and the OpenMP workers' arenas), and more per step with 2 threads
 
 Fixed thresholds end that: blocks up to 32 MiB (glibc's largest mmap threshold on 64-bit) come from the
 heap, and up to 256 MiB of free heap top is kept for the next step. The faults drop to ~0 per step; the
-speed-up is measured side by side on the CLI path by ``bench/bench_alloc.py``. The cost is memory the
+speed-up is measured side by side on the CLI path by ``experiments/bench/bench_alloc.py``. The cost is memory the
 process keeps after a peak (at most the trim threshold above what is in use).
 
 The settings are process-wide and applied once, before the first fit; ``mallopt`` exists only in glibc,

@@ -56,7 +56,7 @@ class RowwiseAdam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     #: dedupe by a scan of the table's rows (no sort) when the table has at most this many rows per
-    #: looked-up id; 0 = always sort (``torch.unique``). Measured side by side by ``bench/bench_optim.py``
+    #: looked-up id; 0 = always sort (``torch.unique``). Measured side by side by ``experiments/bench/bench_optim.py``
     #: (the same weights bitwise; steps ~10% faster on a 55k-100k-id table, no gain past ~250k ids).
     scan_factor = 2
 

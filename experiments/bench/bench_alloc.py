@@ -39,7 +39,7 @@ METHODS = {
 def generated_criteo(work: Path, rows: int) -> list[str]:
     """``rows`` generated Criteo-format rows prepared once by ``stage=prepare`` under ``work``; the
     overrides that point a run at them (prepared data in ``work/data/criteo``)."""
-    from ..data.rawgen import generate
+    from ihas_lightning.data.rawgen import generate
 
     raw = generate("criteo", rows, work / "criteo_gen.txt")
     common = [
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "bench_train_alloc"))
     args = ap.parse_args(argv)
 
-    from ..utils import read_json
+    from ihas_lightning.utils import read_json
 
     t_start = time.time()
     cells: dict[str, dict[str, list[dict[str, Any]]]] = {}

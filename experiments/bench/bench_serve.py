@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models import DLRM
-from ..models.compact import compact
-from ..models.router import LinearRouter
-from ..routing import RoutedModel, cluster_features, dispatch
-from ..serving import ServingModule
+from ihas_lightning.models import DLRM
+from ihas_lightning.models.compact import compact
+from ihas_lightning.models.router import LinearRouter
+from ihas_lightning.routing import RoutedModel, cluster_features, dispatch
+from ihas_lightning.serving import ServingModule
 
 
 def _split(fn: Any) -> tuple[Any, Any]:
@@ -217,7 +217,7 @@ LOW_RANKS = (32, 64, 128)
 def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    from ..serving import load_run_config, load_run_models
+    from ihas_lightning.serving import load_run_config, load_run_models
 
     rm = load_run_models(load_run_config(run))
     if rm.routed is None:
@@ -238,8 +238,8 @@ def from_run(run: Path) -> tuple[DLRM, RoutedModel, torch.Tensor, dict[str, Any]
 def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, seed: int = 0):
     """A Criteo-shaped Base and routed iHAS with untrained weights (timing only): 13 numeric fields of
     100 values and the 26 categorical fields scaled from the full data's cardinalities to ~total_ids."""
-    from ..config import group_defaults
-    from ..data.rawgen import CRITEO_CARD
+    from ihas_lightning.config import group_defaults
+    from ihas_lightning.data.rawgen import CRITEO_CARD
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -272,9 +272,9 @@ def criteo_shaped(total_ids: int = 1_000_000, rows: int = 65536, k: int = 2, see
 def criteo_prepared(tmp: Path, rows: int, seed: int = 0) -> Path:
     """A trained routed iHAS run on ``rows`` generated Criteo-format rows (the raw generator, prepared
     with ``min_count=1``, every fit one epoch): the serving set with a realistic vocabulary."""
-    from ..config import compose
-    from ..data.rawgen import generate
-    from ..pipeline import run as run_all
+    from ihas_lightning.config import compose
+    from ihas_lightning.data.rawgen import generate
+    from ihas_lightning.pipeline import run as run_all
 
     raw = generate("criteo", rows, tmp / "criteo_gen.txt", seed=seed)
     run = tmp / "criteo_run"
@@ -300,14 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
                                "sets": {}}  # fmt: skip
-    from ..serving import load_run_config
+    from ihas_lightning.serving import load_run_config
 
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         run = Path(args.run) if args.run else None
         if run is None:
-            from ..config import compose
-            from ..pipeline import run as run_all
+            from ihas_lightning.config import compose
+            from ihas_lightning.pipeline import run as run_all
 
             run = tmp / "run"
             run_all(compose(["stage=all", "logger=none", f"paths.data_dir={tmp / 'data'}",

@@ -5,7 +5,7 @@ Measures one full training epoch (shuffled whole batches, consumed but not train
 directory it writes a Criteo-shaped one (13 ``I`` + 26 ``C`` fields of random ids, row groups of
 131072 rows) to a temporary directory first. ``bench_data`` stores the result; run alone::
 
-    python -m ihas_lightning.bench.bench_loader [--rows 2000000] [--fields 39] [--prepared-dir DIR]
+    python -m experiments.bench.bench_loader [--rows 2000000] [--fields 39] [--prepared-dir DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.feature_map import LABEL, FeatureMap, Field
+from ihas_lightning.data.feature_map import LABEL, FeatureMap, Field
 
 
 def write_random_prepared(
@@ -71,7 +71,7 @@ def bench_loader(
     epochs: int = 2,
 ) -> dict[str, Any]:
     """rows/s of a full train epoch per loader setting (best of ``epochs`` epochs)."""
-    from ..data.datamodule import IHASDataModule
+    from ihas_lightning.data.datamodule import IHASDataModule
 
     with tempfile.TemporaryDirectory(prefix="ihas-bench-loader-") as tmp:
         generated = prepared_dir is None
@@ -117,7 +117,7 @@ def bench_loader(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], prog="python -m ihas_lightning.bench.bench_loader"
+        description=__doc__.split("\n")[0], prog="python -m experiments.bench.bench_loader"
     )
     ap.add_argument("--prepared-dir", type=Path, default=None)
     ap.add_argument("--rows", type=int, default=2_000_000)

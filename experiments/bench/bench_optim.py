@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import DLRM
-from ..optim import RowwiseAdam
+from ihas_lightning.models import DLRM
+from ihas_lightning.optim import RowwiseAdam
+
 from .bench_train import RESULTS, criteo_like_vocab, make_batches
 
 

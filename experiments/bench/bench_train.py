@@ -48,11 +48,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models import DLRM
-from ..optim import build_embedding_optimizer
+from ihas_lightning.models import DLRM
+from ihas_lightning.optim import build_embedding_optimizer
 
 RESULTS = Path(
-    os.environ.get("IHAS_RESULTS_DIR", Path(__file__).resolve().parents[3] / "experiments" / "results")
+    os.environ.get("IHAS_RESULTS_DIR", Path(__file__).resolve().parents[2] / "experiments" / "results")
 )
 MODEL = {"embed_dim": 16, "hidden": [16, 8], "lr": 1e-3, "weight_decay": 1e-6, "batch_size": 2048}
 
@@ -90,7 +90,7 @@ def plain_loop(vocab: list[int], batches, kind: str, warmup: int, search_every: 
     every loop that trains this model does besides updating the embedding table -- the lookup, the MLP's
     forward and backward down to the looked-up rows, and the MLP's Adam -- so textbook / floor bounds how
     much faster than the textbook loop any loop can be (an embedding update that costs nothing)."""
-    from ..models import gate_regularizer
+    from ihas_lightning.models import gate_regularizer
 
     torch.manual_seed(0)
     search = kind == "textbook_search"
@@ -160,17 +160,17 @@ def lightning_run(
 ) -> dict[str, Any]:
     import lightning as L
 
-    from ..modules.ctr import CTRModule
-    from ..modules.search import SearchModule
-    from ..training import throughput_callback
+    from ihas_lightning.modules.ctr import CTRModule
+    from ihas_lightning.modules.search import SearchModule
+    from ihas_lightning.training import throughput_callback
 
     torch.manual_seed(0)
     model = dict(MODEL, embedding_optimizer="sparse_adam")
     if method == "base":
         module = CTRModule(vocab, model)
     elif method != "search":
-        from .. import method as methods
-        from ..config import compose
+        from ihas_lightning import method as methods
+        from ihas_lightning.config import compose
 
         cfg = compose([f"method={method}"], output_dir=tempfile.mkdtemp())
         every = cfg.method.get("search_every")
@@ -199,8 +199,8 @@ def lightning_run(
 
 def auc_parity(seeds: list[int], epochs: int, rows: int, data_dir: str) -> dict[str, Any]:
     """Base model, sparse_adam vs dense_adam, on the planted synthetic dataset: val/test AUC per seed."""
-    from ..config import compose
-    from ..stages.search import run
+    from ihas_lightning.config import compose
+    from ihas_lightning.stages.search import run
 
     per: dict[str, list[dict[str, float]]] = {"sparse_adam": [], "dense_adam": []}
     for seed in seeds:
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    from ..allocator import tune
+    from ihas_lightning.allocator import tune
 
     tune()  # as the CLI does (trainer.malloc_tuning=true); the textbook loops run under it too
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from ..utils import write_json
+    from ihas_lightning.utils import write_json
 
     write_json(out / "bench_train.json", res)
     (out / "bench_train.md").write_text(to_markdown(res))

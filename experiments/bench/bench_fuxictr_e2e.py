@@ -89,7 +89,7 @@ def write_npz(prepared: Path, path: Path) -> list[int]:
     """The prepared train split as FuxiCTR's npz (columns f0..f{F-1}, label); the vocabulary sizes."""
     import pyarrow.parquet as pq
 
-    from ..utils import read_json
+    from ihas_lightning.utils import read_json
 
     fmap = read_json(prepared / "feature_map.json")
     names = [f["name"] for f in fmap["fields"]]
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "bench_fuxictr_e2e: FuxiCTR is not installed (make bench-fuxictr installs it)"
         ) from None
     warnings.filterwarnings("ignore")
-    from ..allocator import tune
-    from ..threads import usable_cores
+    from ihas_lightning.allocator import tune
+    from ihas_lightning.threads import usable_cores
 
     tune()  # FuxiCTR's process gets the same malloc settings as ours
     cores = usable_cores()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..stats import mean_ci, verdict  # noqa: F401 - re-exported for the bench scripts
+from ihas_lightning.stats import mean_ci, verdict  # noqa: F401 - re-exported for the bench scripts
 
 # the shared real samples (relative to ``shared/``) and how each is split
 SAMPLES = {
@@ -21,7 +21,7 @@ SAMPLES = {
 
 
 def shared_dir() -> Path:
-    return Path(os.environ.get("IHAS_SHARED_DIR", Path(__file__).resolve().parents[3].parent / "shared"))
+    return Path(os.environ.get("IHAS_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
 
 
 def sample_overrides(dataset: str, split: str, prepared_root: Path) -> list[str]:

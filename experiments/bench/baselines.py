@@ -29,7 +29,7 @@ from .runs import fmt, fmt_ci, mean_ci, run_stage_all, sample_overrides, verdict
 
 METHODS = ["base", "ihas", "adafs_soft", "adafs_hard", "autofield", "optfs"]
 RESULTS = Path(
-    os.environ.get("IHAS_RESULTS_DIR", Path(__file__).resolve().parents[3] / "experiments" / "results")
+    os.environ.get("IHAS_RESULTS_DIR", Path(__file__).resolve().parents[2] / "experiments" / "results")
 )
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from ..utils import write_json
+    from ihas_lightning.utils import write_json
 
     write_json(out / "baselines.json", res)
     (out / "baselines.md").write_text(to_markdown(res))

@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from ..config import compose
-    from ..data.rawgen import generate
-    from ..utils import read_json
+    from ihas_lightning.config import compose
+    from ihas_lightning.data.rawgen import generate
+    from ihas_lightning.utils import read_json
 
     with tempfile.TemporaryDirectory() as td:
         work = Path(args.work) if args.work else Path(td)

@@ -83,10 +83,11 @@ def lightning_fit(
     import lightning as L
     from omegaconf import OmegaConf
 
-    from .. import threads
-    from ..modules.ctr import CTRModule
-    from ..modules.search import SearchModule
-    from ..training import build_trainer, throughput_callback
+    from ihas_lightning import threads
+    from ihas_lightning.modules.ctr import CTRModule
+    from ihas_lightning.modules.search import SearchModule
+    from ihas_lightning.training import build_trainer, throughput_callback
+
     from .bench_train import GATE, MODEL, _Batches
 
     torch.set_num_threads(1 if setting == "one" else cores)
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "ihas_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from ..allocator import tune
-    from ..threads import usable_cores
+    from ihas_lightning.allocator import tune
+    from ihas_lightning.threads import usable_cores
 
     tune()  # as the CLI does (trainer.malloc_tuning=true)
     cores = usable_cores()

@@ -11,8 +11,8 @@ Writes ``experiments/results/tune_gate_<setting>.{json,md}`` (every trial and th
 table); the chosen values go to ``conf/dataset/<dataset>.yaml`` by hand, with a pointer to the file.
 Test metrics are recorded for the record only and never used to choose. ::
 
-    python -m ihas_lightning.bench.tune --dataset criteo            # sweep + confirmation
-    python -m ihas_lightning.bench.tune --dataset avazu --sweep-dir <existing sweep dir>
+    python -m experiments.bench.tune --dataset criteo            # sweep + confirmation
+    python -m experiments.bench.tune --dataset avazu --sweep-dir <existing sweep dir>
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-from ..utils import write_json
+from ihas_lightning.utils import write_json
+
 from .runs import fmt, mean_ci, run_stage_all, sample_overrides, summarize_run
 
 TUNED = ["method.gate.lr", "method.gate.lambda_reg", "method.gate.init_bias", "method.gate.input_norm",
@@ -130,7 +131,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Gate sweep: {r['setting']} ({r['date']})",
         "",
-        "`python -m ihas_lightning.bench.tune` (see its docstring). Objective: the routed iHAS VALIDATION "
+        "`python -m experiments.bench.tune` (see its docstring). Objective: the routed iHAS VALIDATION "
         "AUC of `stage=all`; test AUC is shown for the record and was not used.",
         "",
         f"## Confirmation of the best trials on seeds {', '.join(map(str, r['confirm_seeds']))}",

@@ -16,7 +16,7 @@ repeats that on a tiny file to get the fixed baseline memory, and extrapolates t
 It then calls ``bench_loader`` (loader throughput on the prepared output) when that module is
 present, and writes ``experiments/results/bench_data.{json,md}``::
 
-    python -m ihas_lightning.bench.bench_data [--rows 5000000] [--format criteo] [--keep DIR]
+    python -m experiments.bench.bench_data [--rows 5000000] [--format criteo] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data import rawgen
-from ..data.feature_map import FeatureMap
-from ..utils import write_json
+from ihas_lightning.data import rawgen
+from ihas_lightning.data.feature_map import FeatureMap
+from ihas_lightning.utils import write_json
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 FULL_ROWS = {"criteo": rawgen.CRITEO_ROWS, "avazu": rawgen.AVAZU_ROWS}
 FULL_DISTINCT = {"criteo": sum(rawgen.CRITEO_CARD), "avazu": 9_449_445}
 TARGET_S = 600.0
@@ -234,7 +234,7 @@ def write_report(res: dict[str, Any], out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], prog="python -m ihas_lightning.bench.bench_data"
+        description=__doc__.split("\n")[0], prog="python -m experiments.bench.bench_data"
     )
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--format", choices=["criteo", "avazu"], default="criteo")

@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "ihas_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    from ..allocator import tune
-    from ..threads import usable_cores
+    from ihas_lightning.allocator import tune
+    from ihas_lightning.threads import usable_cores
 
     tune()  # as the CLI does
     cores = usable_cores()

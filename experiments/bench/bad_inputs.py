@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..data.rawgen import generate
+from ihas_lightning.data.rawgen import generate
 
 BASE = ["stage=all", "trainer=debug", "logger=none"]
 SYNTHETIC = ["dataset=synthetic", "dataset.rows=4000"]  # unless a case names its dataset

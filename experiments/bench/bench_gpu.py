@@ -8,7 +8,7 @@ CPU/accelerator AUC parity, in one prepared script of at most ~5 minutes. Writes
    ids, with ``IHASDataModule(device_resident=True)``: the split lives on the device and a batch is an
    index_select there. Warm-up batches are not timed (``throughput_callback``).
 2. **Routed inference rows/s** at batch 8192: Base, routed iHAS (exact routing and the distilled
-   router) on a Criteo-shaped model (:func:`ihas_lightning.bench.bench_serve.criteo_shaped`).
+   router) on a Criteo-shaped model (:func:`experiments.bench.bench_serve.criteo_shaped`).
 3. **AUC parity**: ``stage=all`` on the synthetic data on the CPU and on the accelerator (same seed);
    the routed iHAS test AUC must agree within 0.001.
 
@@ -41,11 +41,12 @@ def train_throughput(prepared: Path, method: str, batch_size: int, precision: st
                      batches: int, warmup: int) -> dict[str, Any]:  # fmt: skip
     import lightning as L
 
-    from ..data.datamodule import IHASDataModule
-    from ..data.feature_map import FeatureMap
-    from ..modules.ctr import CTRModule
-    from ..modules.search import SearchModule
-    from ..training import throughput_callback
+    from ihas_lightning.data.datamodule import IHASDataModule
+    from ihas_lightning.data.feature_map import FeatureMap
+    from ihas_lightning.modules.ctr import CTRModule
+    from ihas_lightning.modules.search import SearchModule
+    from ihas_lightning.training import throughput_callback
+
     from .bench_train import GATE, MODEL
 
     fm = FeatureMap.load(prepared)
@@ -99,9 +100,9 @@ def routed_throughput(accelerator: str, ids: int, rows: int, batch: int = 8192) 
 
 
 def auc_parity(accelerator: str, tmp: Path, quick: bool) -> dict[str, Any]:
-    from ..config import compose
-    from ..pipeline import run as run_all
-    from ..utils import read_json
+    from ihas_lightning.config import compose
+    from ihas_lightning.pipeline import run as run_all
+    from ihas_lightning.utils import read_json
 
     extra = ["search.max_epochs=1", "search.pretrain.max_epochs=1", "search.pretrain.patience=null",
              "search.search_every=2", "retrain.max_epochs=1", "dataset.rows=3000"] if quick else []  # fmt: skip
