@@ -278,9 +278,9 @@ def test_our_training_step_does_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
 
 
-def test_deterministic_runs_keep_one_thread_count(monkeypatch):
-    """trainer.deterministic=true: auto is the usable cores for the whole run (no tuner, the log says
-    so); the default re-chooses while training; an integer is never re-chosen."""
+def test_auto_keeps_one_thread_count_and_adaptive_is_opt_in(monkeypatch):
+    """The default, auto, is the usable cores for the whole run (no tuner, the log says so); adaptive
+    re-chooses while training, except under trainer.deterministic=true; an integer is never re-chosen."""
     import torch
     from omegaconf import OmegaConf
 
@@ -292,7 +292,8 @@ def test_deterministic_runs_keep_one_thread_count(monkeypatch):
         tuners = {}
         for name, over in {
             "default": {},
-            "deterministic": {"deterministic": True},
+            "adaptive": {"threads": "adaptive"},
+            "deterministic": {"threads": "adaptive", "deterministic": True},
             "fixed": {"threads": 2},
         }.items():
             cfg = OmegaConf.create(
@@ -300,11 +301,14 @@ def test_deterministic_runs_keep_one_thread_count(monkeypatch):
             )
             tr = build_trainer(cfg, 1, [], None, Path("."), enable_checkpointing=False)
             tuners[name] = [c for c in tr.callbacks if type(c).__name__ == "ThreadTuner"]
-        assert len(tuners["default"]) == 1 and not tuners["deterministic"] and not tuners["fixed"]
+        assert len(tuners["adaptive"]) == 1
+        assert not tuners["default"] and not tuners["deterministic"] and not tuners["fixed"]
     finally:
         torch.set_num_threads(before)
-    assert "kept for the whole run" in threads.choose("auto", cores=2, jobs=1, adaptive=False)[1]
-    assert "re-chosen" in threads.choose("auto", cores=2, jobs=1)[1]
+    assert "kept for the whole run" in threads.choose("auto", cores=2, jobs=1)[1]
+    assert "kept for the whole run" in threads.choose("adaptive", cores=2, jobs=1, deterministic=True)[1]
+    assert "re-chosen" in threads.choose("adaptive", cores=2, jobs=1)[1]
+    assert threads.choose("adaptive", cores=8, jobs=2)[0] == threads.choose("auto", cores=8, jobs=2)[0] == 4
 
 
 def test_bench_train_load_runs_every_cell(tmp_path):
@@ -322,6 +326,7 @@ def test_bench_train_load_runs_every_cell(tmp_path):
     assert all("skipped_probes" in r and key in r["skipped_probes"] for key in r["cells"])
     loaded = [k for k in r["ratios"] if k.endswith("one core busy")]
     assert loaded and "base/auto loaded / quiet" in r["ratios"][loaded[0]]
+    assert "base/adaptive vs auto" in r["ratios"][loaded[0]]
     assert not [p for p in mp.active_children() if p.is_alive()]  # the spinner is gone
 
 

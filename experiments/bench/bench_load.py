@@ -4,11 +4,12 @@ and with one core kept busy by a spinning process that this benchmark starts and
 
 Thread settings, side by side in one process on the same batches:
 
-* ``auto``  -- the default: ``trainer.threads=auto`` (the usable cores), re-chosen while the fit runs
+* ``adaptive`` -- opt-in ``trainer.threads=adaptive``: the usable cores, re-chosen while the fit runs
   from step times and the load of other processes (:func:`ihas_lightning.threads.thread_tuner`, added by
-  ``training.build_trainer``);
-* ``fixed`` -- the usable cores, never re-checked (the previous default);
-* ``one``   -- 1 thread;
+  ``training.build_trainer``); the default before issue 30;
+* ``auto``     -- the default ``trainer.threads=auto``: the usable cores chosen once, kept for the whole
+  run (bitwise reproducible under any load);
+* ``one``      -- 1 thread;
 
 plus the textbook dense-Adam loop (1 thread and the usable cores; the faster one is the reference) and the
 floor: the same loop without the embedding update (``plain_loop(kind="floor")``), so floor / textbook is
@@ -35,7 +36,7 @@ import torch
 
 from .bench_train import RESULTS, criteo_like_vocab, make_batches, plain_loop
 
-SETTINGS = ("auto", "fixed", "one")
+SETTINGS = ("adaptive", "auto", "one")
 
 
 def _spin(core: int) -> None:  # pragma: no cover - runs in the spinner process
@@ -104,7 +105,7 @@ def lightning_fit(
     thr = throughput_callback(skip_batches=warmup)
     cfg = OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                                         "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                                        "threads": "auto" if setting == "auto" else cores}})  # fmt: skip
+                                        "threads": setting if setting in ("auto", "adaptive") else cores}})  # fmt: skip
     trainer = build_trainer(cfg, 1, [thr], None, Path("."), enable_checkpointing=False)
     assert isinstance(trainer, L.Trainer)
     trainer.fit(module, train_dataloaders=_Batches(batches))
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["cells"][key] = {k: round(v) for k, v in best.items()}
             # the same round's settings run back to back: their ratio is less exposed to the machine's drift
             res.setdefault("paired", {})[key] = {
-                f"{m}/auto vs one": round(statistics.median(a / b for a, b in zip(runs[f"{m}/auto"], runs[f"{m}/one"])), 2)
-                for m in ("base", "search")
+                f"{m}/{s} vs {t}": round(statistics.median(a / b for a, b in zip(runs[f"{m}/{s}"], runs[f"{m}/{t}"])), 2)
+                for m in ("base", "search") for s, t in (("adaptive", "one"), ("adaptive", "auto"))
             }  # fmt: skip
             res.setdefault("runs", {})[key] = {k: [round(x) for x in v] for k, v in runs.items()}
             res.setdefault("probe_share", {})[key] = {
@@ -180,11 +181,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios: dict[str, Any] = {}
     for key, c in res["cells"].items():
         ratios[key] = {
-            f"{m}/auto vs textbook": round(c[f"{m}/auto"] / c["textbook"], 2) for m in ("base", "search")
+            f"{m}/{s} vs textbook": round(c[f"{m}/{s}"] / c["textbook"], 2)
+            for m in ("base", "search")
+            for s in ("auto", "adaptive")
         }
         ratios[key]["floor vs textbook (the most any loop can gain)"] = round(c["floor"] / c["textbook"], 2)
         ratios[key].update(
-            {f"{m}/auto vs one": round(c[f"{m}/auto"] / c[f"{m}/one"], 2) for m in ("base", "search")}
+            {
+                f"{m}/{s} vs {t}": round(c[f"{m}/{s}"] / c[f"{m}/{t}"], 2)
+                for m in ("base", "search")
+                for s, t in (("adaptive", "one"), ("adaptive", "auto"))
+            }
         )
         if key.endswith("one core busy"):
             q = res["cells"][key.replace("one core busy", "quiet")]
@@ -204,38 +211,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     md = [f"# Training speed quiet and with one core busy ({r['cores']} usable cores, torch {r['torch']})", "",
           "Samples/s through `lightning.Trainer` (the modules and trainer callbacks of `stage=search`), batch "
-          f"{r['batch']}, {r['statistic']} ({r['rounds']}). `auto`: the default (usable cores, re-chosen while "
-          "the fit runs from step times and other processes' load); `fixed`: the usable cores, never re-checked (the previous default); "
+          f"{r['batch']}, {r['statistic']} ({r['rounds']}). `adaptive`: opt-in (usable cores, re-chosen while "
+          "the fit runs from step times and other processes' load; the default before issue 30); `auto`: the default, the usable cores "
+          "chosen once and kept (bitwise reproducible); "
           "`one`: 1 thread. `textbook`: the dense-Adam loop (the faster of 1 thread and the usable cores); "
           "`floor`: that loop without the embedding update (lookup, MLP forward and backward down to the "
           "looked-up rows, MLP Adam), the most any loop that trains this model can reach. "
           "The busy core: a process spinning on it, started and stopped by the benchmark.", "",
-          "| vocabulary / load | base auto | base fixed | base one | search auto | search fixed | search one | textbook | floor |",
+          "| vocabulary / load | base adaptive | base auto | base one | search adaptive | search auto | search one | textbook | floor |",
           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, c in r["cells"].items():
         md.append(f"| {key} | " + " | ".join(f"{c[k]:,}" for k in (
-            "base/auto", "base/fixed", "base/one", "search/auto", "search/fixed", "search/one", "textbook", "floor")) + " |")  # fmt: skip
+            "base/adaptive", "base/auto", "base/one", "search/adaptive", "search/auto", "search/one", "textbook", "floor")) + " |")  # fmt: skip
     md += ["", "| vocabulary / load | ratios (of the fastest rounds) |", "|---|---|"]
     for key, rr in r["ratios"].items():
         md.append(f"| {key} | " + ", ".join(f"{k} {v:.2f}" for k, v in rr.items()) + " |")
     if r.get("paired"):
-        md += ["", "Auto vs 1 thread, paired: the median over rounds of each round's ratio (the fits of a round run "
+        md += ["", "Adaptive vs 1 thread and vs auto, paired: the median over rounds of each round's ratio (the fits of a round run "
                "back to back, in reversed order every other round, so a drift of the machine's speed between rounds "
-               "cancels). Probing: the median share of auto's timed fit spent at the count it was checking, "
+               "cancels). Probing: the median share of adaptive's timed fit spent at the count it was checking, "
                "an upper bound of what re-checking cost; skipped: the median number of probes of more threads "
                "a fit skipped because other processes kept the spare core busy:", "",
-               "| vocabulary / load | base auto / one | search auto / one | per round (base; search) | "
-               "auto's time probing the other count (base; search) | skipped probes (base; search) |",
-               "|---|---|---|---|---|---|"]  # fmt: skip
+               "| vocabulary / load | base adaptive / one | search adaptive / one | base adaptive / auto | "
+               "search adaptive / auto | per round, adaptive / one (base; search) | "
+               "adaptive's time probing the other count (base; search) | skipped probes (base; search) |",
+               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for key, pr in r["paired"].items():
             ru = r["runs"][key]
-            per = "; ".join(", ".join(f"{a / b:.2f}" for a, b in zip(ru[f"{m}/auto"], ru[f"{m}/one"]))
+            per = "; ".join(", ".join(f"{a / b:.2f}" for a, b in zip(ru[f"{m}/adaptive"], ru[f"{m}/one"]))
                             for m in ("base", "search"))  # fmt: skip
             ps = r.get("probe_share", {}).get(key, {})
             probe = "; ".join(f"{100 * ps[m]:.1f}%" if m in ps else "-" for m in ("base", "search"))
             sk = r.get("skipped_probes", {}).get(key, {})
             skip = "; ".join(f"{sk[m]:g}" if m in sk else "-" for m in ("base", "search"))
-            md.append(f"| {key} | {pr['base/auto vs one']:.2f} | {pr['search/auto vs one']:.2f} | {per} | {probe} "
+            md.append(f"| {key} | {pr['base/adaptive vs one']:.2f} | {pr['search/adaptive vs one']:.2f} "
+                      f"| {pr['base/adaptive vs auto']:.2f} | {pr['search/adaptive vs auto']:.2f} | {per} | {probe} "
                       f"| {skip} |")  # fmt: skip
     md += ["", f"{r['seconds']:.0f} s.", ""]
     return "\n".join(md)

@@ -1,6 +1,11 @@
 """How many torch threads a run uses (``trainer.threads``, default ``auto``), chosen once per process.
 
-``auto`` = the cores this process may use, divided by the jobs of a multirun that run at once:
+``auto`` = the cores this process may use, divided by the jobs of a multirun that run at once, chosen
+once at the start of the run and kept for the whole run, so a seed gives the same numbers under any
+load. ``adaptive`` starts from the same count and re-chooses it while training from step times and
+the load of other processes (:func:`thread_tuner`): faster on a busy machine, but a switch changes the
+numbers in the last bits (not under ``trainer.deterministic=true``, which keeps the count).
+
 
 * cores: the CPU affinity mask (``taskset``, SLURM's ``--cpus-per-task``), capped by a cgroup CPU
   quota (containers, CI) -- cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``;
@@ -24,6 +29,7 @@ from .errors import ConfigError
 
 log = logging.getLogger("ihas_lightning")
 AUTO = "auto"
+ADAPTIVE = "adaptive"
 _CHOSEN: dict[str, Any] = {}
 
 
@@ -74,31 +80,40 @@ def parallel_jobs(cores: int) -> int:
 
 
 def check(value: Any) -> None:
-    if value == AUTO or value is None:
+    if value in (AUTO, ADAPTIVE) or value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"config key 'trainer.threads': must be 'auto' or an integer >= 1 (got {value!r})")
+        raise ConfigError(
+            f"config key 'trainer.threads': must be 'auto', 'adaptive' or an integer >= 1 (got {value!r})"
+        )
+
+
+def adapts(value: Any, deterministic: Any = False) -> bool:
+    """Whether the count is re-chosen while training: only ``adaptive``, and not when deterministic."""
+    return value == ADAPTIVE and not deterministic
 
 
 def choose(
-    value: Any, cores: int | None = None, jobs: int | None = None, adaptive: bool = True
+    value: Any, cores: int | None = None, jobs: int | None = None, deterministic: Any = False
 ) -> tuple[int, str]:
-    """(threads, why) for a ``trainer.threads`` value; ``adaptive``: ``auto`` is re-chosen while a fit
-    runs (:func:`thread_tuner`; not under ``trainer.deterministic=true``)."""
+    """(threads, why) for a ``trainer.threads`` value: ``auto`` is kept for the whole run, ``adaptive``
+    is re-chosen while a fit runs (:func:`thread_tuner`; not under ``trainer.deterministic=true``)."""
     check(value)
-    if value not in (AUTO, None):
+    if value not in (AUTO, ADAPTIVE, None):
         return int(value), "trainer.threads"
     cores = usable_cores() if cores is None else cores
     jobs = parallel_jobs(cores) if jobs is None else jobs
     n = max(1, cores // jobs)
-    tuned = (
-        ""
-        if n == 1
-        else f"; while training: re-chosen up to {n} from step times and free cores, the first fit at 1"
-        if adaptive
-        else "; kept for the whole run (trainer.deterministic=true)"
-    )
-    return n, f"auto: {cores} usable core(s) / {jobs} parallel job(s){tuned}"
+    name = ADAPTIVE if value == ADAPTIVE else AUTO
+    if n == 1:
+        tuned = ""
+    elif adapts(value, deterministic):
+        tuned = f"; while training: re-chosen up to {n} from step times and free cores, the first fit at 1"
+    elif value == ADAPTIVE:
+        tuned = "; kept for the whole run (trainer.deterministic=true)"
+    else:
+        tuned = "; kept for the whole run"
+    return n, f"{name}: {cores} usable core(s) / {jobs} parallel job(s){tuned}"
 
 
 def apply(cfg: Any) -> int:
@@ -106,7 +121,7 @@ def apply(cfg: Any) -> int:
     import torch
 
     tcfg = cfg.get("trainer") or {}
-    threads, why = choose(tcfg.get("threads", AUTO), adaptive=not tcfg.get("deterministic"))
+    threads, why = choose(tcfg.get("threads", AUTO), deterministic=tcfg.get("deterministic"))
     if _CHOSEN.get("threads") != threads:
         torch.set_num_threads(threads)
         if not _CHOSEN:
@@ -190,7 +205,7 @@ def thread_tuner(
     backoff: int = 4,
     load: Any = None,
 ):
-    """``trainer.threads=auto`` while a fit runs: re-choose the thread count, up to ``max_threads``, from
+    """``trainer.threads=adaptive`` (opt-in) while a fit runs: re-choose the thread count, up to ``max_threads``, from
     the measured step times and the load of other processes (a Lightning callback).
 
     Why: the cores a process may use are not the cores that are free. When another process keeps a core
@@ -222,9 +237,9 @@ def thread_tuner(
     tested here), but PyTorch's vectorised elementwise kernels split their range by thread count and
     compute each chunk's tail on the scalar path: at a 409-row batch of the 624-wide gate, 1 of 255,216
     sigmoid values differs between 1 and 2 threads. So a run that the tuner switched is not bitwise
-    reproducible when the machine's load differs; with ``trainer.deterministic=true`` (or an integer
-    ``trainer.threads``) ``auto`` keeps one count for the whole run and the same seed gives the same
-    numbers."""
+    reproducible when the machine's load differs. That is why the default, ``auto``, keeps one count for
+    the whole run (as do ``adaptive`` under ``trainer.deterministic=true`` and an integer): the same
+    seed gives the same numbers."""
     import statistics
     import time
 

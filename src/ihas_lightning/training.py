@@ -128,13 +128,13 @@ def build_trainer(cfg: DictConfig, max_epochs: int, callbacks: list, logger: Any
     import lightning as L
 
     kw = trainer_kwargs(cfg)
-    from .threads import AUTO, thread_tuner
+    from .threads import AUTO, adapts, thread_tuner
 
     tcfg = cfg.get("trainer") or {}
-    if tcfg.get("threads", AUTO) in (AUTO, None) and not tcfg.get("deterministic"):
+    if adapts(tcfg.get("threads", AUTO), tcfg.get("deterministic")):
         import torch
 
-        if torch.get_num_threads() > 1:  # auto: re-chosen while the fit runs (not under deterministic:
+        if torch.get_num_threads() > 1:  # adaptive: re-chosen while the fit runs (opt-in, not the default:
             # a different count can change the numbers in the last bits, see threads.thread_tuner)
             callbacks = [*callbacks, thread_tuner(torch.get_num_threads())]
     kw.update(
