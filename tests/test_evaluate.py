@@ -65,3 +65,66 @@ def test_case_study_matrix_equals_a_loop_over_models_and_clusters():
         assert abs(c["own_minus_others_auc"] - (cs["auc"][j][j] - sum(others) / 2)) < 1e-12
         assert c["own_is_best_auc"] == (cs["auc"][j][j] >= max(others))
     assert cs["samples"] == [int((clusters == j).sum()) for j in range(3)]
+
+
+def test_vectorised_majority_rule_equals_the_cluster_stage():
+    import numpy as np
+
+    from ihas_lightning.stages.cluster import majority_dims
+    from ihas_lightning.stats import majority_field_dims
+
+    rng = np.random.default_rng(0)
+    mean = rng.random((3, 4 * 5))
+    mean[1] *= 0.3  # every dim below the threshold: the fallback keeps the top embed_dim dims
+    mean[2, :3] = mean[2, 3]  # ties
+    want, _, fallback = majority_dims(mean.copy(), 4, 5, 0.5)
+    assert fallback == [False, True, False]
+    got = majority_field_dims(mean, 4, 5, 0.5)
+    assert got.tolist() == want
+    batched = majority_field_dims(np.stack([mean, mean[::-1].copy()]), 4, 5, 0.5)
+    assert batched[1].tolist() == majority_dims(mean[::-1].copy(), 4, 5, 0.5)[0]
+
+
+def test_heterogeneity_statistic_and_its_permutation_null():
+    import torch
+
+    from ihas_lightning.stats import dims_difference, heterogeneity_test
+
+    assert float(dims_difference(torch.tensor([[2, 0, 4], [0, 0, 1]]))) == (2 + 0 + 3) / 3
+    # three clusters: the mean over the three pairs
+    d3 = torch.tensor([[1, 1], [3, 1], [1, 5]])
+    assert abs(float(dims_difference(d3)) - (1.0 + 2.0 + 3.0) / 3) < 1e-12
+    g = torch.Generator().manual_seed(0)
+    n, f, d = 600, 3, 4
+    assign = torch.arange(n) % 2
+    # cluster 0 opens field 0's dims, cluster 1 field 2's (each row 90% of its cluster's pattern)
+    pattern = torch.zeros(2, f * d)
+    pattern[0, :d] = 1
+    pattern[1, 2 * d :] = 1
+    masks = (torch.rand(n, f * d, generator=g) < 0.9).float() * pattern[assign]
+    # keep_threshold 0.3: a permuted cluster's mean mask of fields 0 and 2 is ~0.45, well above it (at
+    # 0.5 it would sit on the threshold and the null would flip dims at random: the null's job to show)
+    het = heterogeneity_test(masks, assign, 2, f, d, 0.3, permutations=99, seed=1)
+    assert het["statistic"] == (4 + 0 + 4) / 3
+    assert het["p_value"] == 1 / 100 and het["null_mean"] == 0.0
+    edge = heterogeneity_test(masks, assign, 2, f, d, 0.5, permutations=99, seed=1)
+    assert edge["statistic"] == het["statistic"] and edge["p_value"] > 0.05 and edge["null_mean"] > 1.0
+    # no difference between the clusters: not significant
+    same = (torch.rand(n, f * d, generator=g) < 0.9).float() * pattern[0]
+    het0 = heterogeneity_test(same, assign, 2, f, d, 0.3, permutations=99, seed=1)
+    assert het0["statistic"] == 0.0 and het0["p_value"] == 1.0
+    assert heterogeneity_test(masks, assign, 2, f, d, 0.3, 99, seed=1) == het  # seeded
+
+
+def test_timing_sample_is_fixed_size_and_seeded():
+    import torch
+
+    from ihas_lightning.stages.evaluate import timing_sample
+
+    xs = [torch.arange(10).view(5, 2), torch.arange(10, 16).view(3, 2)]
+    x, replaced = timing_sample(xs, 20, 0)
+    assert x.shape == (20, 2) and replaced
+    assert torch.equal(x, timing_sample(xs, 20, 0)[0])
+    y, replaced = timing_sample(xs, 4, 0)
+    assert y.shape == (4, 2) and not replaced and len({tuple(r) for r in y.tolist()}) == 4
+    assert timing_sample([], 5, 0)[0].numel() == 0

@@ -68,3 +68,87 @@ def paired_auc_difference(y: Any, a: Any, b: Any, level: float = 0.95) -> dict[s
     se = math.sqrt(max(var, 0.0))
     half = float(stats.norm.ppf(0.5 + level / 2)) * se
     return {"diff": diff, "se": se, "ci": [diff - half, diff + half], "level": level}
+
+
+# ---- heterogeneity of the clusters' architectures (the instance-wise claim) ---------------------------
+def majority_field_dims(mean_mask: Any, num_fields: int, embed_dim: int, threshold: float) -> Any:
+    """The retraining stage's majority rule (:func:`ihas_lightning.stages.cluster.majority_dims`),
+    vectorised over a leading batch: ``mean_mask`` [..., K, F*d] -> kept dims per field [..., K, F]
+    (int64). A dim is kept when its mean mask in the cluster is ``>= threshold``; a cluster with no dim
+    kept keeps its ``embed_dim`` highest-mean-mask dims (ties: the lower index), as the stage does."""
+    import torch
+
+    m = torch.as_tensor(mean_mask)
+    keep = m >= threshold
+    none = ~keep.any(-1)
+    if bool(none.any()):
+        order = torch.sort(-m, dim=-1, stable=True).indices[..., :embed_dim]
+        top = torch.zeros_like(keep).scatter_(-1, order, True)
+        keep = torch.where(none.unsqueeze(-1), top, keep)
+    return keep.reshape(*keep.shape[:-1], num_fields, embed_dim).sum(-1)
+
+
+def dims_difference(dims: Any) -> Any:
+    """How much the clusters' architectures differ: the mean over fields of |kept dims of cluster a -
+    kept dims of cluster b|, averaged over the K(K-1)/2 pairs of clusters. ``dims`` [..., K, F] ->
+    [...] (float64); 0 for one cluster."""
+    import torch
+
+    d = torch.as_tensor(dims).double()
+    k = d.shape[-2]
+    if k < 2:
+        return torch.zeros(d.shape[:-2], dtype=torch.float64)
+    a, b = torch.triu_indices(k, k, 1)
+    return (d[..., a, :] - d[..., b, :]).abs().mean(-1).mean(-1)
+
+
+def heterogeneity_test(
+    masks: Any,
+    assign: Any,
+    k: int,
+    num_fields: int,
+    embed_dim: int,
+    threshold: float,
+    permutations: int = 200,
+    seed: int = 0,
+    chunk: int = 25,
+) -> dict[str, Any]:
+    """Do the clusters' architectures differ beyond chance? ``masks`` [n, F*d] (each sample's 0/1 gate
+    mask), ``assign`` [n] (its cluster). The statistic (:func:`dims_difference`) of the architectures
+    that the majority rule derives from the clusters' mean masks, against its null: the same statistic
+    with the sample-to-cluster assignments permuted (``permutations`` seeded shuffles; the cluster sizes
+    kept) and the architectures re-derived from each permuted clustering. ``p_value`` = (1 + #null >=
+    observed) / (1 + permutations), so its floor is 1 / (1 + permutations).
+
+    Vectorised: the per-cluster mask sums of ``chunk`` permutations are one matrix product (one-hot
+    assignments [chunk*K, n] @ masks [n, F*d])."""
+    import numpy as np
+    import torch
+
+    m = torch.as_tensor(masks).float()
+    a = torch.as_tensor(np.asarray(assign)).long()
+    n = len(a)
+    if n == 0 or k < 2:
+        return {"statistic": None, "null_mean": None, "null_q95": None, "p_value": None, "permutations": 0,
+                "rows": n}  # fmt: skip
+    counts = torch.bincount(a, minlength=k).clamp(min=1).float()
+
+    def stat(assignments: torch.Tensor) -> torch.Tensor:  # [B, n] -> [B]
+        b = assignments.shape[0]
+        onehot = torch.zeros(b, k, n)
+        onehot.scatter_(1, assignments.unsqueeze(1), 1.0)
+        mean = (onehot.reshape(b * k, n) @ m).reshape(b, k, -1) / counts.view(1, k, 1)
+        return dims_difference(majority_field_dims(mean, num_fields, embed_dim, threshold))
+
+    observed = float(stat(a.unsqueeze(0))[0])
+    g = torch.Generator().manual_seed(int(seed))
+    null: list[torch.Tensor] = []
+    for start in range(0, permutations, chunk):
+        b = min(chunk, permutations - start)
+        perms = torch.argsort(torch.rand(b, n, generator=g), dim=1)
+        null.append(stat(a[perms]))
+    nv = torch.cat(null).numpy() if null else np.zeros(0)
+    p = (1 + int((nv >= observed - 1e-12).sum())) / (1 + len(nv))
+    return {"statistic": observed, "null_mean": float(nv.mean()) if len(nv) else None,
+            "null_q95": float(np.quantile(nv, 0.95)) if len(nv) else None, "p_value": p,
+            "permutations": int(len(nv)), "rows": n, "seed": int(seed)}  # fmt: skip

@@ -16,6 +16,7 @@ RESULT_COLUMNS = [
     "embedding params",
     "dense params",
     "inference ms",
+    "exact routing ms",
     "note",
 ]
 CLUSTER_COLUMNS = ["cluster", "val rows", "val AUC", "val logloss", "test rows", "test AUC", "test logloss",
@@ -56,7 +57,9 @@ def result_rows(results: dict[str, Any]) -> list[list[Any]]:
                 r.get("embedding_params"),
                 r.get("dense_params"),
                 r.get("inference_ms"),
-                r.get("note", ""),
+                r.get("inference_exact_ms"),
+                r.get("note", "")
+                + (f" (served: {r['served_routing']} routing)" if r.get("served_routing") else ""),
             ]
         )
     return rows
@@ -109,11 +112,36 @@ def _timing_line(results: dict[str, Any]) -> str:
             f"Routing cost (search embedding + gate + centroids, shared by all clusters): "
             f"{_fmt(results.get('routing_params'))} params. "
         )
-    return (
-        f"{routing}params = embedding values (kept rows x dims) + dense (backbone, selector); inference: "
-        f"whole test split ({_fmt(results.get('test_rows'))} rows, batch {results.get('batch_size')}), "
-        f"one warm-up batch, min of {results.get('timing_repeats')} runs."
-    )
+    rows = results.get("timing_rows")
+    if rows is not None:
+        drawn = "drawn with replacement from" if results.get("timing_rows_replaced") else "a seeded sample of"
+        timed = (f"inference: ms to score {_fmt(rows)} test rows ({drawn} the {_fmt(results.get('test_rows'))}-row "
+                 f"test split, seeded; a fixed count, so per-call overhead does not decide it), batches of "
+                 f"{results.get('batch_size')}, one warm-up batch, min of {results.get('timing_repeats')} passes; "
+                 "each model on the path it is served with")  # fmt: skip
+        if results.get("served_routing"):
+            timed += (f" (routed: the {results['served_routing']} routing, as routing=auto serves it: "
+                      f"{results.get('served_routing_reason')}; the exact routing's time beside it)")  # fmt: skip
+    else:  # results written before the fixed timing sample
+        timed = (
+            f"inference: whole test split ({_fmt(results.get('test_rows'))} rows, batch "
+            f"{results.get('batch_size')}), one warm-up batch, min of {results.get('timing_repeats')} runs"
+        )
+    return f"{routing}params = embedding values (kept rows x dims) + dense (backbone, selector); {timed}."
+
+
+def heterogeneity_lines(het: dict[str, Any] | None) -> list[str]:
+    """How much the clusters' architectures differ, against chance (``results['heterogeneity']``)."""
+    if not het or het.get("statistic") is None:
+        return []
+    return [
+        f"Heterogeneity of the clusters' architectures: {het['statistic']:.3f} kept dims per field apart "
+        f"(mean over fields and cluster pairs, re-derived on {_fmt(het['rows'])} validation rows; the retrained "
+        f"architectures: {het['trained_statistic']:.3f}); under the null (cluster assignments permuted "
+        f"{het['permutations']} times, architectures re-derived by the majority rule): mean "
+        f"{het['null_mean']:.3f}, 95th percentile {het['null_q95']:.3f}; permutation p = {het['p_value']:.4f}"
+        f" (floor {1 / (1 + het['permutations']):.4f}). See docs/heterogeneity.md."
+    ]
 
 
 def _truth_lines(results: dict[str, Any]) -> list[str]:
@@ -144,6 +172,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("derived_vs_truth"):
         parts += [""] + _truth_lines(results)
+    if heterogeneity_lines(results.get("heterogeneity")):
+        parts += [""] + heterogeneity_lines(results.get("heterogeneity"))
     if results.get("warnings"):
         parts += ["", "## Warnings", ""] + [f"* {w}" for w in results["warnings"]]
     if results.get("per_cluster"):
@@ -192,7 +222,7 @@ def print_results(results: dict[str, Any]) -> None:
         t.add_row(*[_fmt(v) for v in row])
     console.print(t)
     console.print(_timing_line(results))
-    for line in _truth_lines(results):
+    for line in _truth_lines(results) + heterogeneity_lines(results.get("heterogeneity")):
         console.print(line)
     if results.get("per_cluster"):
         c = Table(title="Routed iHAS per cluster and pooled")

@@ -14,16 +14,27 @@ nearest centroid picks its cluster, and that cluster's retrained model predicts 
 * **Constant**: predicting the train base rate (logloss only; AUC 0.5), the floor every model must beat;
 * parameters: embedding rows x dims + MLP of each model; for iHAS the sum of the cluster models,
   with the routing cost (search embedding + gate + centroids) reported separately;
-* inference time of each over the whole test set in this process (min of
-  ``evaluate.timing_repeats`` passes, batches of ``evaluate.batch_size``, data already in memory);
-  for iHAS both the full routed path and the cluster models alone (given the routing).
+* inference time of each on a fixed number of test rows, ``evaluate.timing_rows`` (100k: the test
+  split drawn with replacement, seeded, when it is smaller; a seeded sample of it when larger), so
+  the per-call overhead of a small split does not decide the figure (min of
+  ``evaluate.timing_repeats`` passes, batches of ``evaluate.batch_size``, data already in memory).
+  The final row is timed on the path it is served with: for routed iHAS the routing that
+  ``routing=auto`` picks (the fast routing where it is judged within 0.001 AUC of the exact one on
+  validation, else the exact), with the exact routing's time beside it (``inference_exact_ms``), and
+  the cluster models alone (given the routing). Each split is scored once per model; the timing
+  passes run on the fixed sample only;
+* **heterogeneity** (routed iHAS): how much the clusters' per-field kept dims differ, against the same
+  statistic with the validation samples' cluster assignments permuted and the architectures
+  re-derived by the retraining stage's majority rule (:func:`ihas_lightning.stats.heterogeneity_test`;
+  ``docs/heterogeneity.md``).
 
 Warnings (logged, and in ``results.json``/``results.md``): a model whose val or test logloss is no
 better than the constant predictor's, and iHAS below Base on validation by more than 0.001.
 
 Inputs: ``retrain.dir`` (default this run's ``retrain/``); the cluster dir and search checkpoint are
 taken from the config (``cluster.dir``, ``search.ckpt``) or else from the manifests of the dirs before
-them. Outputs: ``evaluate/{results.json, results.md, manifest.json}``.
+them. Outputs: ``evaluate/{results.json, results.md, manifest.json}`` and ``evaluate/test_scores.npz``
+(the test labels and the final row's logits, for paired comparisons across runs in the sweep report).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from omegaconf import DictConfig
 from .. import method
 from ..artifacts import make_manifest, write_manifest
 from ..errors import ConfigError
-from ..routing import dispatch
+from ..routing import dispatch, nearest_centroid
 from ..rundir import (
     EVALUATE_DIR,
     make_datamodule,
@@ -48,11 +59,19 @@ from ..rundir import (
     split_batches,
 )
 from ..serving import auc_logloss, base_checkpoint, load_run_models  # noqa: F401 - re-exported
-from ..stats import paired_auc_difference
+from ..stats import heterogeneity_test, paired_auc_difference
 from ..utils import read_json, write_json
 
 log = logging.getLogger("ihas_lightning")
-CONFIG_KEYS = ["seed", "evaluate.batch_size", "evaluate.timing_repeats"]
+CONFIG_KEYS = [
+    "seed",
+    "evaluate.batch_size",
+    "evaluate.timing_repeats",
+    "evaluate.timing_rows",
+    "evaluate.permutations",
+    "evaluate.heterogeneity_rows",
+    "retrain.keep_threshold",
+]
 
 
 SPLITS = ("val", "test")
@@ -130,15 +149,49 @@ def time_inference(
     return best * 1000.0
 
 
+@torch.inference_mode()
+def exact_routed_pass(
+    routed: Any, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exact routing's forward (:meth:`RoutedModel.forward_with_clusters` with ``fast`` off: the
+    searched embedding + gate, the nearest centroid, that cluster's model) and, from the same embedding
+    and gate pass, the search model's own deterministic logits (iHAS-1) and each row's 0/1 gate mask:
+    (routed logits [B], cluster [B], mask [B, F*d], search logits [B]). The gate (N*d x N*d) is the
+    costly part of both, so the two rows share it."""
+    search = routed.search_model
+    e = search.embed(x)
+    h, aux = search.select(e, x, "deterministic")
+    mask = aux["mask"]
+    feats = {"masked_embedding": h, "mask": mask, "probs": aux.get("p")}[routed.input]
+    c = nearest_centroid(feats, routed.centroids)
+    return dispatch(x, c, routed.cluster_models), c, mask, search.backbone(h, x)
+
+
+def timing_sample(xs: list[torch.Tensor], rows: int, seed: int) -> tuple[torch.Tensor, bool]:
+    """``rows`` test rows to time on, seeded: drawn with replacement when the split is smaller, a sample
+    without replacement when it is larger (an empty tensor for an empty split). (rows, replaced)."""
+    if not xs:
+        return torch.zeros(0), False
+    x = torch.cat(xs)
+    n = len(x)
+    if n == 0:
+        return x, False
+    g = torch.Generator().manual_seed(int(seed))
+    if n >= rows:
+        return x[torch.randperm(n, generator=g)[:rows]], False
+    return x[torch.randint(n, (rows,), generator=g)], True
+
+
 def rows_by(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(r for r in rows if r["model"] == name)
 
 
 def check_cfg(cfg: DictConfig) -> None:
-    for key in ("timing_repeats", "batch_size"):
+    for key, low in (("timing_repeats", 1), ("batch_size", 1), ("timing_rows", 1), ("permutations", 0),
+                     ("heterogeneity_rows", 1)):  # fmt: skip
         v = cfg.evaluate.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"config key 'evaluate.{key}': must be an integer >= 1 (got {v!r})")
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"config key 'evaluate.{key}': must be an integer >= {low} (got {v!r})")
 
 
 def _counts(model: Any) -> dict[str, int]:
@@ -178,30 +231,64 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     if prior is None:
         prior = dm.positive_rate("train")
 
-    # ---- predictions (val: what selection and the warnings use; test: the reported numbers) ------------
+    # ---- predictions: each split scored once per model (val: what selection and the warnings use;
+    # test: the reported numbers); the exact routing's pass also yields each sample's gate mask, kept for
+    # a seeded subset of validation rows (the heterogeneity test) -------------------------------------------
     logits: dict[str, dict[str, torch.Tensor]] = {}
     clusters: dict[str, torch.Tensor] = {}  # the exact routing's
     fast_clusters: dict[str, torch.Tensor] = {}  # the distilled router's
+    het_rows = int(cfg.evaluate.heterogeneity_rows)
+    het_masks: list[torch.Tensor] = []
+    het_pick = None
+    if routed is not None:
+        n_val = sum(len(x) for x in data["val"][0])
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        het_pick = torch.zeros(n_val, dtype=torch.bool)
+        het_pick[torch.randperm(n_val, generator=g)[: min(het_rows, n_val)]] = True
+    shared_search = (
+        rm.search_row if routed is not None and rm.search_row and routed.search_model is rm.search else None
+    )  # the iHAS-1 row is scored in the exact routing's pass (one embedding + gate pass for both)
     for split, (bx, _) in data.items():
         logits[split] = {}
         for row, fn, _m, _n in entries:
-            if fn is routed or (fn is not None and fn is rm.routed_fast):
+            if row == shared_search:
+                continue
+            if fn is routed:
+                outs = []
+                search_out = []
+                start = 0
+                with torch.inference_mode():
+                    for x in bx:
+                        lg, c, mask, slg = exact_routed_pass(routed, x)
+                        outs.append((lg, c))
+                        search_out.append(slg)
+                        if split == "val" and het_pick is not None:
+                            het_masks.append(mask[het_pick[start : start + len(x)]].to(torch.uint8))
+                        start += len(x)
+                if shared_search is not None:
+                    logits[split][shared_search] = torch.cat(search_out) if search_out else torch.zeros(0)
+            elif fn is not None and fn is rm.routed_fast:
                 with torch.inference_mode():
                     outs = [fn.forward_with_clusters(x) for x in bx]
-                (clusters if fn is routed else fast_clusters)[split] = (
-                    torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
-                )
-                logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
             else:
                 logits[split][row] = predict(fn, bx)
+                continue
+            (clusters if fn is routed else fast_clusters)[split] = (
+                torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
+            )
+            logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
 
-    # ---- timing (same process, same batches, warm-up, loading excluded) --------------------------------
-    timing = {row: time_inference(fn, xs, repeats) for row, fn, _m, _n in entries}
+    # ---- timing: a fixed number of test rows (same process, same batches, warm-up, loading excluded) ---
+    timing_rows = int(cfg.evaluate.timing_rows)
+    tx, replaced = timing_sample(xs, timing_rows, int(cfg.seed))
+    tbatches = list(tx.split(bs)) if len(tx) else []
+    timing = {row: time_inference(fn, tbatches, repeats) for row, fn, _m, _n in entries}
     agree = None
     if routed is not None:
-        cluster_batches = [routed.route(x) for x in xs]
+        with torch.inference_mode():
+            cluster_batches = [routed.route(x) for x in tbatches]
         timing["routed_models_only"] = time_inference_pairs(
-            list(routed.cluster_models), xs, cluster_batches, repeats
+            list(routed.cluster_models), tbatches, cluster_batches, repeats
         )
         stage_assign = torch.from_numpy(np.asarray(ainfo["assign_test"]).astype(np.int64))
         if len(stage_assign) == n_test:
@@ -252,7 +339,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         rows.append({"model": row, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
                      "params": counts["embedding"] + counts["dense"], "embedding_params": counts["embedding"],
                      "dense_params": counts["dense"], "index_entries": counts["index"],
-                     "inference_ms": timing[row], "note": note})  # fmt: skip
+                     "inference_ms": timing[row], "inference_exact_ms": timing[row] if fn is routed else None,
+                     "served_routing": "exact" if fn is routed else None, "note": note})  # fmt: skip
     rows.append({"model": "Constant", "test_auc": 0.5, "test_logloss": constant["test"], "val_auc": 0.5,
                  "val_logloss": constant["val"], "params": 1, "inference_ms": None,
                  "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
@@ -284,6 +372,20 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                      t, lo, hi, SIGNIFICANT, fast_routing[f"test_within_{SIGNIFICANT}"])  # fmt: skip
         if warning:
             warnings.append(warning)
+    served, served_why = served_routing(fast_routing, routed is not None)
+    if routed is not None and served == "fast":
+        # the final row's time is the path routing=auto serves; the exact routing's stays beside it
+        fin = rows_by(rows, final)
+        fin.update(inference_ms=timing[f"{final} (fast routing)"], served_routing="fast")
+    het = None
+    if routed is not None:
+        het = heterogeneity_report(
+            torch.cat(het_masks) if het_masks else torch.zeros(0, 0),
+            clusters["val"][het_pick] if het_pick is not None and len(clusters["val"]) else torch.zeros(0),
+            ainfo, k, float(cfg.retrain.keep_threshold), int(cfg.evaluate.permutations), int(cfg.seed),
+        )  # fmt: skip
+        log.info("evaluate: heterogeneity of the clusters' dims %.3f (null mean %s over %d permutations), p = %s",
+                 het["statistic"] or 0.0, het["null_mean"], het["permutations"], het["p_value"])  # fmt: skip
     for w in warnings:
         log.warning("evaluate: %s", w)
     keys = {"Base": "base", "Constant": "constant"}
@@ -305,7 +407,15 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         "val_rows": len(data["val"][1]),
         "batch_size": bs,
         "timing_repeats": repeats,
-        "timing_note": "whole split in memory, fixed batch size, one warm-up batch, min over repeats",
+        "timing_rows": int(len(tx)),
+        "timing_rows_replaced": replaced,
+        "timing_note": (
+            f"{len(tx):,} test rows ({'drawn with replacement from' if replaced else 'a sample of'} the "
+            f"{n_test:,}-row split, seeded) in memory, batches of {bs}, one warm-up batch, min of "
+            f"{repeats} passes; the final model on the path it is served with"
+        ),
+        "served_routing": served,
+        "served_routing_reason": served_why,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "per_cluster": per_cluster,
@@ -333,6 +443,18 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         results["timing_ms"].update(ihas=timing[final], ihas_models_only=timing["routed_models_only"])
     if case is not None:
         results["case_study"] = case
+    if het is not None:
+        results["heterogeneity"] = het
+    scores = (ainfo or {}).get("scores") or {}
+    if "budget" in scores and "requested" in scores:  # PEP: the budget whose mask was retrained
+        results["retrained_budget"] = {"seed": int(cfg.seed), "budget": scores["budget"],
+                                       "requested": scores["requested"], "fallback": bool(scores.get("fallback")),
+                                       "reached": scores.get("reached")}  # fmt: skip
+        if scores.get("fallback"):
+            msg = (f"{final} retrained the sparsest budget reached, {scores['budget']:g}, not the configured "
+                   f"{scores['requested']:g} (the search never reached it; reached: {scores.get('reached')})")  # fmt: skip
+            log.warning("evaluate: %s", msg)
+            results["warnings"].append(msg)
     if ainfo is not None and "recovery" in ainfo:
         results["recovery"] = ainfo["recovery"]
     if ainfo is not None and "truth" in ainfo:
@@ -344,6 +466,10 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     out = output_dir(cfg) / EVALUATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
+    final_logits = logits["test"].get(final)
+    if final_logits is not None:
+        np.savez_compressed(out / "test_scores.npz", y=data["test"][1].numpy().astype(np.int8),
+                            logits=final_logits.numpy().astype(np.float32), row=np.array(final))  # fmt: skip
     (out / "results.md").write_text(results_markdown(results))
     if case is not None:
         from ..report.figures import case_study_png
@@ -519,6 +645,13 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
         for split in ("val", "test"):
             m[f"routed/cluster_{c['cluster']}/{split}/auc"] = c[f"{split}_auc"]
             m[f"routed/cluster_{c['cluster']}/{split}_samples"] = c[f"{split}_samples"]
+    het = results.get("heterogeneity")
+    if het:
+        for key in ("statistic", "null_mean", "null_q95", "p_value", "trained_statistic"):
+            m[f"heterogeneity/{key}"] = het.get(key)
+    for r in results["rows"]:
+        if r.get("inference_exact_ms") is not None:
+            m[f"{names.get(r['model'], r['model'])}/inference_exact_ms"] = r["inference_exact_ms"]
     if "recovery" in results:
         for r in results["recovery"]["per_cluster"]:
             m[f"recovery/cluster_{r['cluster']}/f1"] = r["f1"]
@@ -526,3 +659,48 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
     if "derived_vs_truth" in results:
         m["derive/truth_f1"] = results["derived_vs_truth"]["f1"]
     return m
+
+
+def served_routing(fast_routing: dict[str, Any] | None, routes: bool) -> tuple[str | None, str]:
+    """(the routing ``routing=auto`` serves, why): the rule of
+    :func:`ihas_lightning.serving.choose_routing` applied to this evaluation's verdict (fast where the
+    fast routing is judged within 0.001 AUC of the exact on validation, else exact); None for a model
+    that does not route."""
+    if not routes:
+        return None, "the model does not route"
+    if fast_routing is None:
+        return "exact", "the run has no distilled router"
+    verdict = fast_routing.get(f"val_within_{SIGNIFICANT}")
+    if verdict == "met":
+        return "fast", f"fast routing within {SIGNIFICANT} AUC of the exact on validation"
+    return "exact", f"fast routing within {SIGNIFICANT} AUC of the exact on validation: {verdict}"
+
+
+def heterogeneity_report(
+    masks: torch.Tensor,
+    assign: torch.Tensor,
+    ainfo: dict[str, Any],
+    k: int,
+    keep_threshold: float,
+    permutations: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The permutation test of the clusters' architectures (:func:`~ihas_lightning.stats.heterogeneity_test`)
+    on the validation rows' gate masks and exact-routing clusters, plus the statistic of the
+    architectures actually retrained (``trained_statistic``, from the cluster stage's train masks)."""
+    from ..stats import dims_difference
+
+    f = len(ainfo["field_dims"][0])
+    d = int(ainfo["embed_dim"])
+    res = heterogeneity_test(masks.float(), assign, k, f, d, keep_threshold, permutations, seed)
+    trained = [[int(v) for v in row] for row in ainfo["field_dims"]]
+    res.update(
+        trained_statistic=float(dims_difference(torch.tensor(trained))),
+        trained_field_dims=trained,
+        split="val",
+        keep_threshold=keep_threshold,
+        what=("mean over fields of |kept dims of cluster a - of cluster b|, averaged over cluster pairs; "
+              "null: validation rows' cluster assignments permuted, architectures re-derived by the "
+              "majority rule (retrain.keep_threshold on each cluster's mean mask)"),
+    )  # fmt: skip
+    return res
