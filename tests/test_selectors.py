@@ -347,6 +347,38 @@ def test_pep_requests_one_snapshot_per_budget_in_order_and_then_stops():
     assert sel.snapshot_requests(model) == []  # every budget saved: nothing more
 
 
+def test_pep_retrains_the_sparsest_budget_reached_and_never_an_unreached_one(tmp_path):
+    import pytest
+
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.models import DLRM
+    from ihas_lightning.models.selectors.pep import PEPSelector
+
+    torch.manual_seed(0)
+    sel = PEPSelector(N, D, VOCAB, s_init=-20.0, budgets=[0.5, 0.3, 0.1], retrain_budget=0.1)
+    model = DLRM(VOCAB, embed_dim=D, selector=sel)
+    w = model.embedding.tables[0].weight
+    with torch.no_grad():
+        sel.s.fill_(float(torch.logit(torch.quantile(w.abs().flatten(), 0.6))))  # ~40% kept: 0.5 reached
+    tags = sel.snapshot_requests(model)
+    assert tags == ["budget_0.5"]
+    snap = tmp_path / "budget_0.5.pt"
+    torch.save(model.state_dict(), snap)
+    arch = sel.derive(snapshots={"budget_0.5": snap})
+    assert arch.scores["budget"] == 0.5 and arch.scores["requested"] == 0.1 and arch.scores["fallback"]
+    assert arch.scores["kept_entries"] <= sel.budget_entries(0.5)
+    # the strict mode, and no budget reached at all: an error, never an invented budget
+    strict = PEPSelector(
+        N, D, VOCAB, s_init=-20.0, budgets=[0.5, 0.3, 0.1], retrain_budget=0.1, fallback="error"
+    )
+    with pytest.raises(ValueError, match="never reached the budget 0.1"):
+        strict.derive(snapshots={"budget_0.5": snap})
+    with pytest.raises(ValueError, match="never reached the budget 0.1"):
+        sel.derive(snapshots={})
+    with pytest.raises(ConfigError, match="method.selector.fallback"):
+        PEPSelector(N, D, VOCAB, budgets=[0.5], fallback="densest")
+
+
 def test_entry_masked_table_trains_and_serves_only_kept_entries():
     from ihas_lightning.models.embedding import FieldEmbedding
 

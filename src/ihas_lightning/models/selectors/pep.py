@@ -11,7 +11,12 @@ soft-threshold pruning of the embedding table, ``V~ = sign(V) * relu(|V| - sigmo
   compared with the remaining budgets (fractions of ``|V| * d``, or absolute entry counts); the first
   time it is at or below one, a snapshot ``budget_<b>`` is requested; when every budget is saved the
   search stops (:meth:`search_done`). ``check_every`` > 1 counts less often (a full-table pass).
-* Derive: the entry mask ``|V_b| > sigmoid(S_b)`` of the snapshot of budget ``retrain_budget``.
+* Derive: the entry mask ``|V_b| > sigmoid(S_b)`` of the snapshot of budget ``retrain_budget``. When
+  the search ended before the pruning reached it (few training steps: the pruning speed is ``lr x
+  steps``, so a small data set may not get there), ``fallback: sparsest`` (the default) retrains the
+  sparsest budget that *was* reached and says so (``arch.json``'s scores: ``budget``, ``requested``,
+  ``fallback``; evaluate's ``retrained_budget``; the Table 2 note); ``fallback: error`` fails instead.
+  No budget is ever invented: with none reached, derive fails either way.
 * No regularizer: S rises through the coupled L2 weight decay of its Adam (its gradient through
   ``sigmoid(S)`` is ~0 while S is very negative), so the pruning speed is ``lr x steps``; the method's
   config steps everything with dense Adam, as the authors.
@@ -28,6 +33,8 @@ from torch import nn
 from .base import Arch, Selector
 
 THRESHOLD_TYPES = ("feature_dim", "feature", "field_dim", "field", "dimension", "global")
+#: ``fallback``: what derive does when the search never reached ``retrain_budget``
+FALLBACKS = ("sparsest", "error")
 
 
 def budget_tag(b: float) -> str:
@@ -48,11 +55,12 @@ class PEPSelector(Selector):
         budgets: Sequence[float] | None = None,
         retrain_budget: float | None = None,
         check_every: int | None = None,
+        fallback: str | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
         own_budgets = budgets is not None and retrain_budget is None  # then retrain the smallest of them
         kn = self.knobs(threshold_type=threshold_type, s_init=s_init, budgets=budgets,
-                        retrain_budget=retrain_budget, check_every=check_every)  # fmt: skip
+                        retrain_budget=retrain_budget, check_every=check_every, fallback=fallback)  # fmt: skip
         threshold_type, s_init, budgets = kn["threshold_type"], kn["s_init"], kn["budgets"]
         retrain_budget, check_every = kn["retrain_budget"], kn["check_every"]
         if threshold_type not in THRESHOLD_TYPES:
@@ -72,6 +80,14 @@ class PEPSelector(Selector):
                 f"PEP retrain_budget {self.retrain_budget:g} is not one of the budgets {self.budgets}"
             )
         self.check_every = max(1, int(check_every))
+        fallback = "sparsest" if kn["fallback"] is None else str(kn["fallback"])
+        if fallback not in FALLBACKS:
+            from ...errors import ConfigError
+
+            raise ConfigError(
+                f"config key 'method.selector.fallback': must be one of {list(FALLBACKS)} (got {fallback!r})"
+            )
+        self.fallback = fallback
         rows = {"feature_dim": (sum(self.vocab_sizes), embed_dim), "feature": (sum(self.vocab_sizes), 1),
                 "field_dim": (num_fields, embed_dim), "field": (num_fields, 1), "dimension": (1, embed_dim),
                 "global": (1, 1)}[self.threshold_type]  # fmt: skip
@@ -138,15 +154,28 @@ class PEPSelector(Selector):
     def search_done(self) -> bool:
         return bool(self.reached.all())
 
+    def retrained_budget(self, snapshots: dict[str, Any] | None = None) -> tuple[float | None, bool]:
+        """(the budget derive retrains, whether it is a fallback): ``retrain_budget`` when its snapshot
+        exists; else, with ``fallback: sparsest``, the sparsest budget whose snapshot exists (never one
+        that was not reached); None when there is none to take."""
+        snapshots = snapshots or {}
+        if budget_tag(self.retrain_budget) in snapshots:
+            return self.retrain_budget, False
+        if self.fallback != "sparsest":
+            return None, False
+        reached = [b for b in self.budgets if budget_tag(b) in snapshots]  # budgets: densest first
+        return (reached[-1], True) if reached else (None, False)
+
     def derive(self, snapshots: dict[str, Any] | None = None, **_: Any) -> Arch:
-        tag = budget_tag(self.retrain_budget)
-        path = (snapshots or {}).get(tag)
+        budget, fell_back = self.retrained_budget(snapshots)
+        path = None if budget is None else (snapshots or {})[budget_tag(budget)]
         if path is None:
             done = [budget_tag(b) for b, r in zip(self.budgets, self.reached.tolist()) if r]
             raise ValueError(
                 f"PEP never reached the budget {self.retrain_budget:g} ({self.budget_entries(self.retrain_budget):,} "
                 f"entries; last count {int(self.nnz):,} of {self.total:,}; reached: {done or 'none'}): raise "
                 "search.max_epochs or the threshold's lr, or pick a reached method.selector.retrain_budget"
+                + ("" if self.fallback == "sparsest" else " (or method.selector.fallback=sparsest)")
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         table = state["embedding.tables.0.weight"]
@@ -157,7 +186,8 @@ class PEPSelector(Selector):
         mask = table.abs() > thr
         return Arch(
             entry_mask=mask,
-            scores={"budget": self.retrain_budget, "budget_entries": self.budget_entries(self.retrain_budget),
+            scores={"budget": budget, "budget_entries": self.budget_entries(budget),
+                    "requested": self.retrain_budget, "fallback": fell_back,
                     "kept_entries": int(mask.sum()), "kept_share": float(mask.float().mean()),
                     "reached": [budget_tag(b) for b, r in zip(self.budgets, self.reached.tolist()) if r]},
         )  # fmt: skip
