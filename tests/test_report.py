@@ -67,7 +67,8 @@ def test_table2_multirun_of_every_method_writes_the_report(tmp_path):
     r = _cli("stage=report", f"report.dir={sweep}", f"report.out={out}", tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "table2_synthetic.md").read_text()
-    assert "## Missing or failed runs" in md and str(victim) in md and "| OptFS |" not in md
+    assert "## Missing or failed runs" in md and f"`{victim.name}`" in md and "| OptFS |" not in md
+    assert str(tmp_path) not in md  # the sweep is named relatively, never by a machine path
 
 
 def test_report_of_a_dir_without_runs_is_a_one_line_error(tmp_path):
@@ -151,3 +152,73 @@ def test_paired_comparison_and_own_cluster_claim():
     o = own_cluster([{"case_study": cs}, {"case_study": cs}])
     assert o["own_minus_others_auc"]["mean"] == pytest.approx(-0.01)
     assert o["own_best_share_auc"] == 0.5 and o["own_best_share_logloss"] == 1.0
+
+
+def _fake_job(root, name, method, seed, auc, *, y=None, logits=None, het=None, served=None, error=None):
+    """A stage=all job dir as collect() reads it (config, results.json, test scores), no training."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    display = {"ihas": "iHAS", "ihas_2": "iHAS-2", "base": "Base", "pep": "PEP"}[method]
+    OmegaConf.save(OmegaConf.create({"stage": {"name": "all"}, "method": {"name": method, "display": display},
+                                     "dataset": {"name": "toy"}, "seed": seed, "model": {"backbone": "mlp"}}),
+                   job / ".hydra" / "config.yaml")  # fmt: skip
+    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), job / ".hydra" / "overrides.yaml")
+    if error:
+        (job / "error.txt").write_text(f"error: {job}/search/best.ckpt: {error}")
+        return job
+    (job / "evaluate").mkdir()
+    final = {"model": display, "test_auc": auc, "test_logloss": 0.4, "val_auc": auc, "val_logloss": 0.4,
+             "params": 10, "embedding_params": 8, "dense_params": 2, "inference_ms": 1.0 if served == "fast" else 5.0,
+             "inference_exact_ms": 5.0 if served else None}  # fmt: skip
+    rows = [final] + ([{**final, "model": "iHAS-1"}] if method == "ihas" else [])
+    res = {"rows": rows, "final_row": display, "backbone": "mlp", "timing_rows": 100000,
+           "timing_rows_replaced": True, "served_routing": served, "heterogeneity": het}  # fmt: skip
+    (job / "evaluate" / "results.json").write_text(json.dumps(res))
+    if y is not None:
+        np.savez_compressed(job / "evaluate" / "test_scores.npz", y=y, logits=logits, row=np.array(display))
+    return job
+
+
+def test_report_of_a_sweep_names_it_relatively_lists_failures_once_and_pairs_ihas_with_ihas2(tmp_path):
+    import numpy as np
+
+    from ihas_lightning.report.build import write_reports
+    from ihas_lightning.stats import paired_auc_difference
+
+    rng = np.random.default_rng(0)
+    sweep = tmp_path / "t4sweep"
+    y = (rng.random(400) < 0.3).astype(np.int8)
+    het = {"statistic": 0.5, "trained_statistic": 0.6, "null_mean": 0.02, "null_q95": 0.05, "p_value": 1 / 201,
+           "permutations": 200, "rows": 400}  # fmt: skip
+    scores = {}
+    for seed in (0, 1):
+        a = (y + rng.normal(0, 0.8, 400)).astype(np.float32)
+        b = (y + rng.normal(0, 1.0, 400)).astype(np.float32)
+        scores[seed] = (a, b)
+        _fake_job(sweep, f"{2 * seed}", "ihas", seed, 0.8, y=y, logits=a, het=het, served="fast")
+        _fake_job(sweep, f"{2 * seed + 1}", "ihas_2", seed, 0.78, y=y, logits=b)
+    _fake_job(sweep, "9", "pep", 0, None, error="PEP never reached the budget 0.5")
+    rep = write_reports(sweep, kind="auto")
+    assert rep["datasets"]["toy"]["kinds"] == ["table4"]
+    md = (sweep / "report" / "table4_toy.md").read_text()
+    assert str(tmp_path) not in md and "/tmp/" not in md and "`t4sweep`" in md
+    assert md.count("PEP never reached the budget 0.5") == 1 and "* `9` (pep, seed 0)" in md
+    per = rep["datasets"]["toy"]["table4"]["heterogeneity"]["per_seed"]
+    want = paired_auc_difference(y, *scores[1])
+    assert per[1]["ihas_minus_ihas2"]["diff"] == pytest.approx(want["diff"])
+    assert per[1]["ihas_minus_ihas2"]["ci"] == pytest.approx(want["ci"])
+    assert (
+        f"{want['diff']:+.4f} [{want['ci'][0]:+.4f}, {want['ci'][1]:+.4f}]" in md
+        and "| 0 | 0.500 | 0.020 | 0.0050 |" in md
+    )
+    assert "| iHAS | search, cluster, retrain, routing | 2 |" in md and "exact routing ms" in md
+    text = (sweep / "report" / "report.json").read_text()
+    assert str(tmp_path) not in text  # no machine path in the committed report.json
+    t2 = write_reports(sweep, kind="table2")
+    md2 = (sweep / "report" / "table2_toy.md").read_text()
+    assert "| 1.00 ± 0.00 (fast) | 5.00 ± 0.00 |" in md2 and "drawn with replacement" in md2
+    assert "## Heterogeneity of iHAS's clusters" in md2 and md2.count("PEP never reached") == 1
+    assert t2["root"] == "t4sweep"

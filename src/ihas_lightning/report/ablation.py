@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..stats import mean_ci
-from .table2 import _pm
+from .common import _pm, missing_lines, sweep_label
 from .tables import _md
 
 # ---- paired comparisons --------------------------------------------------------------------------------
@@ -69,7 +69,8 @@ def _series(runs: list[dict[str, Any]], row: str | None = None) -> Series:
 
 def _stats(series: Series) -> dict[str, Any]:
     return {k: mean_ci([float(v[k]) for v in series.values() if v.get(k) is not None])
-            for k in ("test_auc", "test_logloss", "embedding_params", "dense_params", "inference_ms")}  # fmt: skip
+            for k in ("test_auc", "test_logloss", "embedding_params", "dense_params", "inference_ms",
+                      "inference_exact_ms")}  # fmt: skip
 
 
 def _write(out: Path, stem: str, md: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -80,6 +81,16 @@ def _write(out: Path, stem: str, md: str, columns: list[str], rows: list[list[An
         w.writerows(rows)
 
 
+def _exact(r: dict[str, Any]) -> str:
+    c = r.get("inference_exact_ms") or {}
+    return _pm(c, 2) if c.get("mean") is not None else "-"
+
+
+TIMING = ("Inference: ms on a fixed number of test rows (`evaluate.timing_rows`, drawn with replacement when the "
+          "test split is smaller), each model on the path it is served with (routed iHAS: the routing "
+          "`routing=auto` serves); the exact routing's time in its own column.")  # fmt: skip
+
+
 def _params(c: dict[str, Any]) -> str:
     return f"{c['mean']:,.0f}" if c.get("mean") is not None else "-"
 
@@ -88,7 +99,8 @@ def _params(c: dict[str, Any]) -> str:
 BACKBONE_ORDER = ["mlp", "fm", "wide_deep", "deepfm", "dcn"]
 T3_ROWS = [("base", "original"), ("adafs_soft", "AdaFS-soft"), ("ihas", "iHAS")]
 T3_COLUMNS = ["backbone", "model", "seeds", "test AUC", "AUC - original [95% CI]", "test logloss",
-              "logloss - original [95% CI]", "embedding params", "dense params", "inference ms"]  # fmt: skip
+              "logloss - original [95% CI]", "embedding params", "dense params", "inference ms (served)",
+              "exact routing ms"]  # fmt: skip
 
 
 def table3(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -122,12 +134,12 @@ def table3_markdown(
             d = r.get("minus_original") or {}
             rows.append([b, label, len(r["seeds"]), _pm(r["test_auc"]), _ci(d.get("test_auc")),
                          _pm(r["test_logloss"]), _ci(d.get("test_logloss")), _params(r["embedding_params"]),
-                         _params(r["dense_params"]), _pm(r["inference_ms"], 2)])  # fmt: skip
+                         _params(r["dense_params"]), _pm(r["inference_ms"], 2), _exact(r)])  # fmt: skip
     lines = [f"# Table 3: transfer of the frozen selectors to other backbones ({dataset})", "",
-             f"From the run dirs under `{root}`. original = the backbone without selection (Base); AdaFS-soft "
+             f"From the run dirs of the sweep `{sweep_label(root)}`. original = the backbone without selection (Base); AdaFS-soft "
              "and iHAS reuse the frozen controller / Bernoulli gates of an MLP search (`transfer.from`). Test "
              "AUC / logloss: mean ± std over seeds; differences from original are paired by seed, 95% "
-             "t-interval (better / worse / tie: the interval excludes 0 or not).", ""]  # fmt: skip
+             f"t-interval (better / worse / tie: the interval excludes 0 or not). {TIMING}", ""]  # fmt: skip
     lines += _md(T3_COLUMNS, rows).splitlines()
     lines += ["", "## The paper's claims (RQ2)", ""]
     for b, rec in t3.items():
@@ -138,7 +150,7 @@ def table3_markdown(
         if rec.get("ihas_minus_adafs_soft"):
             lines.append(claim_line(f"(ii) {b}: iHAS transfers better than AdaFS-soft",
                                     rec["ihas_minus_adafs_soft"], "iHAS", "AdaFS-soft"))  # fmt: skip
-    lines += _missing(missing)
+    lines += missing_lines(missing)
     return "\n".join(lines) + "\n", rows
 
 
@@ -147,7 +159,8 @@ def table3_markdown(
 T4_ROWS = [("Base", "base", None), ("iHAS-1", "ihas", "iHAS-1"), ("iHAS-2", "ihas_2", None),
            ("iHAS-3", "ihas_3", None), ("iHAS-4", "ihas_4", None), ("iHAS", "ihas", None)]  # fmt: skip
 T4_COLUMNS = ["model", "what it is", "seeds", "test AUC", "AUC - iHAS [95% CI]", "test logloss",
-              "logloss - iHAS [95% CI]", "embedding params", "dense params", "inference ms"]  # fmt: skip
+              "logloss - iHAS [95% CI]", "embedding params", "dense params", "inference ms (served)",
+              "exact routing ms"]  # fmt: skip
 T4_WHAT = {
     "Base": "all fields, uniform dims",
     "iHAS-1": "search model, deterministic masks",
@@ -175,7 +188,65 @@ def table4(runs: list[dict[str, Any]]) -> dict[str, Any]:
     own = own_cluster([r for r in mlp if r["method"] == "ihas"])
     if own is not None:
         claims["v_own_cluster"] = own
-    return {"rows": rows, "claims": claims}
+    return {"rows": rows, "claims": claims, "heterogeneity": heterogeneity(mlp)}
+
+
+def delong_pair(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """Test AUC of run ``a``'s final model - run ``b``'s on the same test rows, with DeLong's 95% interval
+    (:func:`~ihas_lightning.stats.paired_auc_difference`), from each run's ``evaluate/test_scores.npz``;
+    None when a run has no scores, or the two were scored on different rows."""
+    import numpy as np
+
+    from ..stats import paired_auc_difference
+
+    if not a.get("scores") or not b.get("scores"):
+        return None
+    sa, sb = np.load(a["scores"]), np.load(b["scores"])
+    if sa["y"].shape != sb["y"].shape or not np.array_equal(sa["y"], sb["y"]):
+        return {"diff": None, "se": None, "ci": [None, None], "note": "different test rows"}
+    d = paired_auc_difference(sa["y"], sa["logits"], sb["logits"])
+    lo, hi = d["ci"]
+    d["verdict"] = "n/a" if lo is None else ("better" if lo > 0 else "worse" if hi < 0 else "tie")
+    return d
+
+
+def heterogeneity(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The instance-wise claim per seed: the iHAS run's heterogeneity test (do its clusters'
+    architectures differ beyond chance?) and iHAS - iHAS-2 (one cluster: the majority dims on all samples)
+    on the same seed's test rows, as a paired AUC difference with DeLong's interval."""
+    ihas = {r["seed"]: r for r in runs if r["method"] == "ihas"}
+    two = {r["seed"]: r for r in runs if r["method"] == "ihas_2"}
+    out = []
+    for seed in sorted(set(ihas) | set(two), key=str):
+        rec: dict[str, Any] = {"seed": seed, "test": (ihas.get(seed) or {}).get("heterogeneity")}
+        if seed in ihas and seed in two:
+            rec["ihas_minus_ihas2"] = delong_pair(ihas[seed], two[seed])
+        out.append(rec)
+    return {"per_seed": out}
+
+
+def heterogeneity_markdown(h: dict[str, Any]) -> list[str]:
+    recs = [r for r in h.get("per_seed", []) if r.get("test") or r.get("ihas_minus_ihas2")]
+    if not recs:
+        return []
+    lines = ["", "## Is iHAS instance-wise here? (docs/heterogeneity.md)", "",
+             "Heterogeneity: mean over fields (and cluster pairs) of |kept dims of one cluster - of another|, "
+             "against the same statistic with the validation rows' cluster assignments permuted and the "
+             "architectures re-derived by the majority rule (p: permutation p-value). iHAS - iHAS-2: the same "
+             "seed's test rows, DeLong's 95% interval of the paired AUC difference.", "",
+             "| seed | heterogeneity | null mean | p | iHAS - iHAS-2 test AUC [95% CI] |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in recs:
+        t = r.get("test") or {}
+        d = r.get("ihas_minus_ihas2") or {}
+        stat = "-" if t.get("statistic") is None else f"{t['statistic']:.3f}"
+        null = "-" if t.get("null_mean") is None else f"{t['null_mean']:.3f}"
+        p = "-" if t.get("p_value") is None else f"{t['p_value']:.4f}"
+        if d.get("diff") is None:
+            diff = d.get("note", "-") if d else "-"
+        else:
+            diff = f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] {d['verdict']}"
+        lines.append(f"| {r['seed']} | {stat} | {null} | {p} | {diff} |")
+    return lines
 
 
 def own_cluster(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -210,11 +281,11 @@ def table4_markdown(
         d = r.get("minus_ihas") or {}
         rows.append([label, T4_WHAT[label], len(r["seeds"]), _pm(r["test_auc"]), _ci(d.get("test_auc")),
                      _pm(r["test_logloss"]), _ci(d.get("test_logloss")), _params(r["embedding_params"]),
-                     _params(r["dense_params"]), _pm(r["inference_ms"], 2)])  # fmt: skip
+                     _params(r["dense_params"]), _pm(r["inference_ms"], 2), _exact(r)])  # fmt: skip
     lines = [f"# Table 4: ablations ({dataset})", "",
-             f"From the run dirs under `{root}` (MLP backbone). iHAS-1 is the search row of each iHAS run. Test "
+             f"From the run dirs of the sweep `{sweep_label(root)}` (MLP backbone). iHAS-1 is the search row of each iHAS run. Test "
              "AUC / logloss: mean ± std over seeds; differences from iHAS paired by seed with a 95% t-interval "
-             "(better / worse / tie for the row against iHAS).", ""]  # fmt: skip
+             f"(better / worse / tie for the row against iHAS). {TIMING}", ""]  # fmt: skip
     lines += _md(T4_COLUMNS, rows).splitlines()
     lines += ["", "## The paper's claims (RQ3, RQ5)", ""]
     names = {"i_vs_base": "(i) iHAS beats Base", "ii_ihas_vs_ihas1": "(ii) iHAS > iHAS-1",
@@ -238,16 +309,9 @@ def table4_markdown(
         lines.append(f"* (v) own-cluster model better (Figure 6), {own['runs']} iHAS runs: own - other models on a "
                      f"cluster's test samples, AUC {fmt(oa)} (own best in {own['own_best_share_auc']:.0%} of "
                      f"clusters), logloss {fmt(ol)} (own best in {own['own_best_share_logloss']:.0%})")  # fmt: skip
-    lines += _missing(missing)
+    lines += heterogeneity_markdown(t4.get("heterogeneity") or {})
+    lines += missing_lines(missing)
     return "\n".join(lines) + "\n", rows
-
-
-def _missing(missing: list[dict[str, Any]]) -> list[str]:
-    if not missing:
-        return []
-    return ["", "## Missing or failed runs", ""] + [
-        f"* `{m['job']}` ({m.get('method', '?')}, seed {m.get('seed', '?')}): {m['reason']}" for m in missing
-    ]
 
 
 # ---- figures ---------------------------------------------------------------------------------------------
@@ -275,7 +339,7 @@ def copy_run_figure(runs: list[dict[str, Any]], method: str, rel: str, dest: Pat
     cands = sorted((r for r in runs if r["method"] == method and r["backbone"] == "mlp" and not r.get("transfer_from")),
                    key=lambda r: str(r["seed"]))  # fmt: skip
     for r in cands:
-        src = Path(r["job"]) / rel
+        src = Path(r.get("path") or r["job"]) / rel
         if src.is_file():
             shutil.copyfile(src, dest)
             return dest

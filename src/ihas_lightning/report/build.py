@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .table2 import collect
+from .ablation import T3_COLUMNS, T4_COLUMNS, write_table3, write_table4
+from .common import collect, sweep_label
+from .table2 import write_table2
 
 KINDS = ("auto", "table2", "table3", "table4")
 ABLATIONS = ("ihas_2", "ihas_3", "ihas_4")
@@ -33,8 +35,6 @@ def write_reports(
 ) -> dict[str, Any]:
     """Collect the runs under ``root`` and write the tables and figures (``out`` default root/report)."""
     from ..utils import write_json
-    from .ablation import write_table3, write_table4
-    from .table2 import write_table2
 
     if kind not in KINDS:
         raise ValueError(f"report.table must be one of {list(KINDS)} (got {kind!r})")
@@ -43,7 +43,8 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     ok, missing = collect(root)
     datasets = sorted({r["dataset"] for r in ok} | {m["dataset"] for m in missing if "dataset" in m})
-    report: dict[str, Any] = {"root": str(root), "datasets": {}, "missing": missing, "files": []}
+    # named relative to where it ran (or by its name): the report is committed, a machine path is not
+    report: dict[str, Any] = {"root": sweep_label(root), "datasets": {}, "missing": missing, "files": []}
     for ds in datasets:
         runs = [r for r in ok if r["dataset"] == ds]
         miss = [m for m in missing if m.get("dataset") == ds]
@@ -63,15 +64,30 @@ def write_reports(
             if logger is not None and k != "table2":
                 _log(logger, k, ds, res, out)
         report["datasets"][ds] = entry
-    write_json(out / "report.json", report)
+    write_json(out / "report.json", _portable(report))
     return report
+
+
+def _portable(obj: Any) -> Any:
+    """``obj`` without the jobs' absolute paths (``path``, ``scores``): what report.json holds."""
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items() if k not in ("path", "scores")}
+    if isinstance(obj, list):
+        return [_portable(v) for v in obj]
+    return obj
 
 
 def _log(logger: Any, kind: str, ds: str, res: dict[str, Any], out: Path) -> None:
     from ..loggers import log_image, log_table
-    from .ablation import T3_COLUMNS, T4_COLUMNS
 
     log_table(logger, f"{kind}/{ds}", T3_COLUMNS if kind == "table3" else T4_COLUMNS, res["rows"])
+    het = (res.get("table4") or {}).get("heterogeneity", {}).get("per_seed") or []
+    if het:
+        rows = [[r["seed"], *[(r.get("test") or {}).get(k) for k in ("statistic", "null_mean", "p_value")],
+                 *[(r.get("ihas_minus_ihas2") or {}).get("diff")],
+                 *((r.get("ihas_minus_ihas2") or {}).get("ci") or [None, None])] for r in het]  # fmt: skip
+        log_table(logger, f"{kind}/{ds}/heterogeneity", ["seed", "heterogeneity", "null mean", "p",
+                                                         "iHAS - iHAS-2 AUC", "ci low", "ci high"], rows)  # fmt: skip
     for name in res["files"]:
         if name.endswith(".png"):
             log_image(logger, f"{name[:-4].replace('_', '/', 1)}", out / name)

@@ -1,6 +1,8 @@
 """A Hydra callback that writes the report when a multirun ends (``experiment=table2|table3|table4``),
 so each of the paper's tables is one command. It reads the sweep dir like ``stage=report`` does
-(``report.table`` picks the table; auto by default)."""
+(``report.table`` picks the table; auto by default). With ``logger=wandb`` (the default; offline unless
+``logger.wandb.mode=online``) the tables and their figures go to one W&B run, ``report-<sweep dir>``, in
+the sweep's group (``logger.wandb.group``, e.g. ``table2-<dataset>``), beside the jobs' own runs."""
 
 from __future__ import annotations
 
@@ -38,11 +40,10 @@ class MultirunReport(Callback):
             if name.endswith(".md"):
                 log.info("report: %s", root / "report" / name)
                 print((root / "report" / name).read_text(), flush=True)
-        for m in rep["missing"]:
-            log.warning("report: missing run %s: %s", m["job"], m["reason"])
+        # the failed runs are listed once, in the tables printed above (and report.json), not again here
         if rep["missing"]:
             print(f"error: {len(rep['missing'])} of the multirun's jobs failed or are missing (listed in "
-                  f"{root / 'report'}); the report covers the others", file=sys.stderr, flush=True)  # fmt: skip
+                  f"the report's 'Missing or failed runs'); the report covers the others", file=sys.stderr, flush=True)  # fmt: skip
             sys.exit(2)
 
 

@@ -7,87 +7,24 @@ time). A job without results is listed by name with its overrides, never dropped
 :func:`write_report` then writes, per dataset, ``table2_<dataset>.{md,csv}`` and
 ``figure4_<dataset>.png`` plus ``report.json``: per method the test AUC and logloss (mean ± std over
 seeds), the paired difference from iHAS with a 95% t-interval (win / lose / tie: the interval
-excludes 0 or not), params (embedding values and dense), inference ms on the whole test split, and the
-pipeline's wall time.
+excludes 0 or not), params (embedding values and dense), inference ms on a fixed number of test rows
+(``evaluate.timing_rows``) on the path each model is served with (iHAS: the routing ``routing=auto``
+picks; the exact routing's time in its own column), the pipeline's wall time, and iHAS's heterogeneity
+test per seed (``docs/heterogeneity.md``).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from ..stats import mean_ci, verdict
+from .common import _pm, collect, missing_lines, sweep_label  # noqa: F401 - collect re-exported
 
 # the paper's Table 2 order; anything else follows
 ORDER = ["base", "ihas", "pep", "autofield", "optembed", "adafs_soft", "adafs_hard", "optfs"]
 REFERENCE = "ihas"
-
-
-def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(finished runs, missing or failed runs) of every Hydra job dir under ``root``."""
-    from omegaconf import OmegaConf
-
-    ok: list[dict[str, Any]] = []
-    missing: list[dict[str, Any]] = []
-    for cfg_file in sorted(Path(root).glob("**/.hydra/config.yaml")):
-        job = cfg_file.parent.parent
-        try:
-            cfg = OmegaConf.load(cfg_file)
-            stage = str(OmegaConf.select(cfg, "stage.name", default=""))
-            method = str(OmegaConf.select(cfg, "method.name", default="?"))
-            display = str(OmegaConf.select(cfg, "method.display", default=None) or method)
-            dataset = str(OmegaConf.select(cfg, "dataset.name", default="?"))
-            seed = OmegaConf.select(cfg, "seed", default=None)
-            backbone = str(
-                OmegaConf.select(cfg, "model.backbone", default="mlp", throw_on_resolution_failure=False)
-            )
-            transfer = OmegaConf.select(cfg, "transfer.from", default=None, throw_on_resolution_failure=False)
-        except Exception as e:  # noqa: BLE001 - an unreadable job config is a missing run
-            missing.append({"job": str(job), "reason": f"unreadable .hydra/config.yaml ({e})"})
-            continue
-        if stage != "all":
-            continue  # e.g. the report's own run dir
-        ov = job / ".hydra" / "overrides.yaml"
-        overrides = [str(x) for x in OmegaConf.load(ov)] if ov.is_file() else []
-        base = {"job": str(job), "method": method, "display": display, "dataset": dataset, "seed": seed,
-                "backbone": backbone, "transfer_from": None if transfer in (None, "") else str(transfer),
-                "overrides": overrides}  # fmt: skip
-        res = job / "evaluate" / "results.json"
-        err = job / "error.txt"
-        if err.is_file():  # written by a job that failed inside a multirun
-            missing.append({**base, "reason": f"failed: {err.read_text().strip()}"})
-            continue
-        if not res.is_file():
-            missing.append(
-                {**base, "reason": "no evaluate/results.json (the job failed or is still running)"}
-            )
-            continue
-        r = json.loads(res.read_text())
-        # what the run actually used (resolved; a job's saved config may hold interpolations)
-        base["backbone"] = str(r.get("backbone") or backbone)
-        base["transfer_from"] = r.get("transfer_from")
-        final = next((x for x in r["rows"] if x["model"] == r.get("final_row")), None)
-        if final is None:
-            missing.append({**base, "reason": "results.json has no final row"})
-            continue
-        pipe = job / "pipeline.json"
-        wall = json.loads(pipe.read_text()).get("total_seconds") if pipe.is_file() else None
-        extra: dict[str, Any] = {
-            # every row of the run (e.g. iHAS-1, the search row of an iHAS run, for Table 4)
-            "rows": {x["model"]: {k: x.get(k) for k in ("test_auc", "test_logloss", "embedding_params",
-                                                        "dense_params", "inference_ms")} for x in r["rows"]},
-            "case_study": r.get("case_study"),
-            "has_case_study": (job / "evaluate" / "figure6_case_study.png").is_file(),
-        }  # fmt: skip
-        sm = job / "search" / "metrics.json"
-        if sm.is_file():
-            extra["p_hist"] = (json.loads(sm.read_text()).get("gate") or {}).get("p_hist")
-        ok.append({**base, **extra, "row": final["model"], "wall_seconds": wall,
-                   **{k: final.get(k) for k in ("test_auc", "test_logloss", "val_auc", "val_logloss", "params",
-                                                 "embedding_params", "dense_params", "inference_ms")}})  # fmt: skip
-    return ok, missing
 
 
 def _order(method: str) -> tuple[int, str]:
@@ -107,13 +44,16 @@ def summarize(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[di
         rs = by[key]
         method = key[0]
         rec: dict[str, Any] = {"method": method, "display": rs[0]["display"], "row": rs[0]["row"],
-                               "seeds": sorted(r["seed"] for r in rs)}  # fmt: skip
+                               "seeds": sorted(r["seed"] for r in rs),
+                               "served_routing": sorted({r["served_routing"] for r in rs if r.get("served_routing")}),
+                               "retrained_budget": [r["retrained_budget"] for r in rs if r.get("retrained_budget")]}  # fmt: skip
         for k in (
             "test_auc",
             "test_logloss",
             "embedding_params",
             "dense_params",
             "inference_ms",
+            "inference_exact_ms",
             "wall_seconds",
         ):
             rec[k] = mean_ci([float(r[k]) for r in rs if r.get(k) is not None])
@@ -127,12 +67,6 @@ def summarize(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[di
     return out
 
 
-def _pm(c: dict[str, Any], d: int = 4) -> str:
-    if c["mean"] is None:
-        return "-"
-    return f"{c['mean']:.{d}f}" + (f" ± {c['std']:.{d}f}" if c.get("std") is not None else "")
-
-
 def _diff(c: dict[str, Any] | None) -> str:
     if not c or c["mean"] is None:
         return "-"
@@ -142,7 +76,7 @@ def _diff(c: dict[str, Any] | None) -> str:
 
 
 COLUMNS = ["method", "seeds", "test AUC", "AUC - iHAS [95% CI]", "test logloss", "logloss - iHAS [95% CI]",
-           "embedding params", "dense params", "inference ms", "wall s"]  # fmt: skip
+           "embedding params", "dense params", "inference ms (served)", "exact routing ms", "wall s"]  # fmt: skip
 
 
 def rows(summary: list[dict[str, Any]], reference: str = REFERENCE) -> list[list[Any]]:
@@ -152,28 +86,85 @@ def rows(summary: list[dict[str, Any]], reference: str = REFERENCE) -> list[list
                     _pm(r["test_logloss"]), _diff(r.get(f"test_logloss_minus_{reference}")),
                     f"{r['embedding_params']['mean']:,.0f}" if r["embedding_params"]["mean"] is not None else "-",
                     f"{r['dense_params']['mean']:,.0f}" if r["dense_params"]["mean"] is not None else "-",
-                    _pm(r["inference_ms"], 2), f"{r['wall_seconds']['mean']:.1f}" if r["wall_seconds"]["mean"] else "-"])  # fmt: skip
+                    _pm(r["inference_ms"], 2) + (f" ({'/'.join(r['served_routing'])})" if r.get("served_routing") else ""),
+                    _pm(r["inference_exact_ms"], 2) if r.get("inference_exact_ms") else "-",
+                    f"{r['wall_seconds']['mean']:.1f}" if r["wall_seconds"]["mean"] else "-"])  # fmt: skip
     return out
 
 
-def markdown(dataset: str, summary: list[dict[str, Any]], missing: list[dict[str, Any]], root: Path) -> str:
+def timing_note(runs: list[dict[str, Any]]) -> str:
+    """How the inference column was timed (the runs' ``evaluate.timing_rows``; older results: whole split)."""
+    counts = sorted({r["timing_rows"] for r in runs if r.get("timing_rows")})
+    if not counts:
+        return "Inference: whole test split, ms (results written before the fixed timing sample)."
+    replaced = any(r.get("timing_rows_replaced") for r in runs)
+    return (f"Inference: ms to score {'/'.join(f'{c:,}' for c in counts)} test rows, a fixed count so that per-call "
+            f"overhead does not decide the figure ({'the test split drawn with replacement, seeded, where it is smaller' if replaced else 'a seeded sample of the test split'}), "
+            "each model on the path it is served with: for iHAS the routing that `routing=auto` serves (fast where "
+            "evaluate judged it within 0.001 AUC of the exact routing on validation, else exact; named in "
+            "brackets), with the exact routing's time in its own column.")  # fmt: skip
+
+
+def budget_note(summary: list[dict[str, Any]]) -> list[str]:
+    """PEP's retrained budget per method row, where a run retrained another budget than configured."""
+    out = []
+    for r in summary:
+        b = r.get("retrained_budget") or []
+        fell = [x for x in b if x.get("fallback")]
+        if fell:
+            got = ", ".join(f"seed {x.get('seed', '?')}: {x['budget']:g} (configured {x['requested']:g}; "
+                            f"reached {', '.join(x.get('reached') or []) or 'none'})" for x in fell)  # fmt: skip
+            out.append(f"* {r['display']}: the configured retrain budget was not reached in {len(fell)} of "
+                       f"{len(b)} runs; retrained at the sparsest budget reached: {got}.")  # fmt: skip
+        elif b:
+            vals = sorted({x["budget"] for x in b})
+            out.append(
+                f"* {r['display']}: retrained at budget {', '.join(f'{v:g}' for v in vals)} in every run."
+            )
+    return out
+
+
+def heterogeneity_section(runs: list[dict[str, Any]], method: str = REFERENCE) -> list[str]:
+    """Per iHAS run: how much its clusters' architectures differ, the null and the permutation p."""
+    hs = sorted(((r["seed"], r["heterogeneity"]) for r in runs
+                 if r["method"] == method and (r.get("heterogeneity") or {}).get("statistic") is not None),
+                key=lambda t: str(t[0]))  # fmt: skip
+    if not hs:
+        return []
+    lines = ["", "## Heterogeneity of iHAS's clusters (docs/heterogeneity.md)", "",
+             "Mean over fields (and cluster pairs) of |kept dims of one cluster - of another|, re-derived on "
+             "validation rows; the null permutes the rows' cluster assignments and re-derives the architectures by "
+             "the majority rule; p is the permutation p-value (floor 1/(1+permutations)).", "",
+             "| seed | statistic | retrained architectures | null mean | null 95th pct | permutations | p |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for seed, h in hs:
+        lines.append(f"| {seed} | {h['statistic']:.3f} | {h.get('trained_statistic', float('nan')):.3f} | "
+                     f"{h['null_mean']:.3f} | {h['null_q95']:.3f} | {h['permutations']} | {h['p_value']:.4f} |")  # fmt: skip
+    return lines
+
+
+def markdown(dataset: str, summary: list[dict[str, Any]], missing: list[dict[str, Any]], root: Path,
+             runs: list[dict[str, Any]] | None = None) -> str:  # fmt: skip
+    runs = runs or []
     lines = [f"# Table 2: {dataset}", "",
-             f"From the run dirs under `{root}`. Test AUC / logloss: mean ± std over seeds; the difference from "
-             "iHAS is paired by seed with a 95% t-interval (win / lose: the interval excludes 0, else tie; "
-             "positive AUC and negative logloss differences favour the method over iHAS). Params: the model "
-             "used at inference, embedding values and dense parts. Inference: whole test split, ms. Wall: the "
-             "whole stage=all pipeline, s.", "",
+             f"From the run dirs of the sweep `{sweep_label(root)}`. Test AUC / logloss: mean ± std over seeds; the "
+             "difference from iHAS is paired by seed with a 95% t-interval (win / lose: the interval excludes 0, "
+             "else tie; positive AUC and negative logloss differences favour the method over iHAS). Params: the "
+             f"model used at inference, embedding values and dense parts. {timing_note(runs)} Wall: the whole "
+             "stage=all pipeline, s.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows(summary)]
-    if missing:
-        lines += ["", "## Missing or failed runs", ""]
-        lines += [f"* `{m['job']}` ({m.get('method', '?')}, seed {m.get('seed', '?')}): {m['reason']}"
-                  for m in missing]  # fmt: skip
+    notes = budget_note(summary)
+    if notes:
+        lines += ["", "## Retrained budgets (PEP)", "", *notes]
+    lines += heterogeneity_section(runs)
+    lines += missing_lines(missing)
     return "\n".join(lines) + "\n"
 
 
-def figure4(dataset: str, summary: list[dict[str, Any]], path: Path) -> Path:
-    """Inference time per method on the whole test split, mean with std error bars (paper Figure 4)."""
+def figure4(dataset: str, summary: list[dict[str, Any]], path: Path, ylabel: str = "inference (ms)") -> Path:
+    """Inference time per method on the served path (a fixed number of test rows), mean with std error
+    bars (paper Figure 4)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -187,7 +178,7 @@ def figure4(dataset: str, summary: list[dict[str, Any]], path: Path) -> Path:
     ax.bar(range(len(names)), means, yerr=errs, color=colors, capsize=3)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("inference, whole test split (ms)")
+    ax.set_ylabel(ylabel)
     ax.set_title(f"Figure 4: inference time ({dataset})", fontsize=9)
     fig.tight_layout()
     from .figures import save_png
@@ -199,12 +190,15 @@ def write_table2(ds: str, runs: list[dict[str, Any]], missing: list[dict[str, An
                  logger: Any = None) -> dict[str, Any]:  # fmt: skip
     """Table 2 and Figure 4 of one dataset's runs into ``out``."""
     summary = summarize(runs)
-    (out / f"table2_{ds}.md").write_text(markdown(ds, summary, missing, root))
+    (out / f"table2_{ds}.md").write_text(markdown(ds, summary, missing, root, runs))
     with open(out / f"table2_{ds}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         w.writerows(rows(summary))
-    fig = figure4(ds, summary, out / f"figure4_{ds}.png") if summary else None
+    counts = sorted({r["timing_rows"] for r in runs if r.get("timing_rows")})
+    ylabel = (f"ms per {'/'.join(f'{c:,}' for c in counts)} test rows, served path" if counts
+              else "inference, whole test split (ms)")  # fmt: skip
+    fig = figure4(ds, summary, out / f"figure4_{ds}.png", ylabel) if summary else None
     if logger is not None:
         from ..loggers import log_image, log_table
 
@@ -212,10 +206,3 @@ def write_table2(ds: str, runs: list[dict[str, Any]], missing: list[dict[str, An
         if fig is not None:
             log_image(logger, f"figure4/{ds}", fig)
     return {"summary": summary, "runs": runs, "files": [f"table2_{ds}.md"]}
-
-
-def write_report(root: Path, out: Path | None = None, logger: Any = None) -> dict[str, Any]:
-    """Collect the runs under ``root`` and write Table 2 / Figure 4 (``out`` default root/report)."""
-    from .build import write_reports
-
-    return write_reports(root, out, logger=logger, kind="table2")
