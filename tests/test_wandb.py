@@ -38,3 +38,36 @@ def test_stage_all_wandb_offline_run_holds_logged_keys(cfg_factory, monkeypatch)
 
     assert wandb.run is None  # finished in the finally
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_sweep_report_logs_its_tables_and_figures_to_one_offline_run_in_the_group(tmp_path, monkeypatch):
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from ihas_lightning.report.callback import MultirunReport
+    from test_report import _fake_job
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "sweep"
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.3).astype(np.int8)
+    het = {"statistic": 0.5, "trained_statistic": 0.5, "null_mean": 0.0, "null_q95": 0.0, "p_value": 1 / 201,
+           "permutations": 200, "rows": 200}  # fmt: skip
+    for seed in (0, 1):
+        _fake_job(sweep, f"{seed}a", "ihas", seed, 0.8, y=y, logits=rng.random(200).astype(np.float32), het=het,
+                  served="exact")  # fmt: skip
+        _fake_job(sweep, f"{seed}b", "ihas_2", seed, 0.7, y=y, logits=rng.random(200).astype(np.float32))
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "report": {"table": "auto"},
+                            "paths": {"output_dir": str(sweep)},
+                            "logger": {"name": "wandb", "wandb": {"mode": "offline", "project": "p",
+                                                                  "group": "table4-toy", "save_dir": str(sweep)}}})  # fmt: skip
+    MultirunReport().on_multirun_end(cfg)
+    runs = sorted((sweep / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs  # one W&B run for the sweep's report
+    blob = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in ("table4/toy", "table4/toy/heterogeneity", "table4-toy", "report-sweep"):
+        assert key.encode() in blob, key
+    assert list((runs[0] / "files" / "media").glob("table/table4/toy_*.table.json"))
+    import wandb
+
+    assert wandb.run is None

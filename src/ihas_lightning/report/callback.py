@@ -30,6 +30,9 @@ class MultirunReport(Callback):
                 cfg.pop("hydra", None)
                 cfg.paths.output_dir = str(root)
             logger = build_logger(cfg, f"report-{root.name}")
+            # loggers.is_wandb looks for wandb in sys.modules, and Lightning imports it lazily: in the
+            # sweep's parent process nothing has yet, so without this the tables were never logged
+            import wandb  # noqa: F401
         try:
             kind = str(OmegaConf.select(config, "report.table", default="auto"))
             rep = write_reports(root, logger=logger, kind=kind)
