@@ -142,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SystemExit("bench-gpu: no CUDA device here; run `make bench-gpu ACCEL=cpu` for the CPU dry run")
     from .bench_loader import write_random_prepared
+    from .bench_scale import machine
 
     t_start = time.perf_counter()
+    host = machine()
+    print(f"machine: {host['cpu']}, {host['cores']} cores; load average {host['load_average']}; "
+          f"device: {device_name(args.accelerator)}", flush=True)  # fmt: skip
     res: dict[str, Any] = {"device": device_name(args.accelerator), "accelerator": args.accelerator,
-                           "torch": torch.__version__, "quick": args.quick, "targets": TARGETS, "train": []}  # fmt: skip
+                           "torch": torch.__version__, "quick": args.quick, "targets": TARGETS, "host": host,
+                           "train": []}  # fmt: skip
     precisions = ["32-true", "bf16-mixed"]
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "search": best["search"] >= TARGETS["search_samples_per_s"],
     }
     res["seconds"] = round(time.perf_counter() - t_start, 1)
+    res["host_load_average_at_end"] = machine()["load_average"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")

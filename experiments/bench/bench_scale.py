@@ -12,13 +12,15 @@ streams it; everything else at its defaults). While it runs, the child's residen
 from ``/proc`` every 0.2 s and attributed to the stage in progress (from the pipeline's
 ``stage=all: <stage> done`` lines); each stage's wall time comes from the run's ``pipeline.json``.
 
-Extrapolation to 45.8M rows is linear in rows per epoch (every stage streams; none holds the raw data
-or all masked embeddings). Each early-stopped fit runs at least ``patience + 1`` epochs (it stops
-after ``patience`` epochs without improvement), so the full-data estimate is given per epoch and at
-that fewest number of epochs, which is what a converging run on full Criteo does when its first
-epochs are its best (CTR models on Criteo usually peak in epoch 1-2). The search stage's time is
-split evenly between its pretraining and its search epoch (a search epoch costs more: an upper bound
-for the pretraining, a lower bound for the search). Writes ``experiments/results/bench_scale.{json,md}``.
+Every fit early-stops as in a real run (capped at ``--max-epochs``; ``--one-epoch``: one epoch per
+fit, the older bench), and the epochs each took (``epochs_run`` of its metrics.json; retrain: the
+clusters' epochs weighted by their rows) are reported. Extrapolation to 45.8M rows is linear in rows
+per epoch (every stage streams; none holds the raw data or all masked embeddings) at the epochs
+taken here, beside the fewest that early stopping allows (``patience + 1``). The search stage's time
+is split between its pretraining and search epochs by their count (a search epoch costs more: an
+upper bound for the pretraining, a lower bound for the search). It also estimates Table 2 on full
+Criteo (8 methods x 3 seeds) from the per-method figures (:func:`table2_estimate`). The machine and
+its load are printed and recorded. Writes ``experiments/results/bench_scale.{json,md}``.
 """
 
 from __future__ import annotations
@@ -95,13 +97,146 @@ def run_pipeline(overrides: list[str], log_path: Path) -> tuple[dict[str, int], 
     return peaks, int(usage.ru_maxrss), time.perf_counter() - t0
 
 
+def machine() -> dict[str, Any]:
+    """The machine and its load (printed by the benchmark and recorded)."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    return {
+        "cpu": model or platform.machine(),
+        "cores": cores,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def epochs_taken(run: Path, train_rows: int) -> dict[str, float]:
+    """Epochs each early-stopped fit of the run took (``epochs_run`` of its metrics.json): base, the
+    search's pretraining and search epochs, and retrain (the clusters' epochs weighted by their train rows)."""
+    from ihas_lightning.utils import read_json
+
+    out: dict[str, float] = {}
+    for stage in ("base", "search"):
+        f = run / stage / "metrics.json"
+        if not f.is_file():
+            f = run / stage / "search" / "metrics.json"  # stage=all runs Base's fit in base/search/
+        if f.is_file():
+            m = read_json(f)
+            if stage == "base":
+                out["base"] = int(m["epochs_run"])
+            else:
+                pre = int(m.get("pretrain_epochs") or 0)
+                out["pretrain"], out["search"] = pre, int(m["epochs_run"]) - pre
+    sizes = (
+        read_json(run / "cluster" / "cluster.json")["sizes"]["train"] if (run / "cluster").is_dir() else []
+    )
+    eps = []
+    for c, n in enumerate(sizes):
+        f = run / "retrain" / f"cluster_{c}" / "metrics.json"
+        if f.is_file():
+            eps.append((int(read_json(f)["epochs_run"]), n))
+    if eps:
+        out["retrain"] = round(sum(e * n for e, n in eps) / max(1, sum(n for _, n in eps)), 2)
+    return out
+
+
+TABLE2 = ("base", "ihas", "pep", "autofield", "optembed", "adafs_soft", "adafs_hard", "optfs")
+
+
+def table2_estimate(res: dict[str, Any], bench_train: Path, table2_md: Path) -> dict[str, Any]:
+    """Hours of Table 2 on full Criteo (8 methods x 3 seeds) from the per-method figures.
+
+    Base and iHAS: this run's extrapolated stages at the epochs taken. Every other method: its
+    search-phase fit at Base's epochs, its training cost per sample relative to Base's from
+    ``bench_train.json`` (``lightning_<method>`` / ``lightning_base`` samples/s), or where that has no
+    figure, from the wall seconds of ``table2_criteo.md`` relative to Base's (the shared sample: a
+    rough ratio); plus retrain (at iHAS's retrain hours) where its phases have one, plus evaluate.
+    Prepare runs once."""
+    from ihas_lightning.config import compose
+
+    full = res["full_criteo"]["at_epochs_taken_h"]
+    sps: dict[str, float] = {}
+    if bench_train.is_file():
+        thr = json.loads(bench_train.read_text()).get("throughput", {})
+        sps = {
+            k.removeprefix("lightning_"): v["samples_per_s"]
+            for k, v in thr.items()
+            if k.startswith("lightning_")
+        }
+    wall: dict[str, float] = {}
+    if table2_md.is_file():
+        names = {"Base": "base", "iHAS": "ihas", "PEP": "pep", "AutoField": "autofield", "OptEmbed": "optembed",
+                 "AdaFS-soft": "adafs_soft", "AdaFS-hard": "adafs_hard", "OptFS": "optfs"}  # fmt: skip
+        for line in table2_md.read_text().splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells and cells[0] in names:
+                try:
+                    wall[names[cells[0]]] = float(cells[-1])
+                except ValueError:
+                    pass
+    rows: dict[str, Any] = {}
+    for m in TABLE2:
+        if m == "base":
+            h, how = full["base"] + full["evaluate"], "this run: base + evaluate"
+        elif m == "ihas":
+            h = sum(full[k] for k in ("pretrain", "search", "cluster", "retrain", "evaluate"))
+            how = "this run: search + cluster + retrain + evaluate"
+        else:
+            phases = list(compose([f"method={m}"]).method.phases)
+            if m in sps and "base" in sps:
+                ratio, src = (
+                    sps["base"] / sps[m],
+                    f"bench_train {sps[m]:,.0f} vs Base {sps['base']:,.0f} samples/s",
+                )
+            elif m in wall and wall.get("base"):
+                ratio, src = (
+                    wall[m] / wall["base"],
+                    f"table2_criteo wall {wall[m]:g} s vs Base {wall['base']:g} s",
+                )
+            else:
+                ratio, src = 1.0, "no figure: Base's cost"
+            h = full["base"] * ratio + (full["retrain"] if "retrain" in phases else 0.0) + full["evaluate"]
+            how = (
+                f"Base's fit x {ratio:.2f} ({src})"
+                + (" + retrain" if "retrain" in phases else "")
+                + " + evaluate"
+            )
+        rows[m] = {"hours_per_seed": round(h, 3), "how": how}
+    total = full["prepare"] + 3 * sum(r["hours_per_seed"] for r in rows.values())
+    return {
+        "methods": rows,
+        "seeds": 3,
+        "total_h": round(total, 2),
+        "cpu_cores": res["machine"]["cores"],
+        "gpu": None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5_000_000, help="generated Criteo rows (default 5M)")
     ap.add_argument("--out", default="experiments/results/bench_scale")
     ap.add_argument("--work", default=None, help="work dir (default: a temp dir, removed at the end)")
+    ap.add_argument("--one-epoch", action="store_true", help="one epoch per fit (the older, shorter bench)")
+    ap.add_argument("--max-epochs", type=int, default=8, help="cap of every early-stopped fit (default 8)")
     ap.add_argument("--extra", nargs="*", default=[], help="more overrides for stage=all")
+    ap.add_argument("--search-cost", default=None, metavar="JSON",
+                    help="an itemised search step (the measuring script's JSON) to add to the report")  # fmt: skip
+    ap.add_argument("--resummarise", default=None, metavar="JSON",
+                    help="no new run: summarise the finished run in --work again, with the wall time, peaks "
+                         "and machine of that run's earlier JSON")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.resummarise and not args.work:
+        raise SystemExit("--resummarise needs the run's --work dir")
+    prev = json.loads(Path(args.resummarise).read_text()) if args.resummarise else None
 
     from omegaconf import OmegaConf
 
@@ -109,26 +244,56 @@ def main(argv: list[str] | None = None) -> int:
     from ihas_lightning.data.rawgen import generate
     from ihas_lightning.utils import read_json
 
+    start = prev["machine"] if prev else machine()
+    print(
+        f"machine: {start['cpu']}, {start['cores']} cores; load average {start['load_average']}", flush=True
+    )
     with tempfile.TemporaryDirectory() as td:
         work = Path(args.work) if args.work else Path(td)
         work.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        raw = generate("criteo", args.rows, work / "criteo_gen.txt")
-        gen_s = time.perf_counter() - t
+        if prev:
+            raw, gen_s = work / "criteo_gen.txt", prev["generate_s"]
+        else:
+            raw = generate("criteo", args.rows, work / "criteo_gen.txt")
+            gen_s = time.perf_counter() - t
         raw_bytes = raw.stat().st_size
         print(f"generated {args.rows:,} rows ({raw_bytes / 2**20:,.0f} MiB) in {gen_s:.0f} s", flush=True)
         run = work / "run"
-        bench_epochs = {"search.pretrain.max_epochs": 1, "search.max_epochs": 1, "retrain.max_epochs": 1}
+        cap = 1 if args.one_epoch else int(args.max_epochs)
+        bench_epochs = {
+            "search.pretrain.max_epochs": cap,
+            "search.max_epochs": cap,
+            "retrain.max_epochs": cap,
+        }
         overrides = [
             "dataset=criteo", f"dataset.raw_path={raw}", "+dataset.loader_mode=streaming", "logger=none",
             f"paths.data_dir={work / 'data'}", f"paths.output_dir={run}", "trainer.enable_progress_bar=false",
             "prepare.progress=false", *[f"{k}={v}" for k, v in bench_epochs.items()], *args.extra,
         ]  # fmt: skip
-        peaks, peak_all, wall = run_pipeline(overrides, work / "stage_all.log")
+        if prev:
+            peaks = {k: int(v["peak_rss_mib"] * 1024) for k, v in prev["stages"].items()}
+            peak_all, wall = int(prev["peak_rss_mib"] * 1024), prev["wall_s"]
+        else:
+            peaks, peak_all, wall = run_pipeline(overrides, work / "stage_all.log")
         seconds = {k: v["seconds"] for k, v in read_json(run / "pipeline.json")["stages"].items()}
+        missing = [k for k in STAGES if k not in seconds]
+        if missing:  # e.g. a SIGTERM from outside: Lightning stops the fit and the pipeline ends early
+            raise SystemExit(f"stage=all ended without {missing}; see {work / 'stage_all.log'}")
         fmap = read_json(work / "data" / "criteo" / "feature_map.json")
         cfg = compose(["stage=all", "dataset=criteo"], output_dir=work / "defaults")
         train_rows = int(fmap["splits"]["train"]["rows"])
+        taken = epochs_taken(run, train_rows)
+        cinfo = read_json(run / "cluster" / "cluster.json")
+        cluster = {"sizes": cinfo["sizes"], "field_dims": [int(sum(d)) for d in cinfo["field_dims"]],
+                   "seconds_by_part": cinfo.get("seconds_by_part"),
+                   "router_agreement": (cinfo.get("router") or {}).get("agreement")}  # fmt: skip
+        ev = run / "evaluate" / "results.json"
+        ihas_auc = None
+        if ev.is_file():
+            rows = read_json(ev)["rows"]
+            ihas_auc = {r["model"]: r.get("test_auc") for r in rows}
+    end = prev["machine_at_end"] if prev else machine()
 
     # ---- the full-data estimate ------------------------------------------------------------------
     scale = FULL_CRITEO_ROWS / args.rows
@@ -139,36 +304,54 @@ def main(argv: list[str] | None = None) -> int:
         "search": int(cfg.search.patience) + 1,
         "retrain": int(cfg.retrain.patience) + 1,
     }
+    run_epochs = {k: float(taken.get(k, 1)) for k in fewest}  # epochs this run's fits took
+    # the search stage's seconds split by its epochs (a search epoch costs more: an upper bound for the
+    # pretraining, a lower bound for the search)
+    n_search = max(1.0, taken.get("pretrain", 1) + taken.get("search", 1))
     per_epoch = {
         "prepare": seconds["prepare"] * scale,
-        "base": seconds["base"] * scale,
-        "pretrain": seconds["search"] / 2 * scale,
-        "search": seconds["search"] / 2 * scale,
+        "base": seconds["base"] / max(1.0, run_epochs["base"]) * scale,
+        "pretrain": seconds["search"] / n_search * scale,
+        "search": seconds["search"] / n_search * scale,
         "cluster": seconds["cluster"] * scale,
-        "retrain": seconds["retrain"] * scale,
+        "retrain": seconds["retrain"] / max(1.0, run_epochs["retrain"]) * scale,
         "evaluate": seconds["evaluate"] * scale,
     }
-    full = {k: v * fewest.get(k, 1) for k, v in per_epoch.items()}
+    at_fewest = {k: v * fewest.get(k, 1) for k, v in per_epoch.items()}
+    at_taken = {k: v * run_epochs.get(k, 1) for k, v in per_epoch.items()}
     res: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
+        "machine": start, "machine_at_end": end,
         "rows": args.rows, "raw_mib": round(raw_bytes / 2**20, 1), "generate_s": round(gen_s, 1),
         "train_rows": train_rows, "ids": int(sum(f["vocab_size"] for f in fmap["fields"])),
         "fields": len(fmap["fields"]), "overrides": overrides[3:], "wall_s": round(wall, 1),
+        "epoch_cap": cap,
         "stages": {
             k: {"seconds": seconds.get(k), "peak_rss_mib": round(peaks[k] / 1024, 1),
-                "rows_per_s": round((args.rows if k == "prepare" else train_rows) / seconds[k])}
+                "rows_per_s": round((args.rows if k == "prepare" else train_rows) / seconds[k]),
+                **({"epochs": run_epochs[k]} if k in run_epochs else {}),
+                **({"rows_per_s_per_epoch": round(train_rows * run_epochs[k] / seconds[k])}
+                   if k in ("base", "retrain") else {})}
             for k in STAGES if k in seconds
         },
+        "epochs_taken": taken,
+        "cluster": cluster, "test_auc": ihas_auc,
         "peak_rss_mib": round(peak_all / 1024, 1),
         "full_criteo": {
-            "rows": FULL_CRITEO_ROWS, "scale": round(scale, 3), "fewest_epochs": fewest,
+            "rows": FULL_CRITEO_ROWS, "scale": round(scale, 3), "fewest_epochs": fewest, "epochs_taken": run_epochs,
             "per_epoch_h": {k: round(v / 3600, 3) for k, v in per_epoch.items()},
-            "at_fewest_epochs_h": {k: round(v / 3600, 3) for k, v in full.items()},
-            "total_h": round(sum(full.values()) / 3600, 2),
-            "target_h": 3.0,
+            "at_fewest_epochs_h": {k: round(v / 3600, 3) for k, v in at_fewest.items()},
+            "at_epochs_taken_h": {k: round(v / 3600, 3) for k, v in at_taken.items()},
+            "total_fewest_h": round(sum(at_fewest.values()) / 3600, 2),
+            "total_h": round(sum(at_taken.values()) / 3600, 2),
+            "target_h": 1.0,
         },
         "peak_rss_target_mib": 8 * 1024,
     }  # fmt: skip
+    res["table2_full_criteo"] = table2_estimate(
+        res, Path("experiments/results/bench_train.json"), Path("experiments/results/table2_criteo.md")
+    )
+    if args.search_cost:
+        res["search_step_cost"] = json.loads(Path(args.search_cost).read_text())
     save_results(args.out, res, markdown(res))
     return 0
 
@@ -181,30 +364,73 @@ def rewrite_markdown(json_path: str = "experiments/results/bench_scale.json") ->
 
 def markdown(r: dict[str, Any]) -> str:
     f = r["full_criteo"]
-    md = [f"# The pipeline at scale ({r['machine']})", "",
+    m, me = r["machine"], r.get("machine_at_end", r["machine"])
+    fits = (
+        "one epoch per fit"
+        if r.get("epoch_cap") == 1
+        else f"every fit early-stopped (capped at {r.get('epoch_cap')} epochs)"
+    )
+    md = [f"# The pipeline at scale ({m['cpu']}, {m['cores']} cores, CPU)", "",
+          f"Load average at the start {m['load_average']}, at the end {me['load_average']} (other processes share "
+          "the cores: the figures are a busy machine's).", "",
           f"`stage=all` on {r['rows']:,} generated Criteo rows ({r['raw_mib']:,} MiB raw; {r['train_rows']:,} train "
-          f"rows, {r['ids']:,} ids after min_count 10), one epoch per fit, data streamed from Parquet: "
+          f"rows, {r['ids']:,} ids after min_count 10), {fits}, data streamed from Parquet: "
           f"{r['wall_s']:,} s wall. Generating the rows took {r['generate_s']} s (not in the pipeline).", "",
-          "| stage | seconds | train rows/s (prepare: raw rows/s) | peak RSS MiB |", "|---|---|---|---|"]  # fmt: skip
+          "| stage | seconds | epochs | train rows/s (prepare: raw rows/s) | train rows/s per epoch | peak RSS MiB |",
+          "|---|---|---|---|---|---|"]  # fmt: skip
     for k, s in r["stages"].items():
-        md.append(f"| {k} | {s['seconds']:.1f} | {s['rows_per_s']:,} | {s['peak_rss_mib']:,.0f} |")
+        ep = s.get("epochs", "")
+        md.append(f"| {k} | {s['seconds']:.1f} | {ep} | {s['rows_per_s']:,} | {s.get('rows_per_s_per_epoch', s['rows_per_s']):,} "
+                  f"| {s['peak_rss_mib']:,.0f} |")  # fmt: skip
+    c = r.get("cluster") or {}
+    if c:
+        md += ["", f"Cluster stage: sizes (train) {c['sizes']['train']}, kept dims per cluster {c['field_dims']}, router "
+               f"agreement {c.get('router_agreement')}; its seconds by part {c.get('seconds_by_part')}."]  # fmt: skip
+    if r.get("test_auc"):
+        md += [
+            "",
+            "Test AUC: " + ", ".join(f"{k} {v:.4f}" for k, v in r["test_auc"].items() if v is not None) + ".",
+        ]
     ok_rss = "meets" if r["peak_rss_mib"] <= r["peak_rss_target_mib"] else "misses"
     ok_t = "meets" if f["total_h"] <= f["target_h"] else "misses"
     eval_rows = r["rows"] - r["train_rows"]
     eval_full_gib = eval_rows * f["scale"] * r["fields"] * 4 / 2**30
     md += ["", f"Peak RSS of the whole run: {r['peak_rss_mib']:,.0f} MiB ({ok_rss} the 8 GiB target at this size). "
-           "Prepare, the fits and the cluster stage stream the data (the cluster stage holds one batch of masked "
-           "embeddings at a time); evaluate holds the val and test ids in memory (int32): "
+           "Prepare, the fits and the cluster stage stream the data (the cluster stage keeps each train row's gate "
+           "mask as bits, 78 bytes a row: 2.9 GB on full Criteo's 36.7M train rows); evaluate holds the val and test ids in memory (int32): "
            f"{eval_rows * r['fields'] * 4 / 2**20:,.0f} MiB here, {eval_full_gib:.1f} GiB on full Criteo, so its peak "
-           f"there is about {r['stages']['evaluate']['peak_rss_mib'] / 1024 + eval_full_gib:.1f} GiB. The generated "
-           f"vocabulary ({r['ids']:,} ids after min_count 10) is smaller than full Criteo's (~1M): its tables "
-           "(16 floats per id, x3 with Adam's moments) add ~0.2 GiB per model there.", "",
+           f"there is about {r['stages']['evaluate']['peak_rss_mib'] / 1024 + eval_full_gib:.1f} GiB.", "",
            f"## Full Criteo ({f['rows']:,} rows, x{f['scale']}), extrapolated linearly", "",
-           "| stage | hours per epoch | fewest epochs (patience + 1) | hours |", "|---|---|---|---|"]  # fmt: skip
+           "The epochs each fit took here are taken for full Criteo too (more data per epoch usually needs no more "
+           "epochs); the fewest that early stopping allows (patience + 1) are shown beside them. A fit that reached "
+           "the cap was still improving: more epochs would add their hours per epoch each.", "",
+           "| stage | hours per epoch | epochs taken | hours | fewest epochs | hours at the fewest |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    fit_stages = ("base", "pretrain", "search", "retrain")
     for k, h in f["per_epoch_h"].items():
-        md.append(f"| {k} | {h:.2f} | {f['fewest_epochs'].get(k, 1)} | {f['at_fewest_epochs_h'][k]:.2f} |")
-    md += ["", f"Total at the fewest epochs: **{f['total_h']:.2f} h** ({ok_t} the {f['target_h']:.0f} h target). "
-           "More epochs add their per-epoch hours each.", ""]  # fmt: skip
+        cap = " (the cap)" if k in fit_stages and f["epochs_taken"].get(k) == r.get("epoch_cap") else ""
+        md.append(f"| {k} | {h:.3f} | {f['epochs_taken'].get(k, 1):g}{cap} | {f['at_epochs_taken_h'][k]:.2f} | "
+                  f"{f['fewest_epochs'].get(k, 1)} | {f['at_fewest_epochs_h'][k]:.2f} |")  # fmt: skip
+    md += ["", f"Base + the iHAS pipeline at the epochs taken: **{f['total_h']:.2f} h** ({ok_t} the {f['target_h']:.0f} h "
+           f"target on {m['cores']} cores); at the fewest epochs {f['total_fewest_h']:.2f} h.", ""]  # fmt: skip
+    sc = r.get("search_step_cost")
+    if sc:
+        md += ["## The search's per-batch cost, itemised", "",
+               f"{sc['note']} Batch {sc['batch']}, {sc['threads']} torch thread, load average {sc['load']}: "
+               "noisy (a busy machine); the shares, not the exact figures, are the point.", "",
+               "| part | ms per batch | rows/s |", "|---|---|---|"]  # fmt: skip
+        for k, v in sc["ms"].items():
+            md.append(f"| {k} | {v:.2f} | {sc['batch'] / v * 1000:,.0f} |")
+        md += ["", f"With a gate step every {sc['search_every']} batches: {sc['per_batch_ms']:.1f} ms per training "
+               f"batch, {sc['batch'] / sc['per_batch_ms'] * 1000:,.0f} samples/s without the loader and Lightning.", ""]  # fmt: skip
+    t2 = r.get("table2_full_criteo")
+    if t2:
+        md += ["## Table 2 on full Criteo (8 methods x 3 seeds), estimated", "",
+               "| method | hours per seed | from |", "|---|---|---|"]  # fmt: skip
+        for name, x in t2["methods"].items():
+            md.append(f"| {name} | {x['hours_per_seed']:.2f} | {x['how']} |")
+        md += ["", f"Total (prepare once, 3 seeds each): **{t2['total_h']:.1f} h** on {t2['cpu_cores']} cores. On one GPU: "
+               "not measured yet (no device was lent; `make bench-gpu` waits for one).", ""]  # fmt: skip
     return "\n".join(md)
 
 
