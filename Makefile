@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP   := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bad-inputs bench bench-data bench-train bench-train-load bench-train-alloc bench-fuxictr bench-fuxictr-e2e bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
+.PHONY: help install demo test test-unit test-all bad-inputs bench bench-data bench-train bench-train-load bench-train-alloc bench-fuxictr bench-fuxictr-e2e bench-serve bench-scale bench-gpu acceptance acceptance-real baselines tune lint format clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,14 @@ demo: install ## run the whole iHAS pipeline on the embedded synthetic dataset
 
 test: install ## run the default (fast) test suite
 	WANDB_MODE=offline $(PY) -m pytest -q
+
+# the unit tier: models, layers, optimizer, schedules, statistics; no stage runs (~30 s on 2 cores)
+UNIT_TESTS := tests/test_allocator.py tests/test_backbones.py tests/test_compact.py tests/test_embedding.py \
+	tests/test_gate.py tests/test_layers.py tests/test_optim.py tests/test_schedule.py tests/test_selectors.py \
+	tests/test_stats.py
+
+test-unit: install ## the unit tier for the edit loop (< 60 s): the tests that run no stage
+	WANDB_MODE=offline $(PY) -m pytest -q $(UNIT_TESTS)
 
 test-all: install ## run every test, the slow ones included
 	WANDB_MODE=offline $(PY) -m pytest -q -m "slow or not slow"
