@@ -263,11 +263,11 @@ def test_help_shows_our_groups_and_usage():
 def test_dataset_configs_describe_data_only():
     """No method, gate, optimizer or budget key in conf/dataset/*.yaml: every dataset runs the same method
     defaults (a value that must differ is derived from the data, e.g. model.batch_size=auto)."""
+    from pathlib import Path
+
     import yaml
 
     from ihas_lightning.config import compose
-
-    from pathlib import Path
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "dataset"
     for f in sorted(conf.glob("*.yaml")):

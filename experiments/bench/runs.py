@@ -87,6 +87,8 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             "open_share_per_field": search.get("open_share_per_field"),
             "instance_structure": search.get("gate", {}).get("instance_structure"),
             "warnings": search.get("warnings", []),
+            "fallback": (search.get("sparsest_selection") or {}).get("fallback"),
+            "chosen_epoch": (search.get("sparsest_selection") or {}).get("chosen_epoch"),
         },
         "base_best_epoch": _read_json(run_dir / "base" / "search" / "metrics.json").get("best_epoch"),
         "clusters": [
