@@ -67,10 +67,10 @@ def test_folded_gives_the_source_models_logits(dims):
     x = _ids(257)
     c = FoldedMLP(m)
     assert c.hidden == 16 and tuple(c.table.shape) == (sum(v for v, d in zip(VOCAB, dims) if d), 16)
-    with torch.no_grad():
-        torch.testing.assert_close(c(x), m(x), rtol=0, atol=1e-6)
+    with torch.no_grad():  # folding re-associates float32 sums: equal up to rounding
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
         rows = torch.tensor([5, 0, 256, 5, 17])
-        torch.testing.assert_close(c.forward_rows(x, rows), m(x[rows]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(c.forward_rows(x, rows), m(x[rows]), rtol=1e-5, atol=1e-5)
     assert c.num_parameters() == m.num_parameters()
 
 

@@ -231,6 +231,37 @@ def test_dlrm_gate_and_selector_are_exclusive():
         DLRM(VOCAB, embed_dim=4, gate={"tau": 0.1}, selector=AutoFieldSelector(4, 4, VOCAB))
 
 
+@pytest.mark.parametrize("backbone", ["mlp", "deepfm", "wide_deep", "dcn"])
+def test_a_searched_model_starts_as_base_does(backbone):
+    """The selector is built last on a forked random stream: with the same seed, the embedding and the
+    backbone of a gated model are Base's to the bit, and the global stream after construction is too."""
+    torch.manual_seed(3)
+    base = DLRM(VOCAB, embed_dim=4, backbone=backbone)
+    after_base = torch.rand(3)
+    torch.manual_seed(3)
+    gated = DLRM(VOCAB, embed_dim=4, backbone=backbone, gate={"tau": 0.1})
+    assert torch.equal(torch.rand(3), after_base)
+    want = base.state_dict()
+    got = {k: v for k, v in gated.state_dict().items() if not k.startswith("selector.")}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_dense_layers_start_with_zero_biases():
+    """FuxiCTR's init: with PyTorch's U(+-1/sqrt(fan_in)) biases a seed could start with every unit of the
+    8-wide layer dead (a constant model no gradient leaves); zero biases keep each alive on some rows."""
+    torch.manual_seed(0)
+    m = DLRM(VOCAB, embed_dim=4)
+    linears = [x for x in m.backbone.modules() if isinstance(x, torch.nn.Linear)]
+    assert linears and all(torch.count_nonzero(x.bias) == 0 for x in linears)
+    x = torch.randint(0, min(VOCAB), (256, len(VOCAB)))
+    with torch.no_grad():
+        h = m.embedding(x).flatten(1)
+        for layer in list(m.backbone.net)[:-1]:
+            h = layer(h)
+    alive = (h > 0).float().mean(0)  # the last hidden layer's units: each alive on some rows
+    assert bool((alive > 0).all())
+
+
 # ---- every method through stage=all ---------------------------------------------------------------------
 PEP_TINY = ["method.max_epochs=2", "method.selector.s_init=-4.0", "method.selector.budgets=[0.9]",
             "method.selector.retrain_budget=0.9"]  # fmt: skip

@@ -178,6 +178,25 @@ def test_search_falls_back_to_gates_open_when_every_epoch_does_harm(cfg_factory)
     assert saved["sparsest_selection"]["fallback"] == "gates open"
 
 
+def test_the_pretrained_reference_is_base_itself(cfg_factory, tmp_path):
+    """The pretraining fits every train row (the gate's holdout too) with Base's init, batches and stopping
+    rule, so the selection's reference (and fallback) is the Base model: the same validation numbers to the
+    last bit. The search phase's model steps then skip the holdout rows."""
+    from ihas_lightning.stages.search import run
+
+    small = ["dataset.rows=5000", "model.batch_size=256", "search.patience_steps=0", "search.max_epochs=4",
+             "search.patience=1", "trainer.deterministic=true"]  # fmt: skip
+    base = run(cfg_factory(*small, "method=base", output_dir=tmp_path / "base"))
+    ihas = run(cfg_factory(*small, "search.search_every=2", output_dir=tmp_path / "ihas"))
+    ref = ihas["sparsest_selection"]["reference"]
+    assert ref["epoch"] == base["best_epoch"]
+    assert ref["val_logloss"] == base["val/logloss"] and ref["val_auc"] == base["val/auc"]
+    b = ihas["budget"]
+    assert b["pretrain_rows"] == base["budget"]["train_rows"] == b["train_rows"] + b["gate_rows"]
+    assert b["batch_size"] == base["budget"]["batch_size"]
+    assert b["train_positive_rate"] == base["budget"]["train_positive_rate"]
+
+
 def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
     from ihas_lightning.stages.search import run
 

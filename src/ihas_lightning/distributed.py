@@ -73,6 +73,27 @@ def global_slice(rows: int, device: torch.device | str = "cpu") -> tuple[int, in
 
 
 @torch.no_grad()
+def gather_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's 1-d ``t`` (per-row values of its shard, sizes may differ) concatenated in rank order,
+    on every rank; ``t`` itself in one process. A paired comparison of two passes over the same sharded
+    split then sees every row, and every rank takes the same decision. Collective: every rank calls it
+    (a rank with no rows passes None)."""
+    if not initialized() or dist.get_world_size() == 1:
+        return t
+    local = t.detach().reshape(-1).float().cpu() if t is not None else torch.zeros(0)
+    n = torch.tensor([local.numel()], dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    c = [int(x.item()) for x in counts]
+    pad = torch.zeros(max(c) if c else 0)
+    pad[: local.numel()] = local
+    parts = [torch.empty_like(pad) for _ in c]
+    dist.all_gather(parts, pad)
+    out = torch.cat([p[:k] for p, k in zip(parts, c)])
+    return out if out.numel() else None
+
+
+@torch.no_grad()
 def sync_gradients(params: Iterable[torch.nn.Parameter], rows: int) -> None:
     """Average ``params``' gradients over the ranks, weighted by each rank's ``rows`` in the global
     batch (a no-op in one process). Every rank must call it with the same parameters in the same order."""

@@ -351,8 +351,10 @@ def _val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
     trainer = build_trainer(cfg, 1, [], None, where, enable_checkpointing=False, inference_mode=False)
     module.row_losses = []
     res = trainer.validate(module, datamodule=dm, verbose=False)
+    from .distributed import gather_rows
+
     rows, module.row_losses = module.row_losses, None
-    return (torch.cat(rows) if rows else None), res, trainer
+    return gather_rows(torch.cat(rows) if rows else None), res, trainer  # trainer=ddp: every rank's rows
 
 
 def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple | None:

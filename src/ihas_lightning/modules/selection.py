@@ -157,9 +157,11 @@ class SparsestSelection(Callback):
         pl_module.row_losses = []  # the pass's per-row losses (CTRModule.keep_row_loss)
 
     def _take_rows(self, pl_module) -> torch.Tensor | None:
+        from ..distributed import gather_rows
+
         rows = getattr(pl_module, "row_losses", None)
         pl_module.row_losses = None
-        return torch.cat(rows) if rows else None
+        return gather_rows(torch.cat(rows) if rows else None)  # trainer=ddp: every rank's val rows
 
     def _fix_ref_rows(self) -> None:
         """The reference's per-row losses: those of the pretraining epoch the reference is."""

@@ -314,7 +314,8 @@ def _train_cluster(
             resume=resume,
             # the cluster model's start (e.g. the searched model narrowed to the cluster's dims) is a
             # candidate: the retrained model is never worse on the cluster's validation rows than it
-            keep_init=resume is None,
+            # (a resumed fit too: the module is rebuilt from the same seed, so its start is the same)
+            keep_init=True,
             # ... and it must beat that start with confidence (the search's burden of proof)
             init_confidence=float(cfg.search.tolerance.confidence),
         )

@@ -264,6 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .. import schedule
     from ..data.datamodule import IHASDataModule
     from ..data.dataset_dir import ensure_prepared
+    from ..data.phased import PhasedTrainData
     from ..data.feature_map import FeatureMap
     from ..loggers import build_logger, finish_loggers
     from ..modules.search import SearchSchedule
@@ -302,19 +303,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if bilevel and sc.gate_data == "holdout":
         hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
     model_rows = n_train - (int(hold.sum()) if hold is not None else 0)
-    bs = schedule.batch_size(cfg.model, model_rows)
+    # the batch size of Base's fit (every train row): the pretraining is that fit, exactly
+    bs = schedule.batch_size(cfg.model, n_train)
     sbs = int(sc.get("search_batch_size") or bs)
     eval_bs = int(cfg.evaluate.get("batch_size") or bs)
-    dm = IHASDataModule(
-        str(prepared),
-        batch_size=bs,
-        eval_batch_size=eval_bs,
-        seed=int(cfg.seed),
-        search_batch_size=sbs,
-        row_filter={"train": ~hold} if hold is not None else None,
-        **loader_kwargs(cfg),
-    )
+    data_kw = dict(batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), search_batch_size=sbs)
+    if hold is None:
+        dm = IHASDataModule(str(prepared), **data_kw, **loader_kwargs(cfg))
+    else:  # pretraining on every row (= Base), the search phase's model steps outside the holdout
+        search_rows = IHASDataModule(str(prepared), **data_kw, row_filter={"train": ~hold}, **loader_kwargs(cfg))
+        dm = PhasedTrainData(str(prepared), search_rows=search_rows, **data_kw, **loader_kwargs(cfg))
     bpe = schedule.batches_per_epoch(model_rows, bs)
+    bpe_all = schedule.batches_per_epoch(n_train, bs)
     every = method.search_every(cfg, bpe) if bilevel else None
     prior = dm.positive_rate("train")
     bias = schedule.prior_logit(prior) if cfg.model.output_bias == "prior" else None
@@ -331,6 +331,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         transfer = _load_transfer(cfg, module, fmap)
     module.snapshot_dir = out / "snapshots"
     budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
+    if hold is not None:
+        budget.update(pretrain_rows=n_train, pretrain_batches_per_epoch=bpe_all)
     if sel:
         budget["arch_update"] = update
         budget["embedding_optimizer"] = module.model_cfg["embedding_optimizer"]
@@ -377,7 +379,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 SearchSchedule(
                     pretrain_max_epochs=int(pre.max_epochs),
                     pretrain_patience=budget.setdefault(
-                        "pretrain_patience", schedule.patience_epochs(pre.get("patience"), bpe, steps)
+                        "pretrain_patience", schedule.patience_epochs(pre.get("patience"), bpe_all, steps)
                     ),
                     search_max_epochs=search_epochs,
                     monitor=str(sc.monitor),
@@ -387,7 +389,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             max_epochs = int(pre.max_epochs) + search_epochs
         else:
             max_epochs = search_epochs
-        trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root)
+        # PhasedTrainData: the train loader is re-read each epoch (the rows change with the phase)
+        reload = {"reload_dataloaders_every_n_epochs": 1} if hold is not None else {}
+        trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root, **reload)
         # the train loader's shuffle is seeded by the trainer's epoch (also when resuming mid-run)
         dm.trainer = trainer
         t0 = time.perf_counter()
