@@ -264,8 +264,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from .. import schedule
     from ..data.datamodule import IHASDataModule
     from ..data.dataset_dir import ensure_prepared
-    from ..data.phased import PhasedTrainData
     from ..data.feature_map import FeatureMap
+    from ..data.phased import PhasedTrainData
     from ..loggers import build_logger, finish_loggers
     from ..modules.search import SearchSchedule
     from ..report.figures import gate_histogram_png
@@ -311,7 +311,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if hold is None:
         dm = IHASDataModule(str(prepared), **data_kw, **loader_kwargs(cfg))
     else:  # pretraining on every row (= Base), the search phase's model steps outside the holdout
-        search_rows = IHASDataModule(str(prepared), **data_kw, row_filter={"train": ~hold}, **loader_kwargs(cfg))
+        search_rows = IHASDataModule(
+            str(prepared), **data_kw, row_filter={"train": ~hold}, **loader_kwargs(cfg)
+        )
         dm = PhasedTrainData(str(prepared), search_rows=search_rows, **data_kw, **loader_kwargs(cfg))
     bpe = schedule.batches_per_epoch(model_rows, bs)
     bpe_all = schedule.batches_per_epoch(n_train, bs)
