@@ -211,9 +211,11 @@ def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
     assert sel["chosen_epoch"] == want["epoch"] == m["best_epoch"]
     # the excess logloss is bounded on the same validation rows, paired with the reference's
     assert sel["tolerance"]["paired"] and sel["tolerance"]["confidence"] == 0.95
+    assert sel["tolerance"]["paired_auc"]  # ... and so is the AUC difference (DeLong)
     for c in sel["candidates"]:
         diff = c["val_logloss"] - sel["reference"]["val_logloss"]
         assert c["excess_upper"] > diff - 1e-6
+        assert c["auc_lower"] < c["val_auc"] - sel["reference"]["val_auc"] + 1e-4
     assert m["val/logloss"] == pytest.approx(want["val_logloss"], abs=1e-6)
 
 
@@ -342,3 +344,45 @@ def test_a_cluster_too_rare_to_judge_keeps_its_start(cfg_factory):
     for c in r["clusters"]:
         assert c["kept_start"] and "retrain.min_class_rows=10" in c["kept_start"]
         assert c["best_epoch"] == -1 and c["epochs_run"] == 0
+
+
+def test_auc_lower_is_the_one_sided_delong_bound_and_refuses_noise():
+    """The AUC side of admissibility is a paired non-inferiority test: the one-sided DeLong lower bound
+    of AUC(candidate) - AUC(reference) on the same rows. A candidate far *above* the reference on a
+    handful of positives (the criteo-ctr1 seed-4 case) is not proof; the same gap on many rows is."""
+    from statistics import NormalDist
+
+    from ihas_lightning.modules.selection import auc_lower
+    from ihas_lightning.stats import paired_auc_difference
+
+    def rows(n, pos, seed, shift):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.zeros(n, dtype=torch.float64)
+        y[torch.randperm(n, generator=g)[:pos]] = 1.0
+        ref = torch.randn(n, generator=g, dtype=torch.float64) + y
+        cand = ref + shift * y + 0.8 * torch.randn(n, generator=g, dtype=torch.float64)
+        loss = torch.zeros(n, dtype=torch.float64)
+        return torch.stack([loss, cand, y], 1), torch.stack([loss, ref, y], 1)
+
+    c, r = rows(400, 8, 1, 0.3)
+    d = paired_auc_difference(c[:, 2].numpy(), c[:, 1].numpy(), r[:, 1].numpy())
+    from scipy.stats import t
+
+    assert 6.0 < d["df"] < 12.0  # the 8 positives' term dominates the variance
+    want = d["diff"] - t.ppf(0.95, d["df"]) * d["se"]  # a t bound: wider than the normal one
+    assert auc_lower(c, r, 0.95) == pytest.approx(want, rel=1e-12)
+    assert want < d["diff"] - NormalDist().inv_cdf(0.95) * d["se"]
+    assert auc_lower(c, r, 0.0) == pytest.approx(d["diff"], rel=1e-12)
+    ref = {"val_logloss": 0.05, "val_auc": 0.70}
+    small = {"val_logloss": 0.05, "val_auc": 0.70 + d["diff"], "auc_lower": auc_lower(c, r, 0.95)}
+    assert d["diff"] > 0 and small["auc_lower"] < -0.001  # higher mean, wide bound: refused
+    assert not admissible(small, ref, 1.0, 0.001, h0=0.05)
+    c, r = rows(200_000, 20_000, 1, 0.5)  # the same kind of gap, proven
+    big = {"val_logloss": 0.05, "val_auc": 0.71, "auc_lower": auc_lower(c, r, 0.95)}
+    assert big["auc_lower"] > 0 and admissible(big, ref, 1.0, 0.001, h0=0.05)
+    # not the same rows, no scores (1-d losses), or one class only: None, the means decide
+    assert auc_lower(c[:10], r, 0.95) is None and auc_lower(c[:, 0], r[:, 0], 0.95) is None
+    one = r.clone()
+    one[:, 2] = 0.0
+    assert auc_lower(one, one, 0.95) is None
+    assert admissible({**big, "auc_lower": None}, ref, 1.0, 0.001, h0=0.05)

@@ -28,9 +28,11 @@ def _delong_loops(y, a, b):
         mu, mv = sum(u) / len(u), sum(v) / len(v)
         return sum((x - mu) * (z - mv) for x, z in zip(u, v)) / (len(u) - 1)
 
-    var = (cov(a10, a10) + cov(b10, b10) - 2 * cov(a10, b10)) / len(pos)
-    var += (cov(a01, a01) + cov(b01, b01) - 2 * cov(a01, b01)) / len(neg)
-    return sum(a10) / len(a10) - sum(b10) / len(b10), var**0.5
+    t_pos = (cov(a10, a10) + cov(b10, b10) - 2 * cov(a10, b10)) / len(pos)
+    t_neg = (cov(a01, a01) + cov(b01, b01) - 2 * cov(a01, b01)) / len(neg)
+    var = t_pos + t_neg
+    df = var**2 / (t_pos**2 / (len(pos) - 1) + t_neg**2 / (len(neg) - 1))  # Welch-Satterthwaite
+    return sum(a10) / len(a10) - sum(b10) / len(b10), var**0.5, df
 
 
 def test_delong_equals_the_pairwise_loops_with_ties():
@@ -39,7 +41,8 @@ def test_delong_equals_the_pairwise_loops_with_ties():
     a = np.round(y * 0.8 + rng.normal(size=120), 1)  # rounded: many ties within and across classes
     b = np.where(rng.random(120) < 0.2, np.round(rng.normal(size=120), 1), a)  # equal on ~80% of rows
     got = paired_auc_difference(y, a, b)
-    diff, se = _delong_loops(y.tolist(), a.tolist(), b.tolist())
+    diff, se, df = _delong_loops(y.tolist(), a.tolist(), b.tolist())
+    assert got["df"] == pytest.approx(df, rel=1e-9)
     assert got["diff"] == pytest.approx(diff, abs=1e-12)
     assert got["diff"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
     assert got["se"] == pytest.approx(se, rel=1e-9)

@@ -73,24 +73,27 @@ def global_slice(rows: int, device: torch.device | str = "cpu") -> tuple[int, in
 
 
 @torch.no_grad()
-def gather_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """Every rank's 1-d ``t`` (per-row values of its shard, sizes may differ) concatenated in rank order,
-    on every rank; ``t`` itself in one process. A paired comparison of two passes over the same sharded
-    split then sees every row, and every rank takes the same decision. Collective: every rank calls it
-    (a rank with no rows passes None)."""
+def gather_rows(t: torch.Tensor | None, cols: int = 0) -> torch.Tensor | None:
+    """Every rank's per-row ``t`` (its shard's rows, sizes may differ) concatenated in rank order, on
+    every rank; ``t`` itself in one process. ``cols`` > 0: ``t`` is [rows, cols] (0: 1-d), so a rank with
+    no rows (None) still knows the width. A paired comparison of two passes over the same sharded split
+    then sees every row, and every rank takes the same decision. Collective: every rank calls it."""
     if not initialized() or dist.get_world_size() == 1:
         return t
-    local = t.detach().reshape(-1).float().cpu() if t is not None else torch.zeros(0)
+    width = max(int(cols), 1)
+    local = t.detach().reshape(-1).double().cpu() if t is not None else torch.zeros(0, dtype=torch.float64)
     n = torch.tensor([local.numel()], dtype=torch.long)
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
     c = [int(x.item()) for x in counts]
-    pad = torch.zeros(max(c) if c else 0)
+    pad = torch.zeros(max(c) if c else 0, dtype=torch.float64)
     pad[: local.numel()] = local
     parts = [torch.empty_like(pad) for _ in c]
     dist.all_gather(parts, pad)
     out = torch.cat([p[:k] for p, k in zip(parts, c)])
-    return out if out.numel() else None
+    if not out.numel():
+        return None
+    return out.reshape(-1, width) if cols else out
 
 
 @torch.no_grad()

@@ -43,14 +43,16 @@ def paired_auc_difference(y: Any, a: Any, b: Any, level: float = 0.95) -> dict[s
     negative's the share of positives above it; the AUC is the mean placement, and the covariance of
     the two scorings' placements over the positives and over the negatives gives the variance of the
     difference (0 when the two scorings agree on every row). ``diff``, ``se`` and ``ci`` are None when
-    a class is missing."""
+    a class is missing. ``df`` is the Welch-Satterthwaite degrees of freedom of that variance (a sum of
+    a positives' and a negatives' term): about the minority class's count - 1 when it dominates, so a
+    caller can take a t quantile where a class has only a few rows (``ci`` is the normal interval)."""
     import numpy as np
     from scipy import stats
 
     y = np.asarray(y).astype(bool).ravel()
     pos, neg = int(y.sum()), int((~y).sum())
     if pos == 0 or neg == 0:
-        return {"diff": None, "se": None, "ci": [None, None], "level": level}
+        return {"diff": None, "se": None, "ci": [None, None], "level": level, "df": None}
     v10, v01 = [], []
     for s in (a, b):
         s = np.asarray(s, dtype=np.float64).ravel()
@@ -60,14 +62,17 @@ def paired_auc_difference(y: Any, a: Any, b: Any, level: float = 0.95) -> dict[s
         v10.append((ranks[y] - stats.rankdata(s[y])) / neg)  # negatives below each positive
         v01.append(1.0 - (ranks[~y] - stats.rankdata(s[~y])) / pos)  # positives above each negative
     diff = float(v10[0].mean() - v10[1].mean())
-    var = 0.0
+    terms = []  # (variance term, its degrees of freedom) of the positives and of the negatives
     for v, n in ((v10, pos), (v01, neg)):
         if n > 1:
             c = np.cov(np.vstack(v))
-            var += float(c[0, 0] + c[1, 1] - 2.0 * c[0, 1]) / n
-    se = math.sqrt(max(var, 0.0))
+            terms.append((max(float(c[0, 0] + c[1, 1] - 2.0 * c[0, 1]) / n, 0.0), n - 1))
+    var = sum(t for t, _ in terms)
+    se = math.sqrt(var)
+    den = sum(t * t / k for t, k in terms)
+    df = var * var / den if den > 0 else None
     half = float(stats.norm.ppf(0.5 + level / 2)) * se
-    return {"diff": diff, "se": se, "ci": [diff - half, diff + half], "level": level}
+    return {"diff": diff, "se": se, "ci": [diff - half, diff + half], "level": level, "df": df}
 
 
 # ---- heterogeneity of the clusters' architectures (the instance-wise claim) ---------------------------

@@ -354,7 +354,7 @@ def _val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
     from .distributed import gather_rows
 
     rows, module.row_losses = module.row_losses, None
-    return gather_rows(torch.cat(rows) if rows else None), res, trainer  # trainer=ddp: every rank's rows
+    return gather_rows(torch.cat(rows) if rows else None, cols=3), res, trainer  # ddp: every rank's rows
 
 
 def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple | None:

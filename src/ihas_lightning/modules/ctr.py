@@ -155,16 +155,18 @@ class CTRModule(L.LightningModule):
         logits = self(x)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
         self.loglosses[split].update(loss.detach())
-        self.keep_row_loss(split, loss)
+        self.keep_val_rows(split, loss, logits, y)
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
 
-    def keep_row_loss(self, split: str, loss: torch.Tensor) -> None:
-        """Collect the per-row validation losses of this pass where a callback asked for them
-        (``row_losses`` set to a list, e.g. by the search's selection rule, which compares them paired)."""
+    def keep_val_rows(self, split: str, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Collect this validation pass's rows where a callback asked for them (``row_losses`` set to a
+        list, e.g. by the search's selection rule, which compares two passes paired): per row [loss,
+        logit, label] (float64), so a paired logloss bound and a paired (DeLong) AUC bound can be taken."""
         rows = getattr(self, "row_losses", None)
         if split == "val" and rows is not None:
-            rows.append(loss.detach().double().cpu())
+            cols = (loss.detach(), logits.detach().float(), y.detach().float())
+            rows.append(torch.stack([c.reshape(-1).double() for c in cols], 1).cpu())
 
     def _eval_epoch_end(self, split: str) -> None:
         if not self._count.get(split):

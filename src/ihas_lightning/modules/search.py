@@ -603,7 +603,7 @@ class SearchModule(CTRModule):
         logits, aux = self.model.forward_aux(x, "deterministic")
         loss = F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none")
         self.loglosses[split].update(loss.detach())
-        self.keep_row_loss(split, loss)
+        self.keep_val_rows(split, loss, logits, y)
         self._count[split] = self._count.get(split, 0) + len(y)
         self.metrics[split].update(torch.sigmoid(logits), y.long())
         if "threshold" in aux:  # a per-dim gate with the threshold searcher (iHAS)
