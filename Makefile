@@ -80,7 +80,7 @@ bench-train-load: install ## ~14 min: Base and search samples/s quiet and with o
 acceptance: install ## stage=all on the synthetic data, seeds 0-2 -> experiments/results/synthetic_acceptance.{json,md}
 	$(PY) -m experiments.bench.acceptance $(ACCEPTANCE_ARGS)
 
-acceptance-real: install ## stage=all with the defaults on the real Criteo/Avazu samples (seeds 0-9) + synthetic seeds 5-14 -> experiments/results/acceptance_real.{json,md}
+acceptance-real: install ## stage=all with the defaults on the real Criteo/Avazu samples and the low-CTR test beds (seeds 0-4) + synthetic seeds 20-29 -> experiments/results/acceptance_real.{json,md}
 	$(PY) -m experiments.bench.acceptance_real $(ACCEPTANCE_ARGS)
 
 baselines: install ## every method (base, ihas, adafs_soft/hard, autofield, optfs) via stage=all, seeds 0-2, synthetic + Criteo sample -> experiments/results/baselines.{json,md}

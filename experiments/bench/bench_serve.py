@@ -194,7 +194,7 @@ def low_rank_gate(routed: RoutedModel, rank: int) -> RoutedModel:
     approximation (truncated SVD, two thin linear layers), measured for speed and for its agreement
     with the exact clusters. Not a serving option: it keeps the embedding, the threshold search and the
     dispatch, so it stays 15-39x Base folded against the distilled router's 1.4-2x
-    (``experiments/README.md``)."""
+    (``docs/benchmarks.md``)."""
     import copy
 
     search = copy.deepcopy(routed.search_model)

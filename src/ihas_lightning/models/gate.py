@@ -30,7 +30,7 @@ Why centring: the embeddings have a non-zero mean, and Adam moves all ``N*d`` we
 together, so ``W mu`` acts as a second, much faster bias. A dim whose *average* gradient says "open"
 (e.g. a field that matters for half the samples) then saturates open for every sample before the
 weights that tell the samples apart are learned. Centring leaves the bias as the only
-sample-independent path (measured on the planted data: experiments/README.md).
+sample-independent path (measured on the planted data: docs/results.md).
 """
 
 from __future__ import annotations
