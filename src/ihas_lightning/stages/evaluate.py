@@ -203,68 +203,79 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     """stage=evaluate: one row per model the run dir holds (Base, the method's search model, its
     retrained / routed model), plus the constant predictor. ``logger``: a Lightning logger of the
     calling pipeline (else one is built)."""
-    from ..loggers import build_logger, finish_loggers, log_table
-    from ..report.tables import RESULT_COLUMNS, print_results, result_rows, results_markdown
-
     check_cfg(cfg)
-    repeats = int(cfg.evaluate.timing_repeats)
-    name = str(cfg.method.name)
-    is_base = not method.has_selector(cfg)
     rm = load_run_models(cfg)
-    fmap, prepared, search_ckpt, entries, routed = rm.fmap, rm.prepared, rm.search_ckpt, rm.entries, rm.routed
-    modules, k, ainfo, arch_dir, retrain_dir, base_ckpt = (
-        rm.modules,
-        rm.k,
-        rm.ainfo,
-        rm.arch_dir,
-        rm.retrain_dir,
-        rm.base_ckpt,
-    )
-    final = rm.final
-
     bs = int(cfg.evaluate.batch_size)
-    dm = make_datamodule(cfg, prepared, batch_size=bs)
+    dm = make_datamodule(cfg, rm.prepared, batch_size=bs)
     data = {s: split_batches(dm, s, bs) for s in SPLITS}
-    xs, y = data["test"]
-    n_test = len(y)
-    prior = fmap.splits.get("train", {}).get("pos_rate")
+    prior = rm.fmap.splits.get("train", {}).get("pos_rate")
     if prior is None:
         prior = dm.positive_rate("train")
+    het_pick = _heterogeneity_pick(cfg, data, rm.routed)
+    scored = _score_splits(rm, data, het_pick)
+    timing, tx, replaced = _timing(cfg, rm, data["test"][0], bs)
+    rows = _rows(rm, scored, data, timing, prior)
+    warnings = evaluate_warnings(rows, final=rm.final)
+    fast_routing = _fast_routing(rm, rows, scored, data, warnings)
+    served, served_why = served_routing(fast_routing, rm.routed is not None)
+    if rm.routed is not None and served == "fast":
+        # the final row's time is the path routing=auto serves; the exact routing's stays beside it
+        rows_by(rows, rm.final).update(
+            inference_ms=timing[f"{rm.final} (fast routing)"], served_routing="fast"
+        )
+    het = _heterogeneity(cfg, rm, scored, het_pick)
+    for w in warnings:
+        log.warning("evaluate: %s", w)
+    results = _results(cfg, rm, data, rows, timing, warnings, prior, bs)
+    results.update(
+        timing_rows=int(len(tx)),
+        timing_rows_replaced=replaced,
+        timing_note=(
+            f"{len(tx):,} test rows ({'drawn with replacement from' if replaced else 'a sample of'} the "
+            f"{len(data['test'][1]):,}-row split, seeded) in memory, batches of {bs}, one warm-up batch, min "
+            f"of {int(cfg.evaluate.timing_repeats)} passes; the final model on the path it is served with"
+        ),
+        served_routing=served,
+        served_routing_reason=served_why,
+    )
+    case = _routed_results(results, rm, scored, data, timing, fast_routing, het)
+    _method_extras(cfg, rm, results)
+    out = _write_outputs(cfg, rm, results, scored, data, case)
+    metrics = flat_metrics(results)
+    _log_results(cfg, logger, results, case, out, metrics)
+    return metrics
 
-    # ---- predictions: each split scored once per model (val: what selection and the warnings use;
-    # test: the reported numbers); the exact routing's pass also yields each sample's gate mask, kept for
-    # a seeded subset of validation rows (the heterogeneity test) -------------------------------------------
+
+def _heterogeneity_pick(cfg: DictConfig, data, routed) -> torch.Tensor | None:
+    """A seeded subset of the validation rows whose gate masks the heterogeneity test keeps."""
+    if routed is None:
+        return None
+    n_val = sum(len(x) for x in data["val"][0])
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    pick = torch.zeros(n_val, dtype=torch.bool)
+    pick[torch.randperm(n_val, generator=g)[: min(int(cfg.evaluate.heterogeneity_rows), n_val)]] = True
+    return pick
+
+
+def _score_splits(rm, data, het_pick) -> dict[str, Any]:
+    """Each split scored once per model (val: what selection and the warnings use; test: the reported
+    numbers). The exact routing's pass also scores the iHAS-1 row (one embedding + gate pass for both),
+    gives each sample's cluster, and keeps the gate masks of ``het_pick``'s validation rows."""
+    routed = rm.routed
     logits: dict[str, dict[str, torch.Tensor]] = {}
     clusters: dict[str, torch.Tensor] = {}  # the exact routing's
     fast_clusters: dict[str, torch.Tensor] = {}  # the distilled router's
-    het_rows = int(cfg.evaluate.heterogeneity_rows)
     het_masks: list[torch.Tensor] = []
-    het_pick = None
-    if routed is not None:
-        n_val = sum(len(x) for x in data["val"][0])
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        het_pick = torch.zeros(n_val, dtype=torch.bool)
-        het_pick[torch.randperm(n_val, generator=g)[: min(het_rows, n_val)]] = True
     shared_search = (
         rm.search_row if routed is not None and rm.search_row and routed.search_model is rm.search else None
-    )  # the iHAS-1 row is scored in the exact routing's pass (one embedding + gate pass for both)
+    )
     for split, (bx, _) in data.items():
         logits[split] = {}
-        for row, fn, _m, _n in entries:
+        for row, fn, _m, _n in rm.entries:
             if row == shared_search:
                 continue
             if fn is routed:
-                outs = []
-                search_out = []
-                start = 0
-                with torch.inference_mode():
-                    for x in bx:
-                        lg, c, mask, slg = exact_routed_pass(routed, x)
-                        outs.append((lg, c))
-                        search_out.append(slg)
-                        if split == "val" and het_pick is not None:
-                            het_masks.append(mask[het_pick[start : start + len(x)]].to(torch.uint8))
-                        start += len(x)
+                outs, search_out = _exact_pass(routed, bx, het_pick if split == "val" else None, het_masks)
                 if shared_search is not None:
                     logits[split][shared_search] = torch.cat(search_out) if search_out else torch.zeros(0)
             elif fn is not None and fn is rm.routed_fast:
@@ -277,174 +288,226 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                 torch.cat([o[1] for o in outs]) if outs else torch.zeros(0, dtype=torch.long)
             )
             logits[split][row] = torch.cat([o[0] for o in outs]) if outs else torch.zeros(0)
+    return {"logits": logits, "clusters": clusters, "fast_clusters": fast_clusters, "het_masks": het_masks}
 
-    # ---- timing: a fixed number of test rows (same process, same batches, warm-up, loading excluded) ---
-    timing_rows = int(cfg.evaluate.timing_rows)
-    tx, replaced = timing_sample(xs, timing_rows, int(cfg.seed))
+
+def _exact_pass(routed, bx, pick, masks: list[torch.Tensor]):
+    """The exact routing over batches ``bx``: ([(logits, clusters)], [search logits]); the gate masks of
+    the rows ``pick`` marks are appended to ``masks``."""
+    outs, search_out, start = [], [], 0
+    with torch.inference_mode():
+        for x in bx:
+            lg, c, mask, slg = exact_routed_pass(routed, x)
+            outs.append((lg, c))
+            search_out.append(slg)
+            if pick is not None:
+                masks.append(mask[pick[start : start + len(x)]].to(torch.uint8))
+            start += len(x)
+    return outs, search_out
+
+
+def _timing(cfg: DictConfig, rm, xs, bs: int):
+    """Inference time of every row on a fixed number of test rows (same process, same batches, warm-up,
+    loading excluded), and of the cluster models alone given the routing: (timing, rows, replaced)."""
+    repeats = int(cfg.evaluate.timing_repeats)
+    tx, replaced = timing_sample(xs, int(cfg.evaluate.timing_rows), int(cfg.seed))
     tbatches = list(tx.split(bs)) if len(tx) else []
-    timing = {row: time_inference(fn, tbatches, repeats) for row, fn, _m, _n in entries}
-    agree = None
-    if routed is not None:
+    timing = {row: time_inference(fn, tbatches, repeats) for row, fn, _m, _n in rm.entries}
+    if rm.routed is not None:
         with torch.inference_mode():
-            cluster_batches = [routed.route(x) for x in tbatches]
+            cluster_batches = [rm.routed.route(x) for x in tbatches]
         timing["routed_models_only"] = time_inference_pairs(
-            list(routed.cluster_models), tbatches, cluster_batches, repeats
+            list(rm.routed.cluster_models), tbatches, cluster_batches, repeats
         )
-        stage_assign = torch.from_numpy(np.asarray(ainfo["assign_test"]).astype(np.int64))
-        if len(stage_assign) == n_test:
-            agree = float((clusters["test"] == stage_assign).float().mean())
+    return timing, tx, replaced
 
-    # ---- metrics ---------------------------------------------------------------------------------------
+
+def _summed_counts(modules) -> dict[str, int]:
+    counts = {"embedding": 0, "dense": 0, "index": 0}
+    for m in modules:
+        for key, v in _counts(m.model).items():
+            counts[key] += v
+    return counts
+
+
+def _rows(rm, scored, data, timing, prior: float) -> list[dict[str, Any]]:
+    """One row per model (val/test AUC and logloss, parameters, inference time), then the constant's."""
+    logits = scored["logits"]
     metrics_of = {
         split: {row: auc_logloss(lg, data[split][1]) for row, lg in per.items()}
         for split, per in logits.items()
     }
-    constant = {split: constant_logloss(data[split][1], prior) for split in SPLITS}
-    per_cluster = []
-    if routed is not None:
-        for c in range(k):
-            entry: dict[str, Any] = {"cluster": c}
-            for split in SPLITS:
-                sel = clusters[split] == c
-                ca, cl = auc_logloss(logits[split][final][sel], data[split][1][sel])
-                entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
-                entry[f"{split}_positive_rate"] = (
-                    float(data[split][1][sel].mean()) if int(sel.sum()) else None
-                )
-            entry.update(
-                field_dims=[int(d) for d in ainfo["field_dims"][c]],
-                embedding_width=int(sum(ainfo["field_dims"][c])),
-                params=int(modules[c].model.num_parameters()),
-            )
-            per_cluster.append(entry)
-    case = case_study([m.model for m in modules], xs, data["test"][1], clusters["test"]) if routed else None
     rows: list[dict[str, Any]] = []
-    for row, fn, model, note in entries:
+    for row, fn, model, note in rm.entries:
         (va, vl), (ta, tl) = metrics_of["val"][row], metrics_of["test"][row]
         if fn is rm.routed_fast:
-            counts = {"embedding": 0, "dense": 0, "index": 0}
-            for m in modules:
-                for key, v in _counts(m.model).items():
-                    counts[key] += v
+            counts = _summed_counts(rm.modules)
             note = f"distilled router ({sum(p.numel() for p in rm.routed_fast.router.parameters()):,} params)"
-        elif fn is routed:
-            counts = {"embedding": 0, "dense": 0, "index": 0}
-            for m in modules:
-                for key, v in _counts(m.model).items():
-                    counts[key] += v
-            note = (f"{k} clusters (models alone {timing['routed_models_only']:.1f} ms; "
-                    f"+{routed.routing_parameters():,} routing params)")  # fmt: skip
+        elif fn is rm.routed:
+            counts = _summed_counts(rm.modules)
+            note = (f"{rm.k} clusters (models alone {timing['routed_models_only']:.1f} ms; "
+                    f"+{rm.routed.routing_parameters():,} routing params)")  # fmt: skip
         else:
             counts = _counts(model)
         rows.append({"model": row, "test_auc": ta, "test_logloss": tl, "val_auc": va, "val_logloss": vl,
                      "params": counts["embedding"] + counts["dense"], "embedding_params": counts["embedding"],
                      "dense_params": counts["dense"], "index_entries": counts["index"],
-                     "inference_ms": timing[row], "inference_exact_ms": timing[row] if fn is routed else None,
-                     "served_routing": "exact" if fn is routed else None, "note": note})  # fmt: skip
+                     "inference_ms": timing[row], "inference_exact_ms": timing[row] if fn is rm.routed else None,
+                     "served_routing": "exact" if fn is rm.routed else None, "note": note})  # fmt: skip
+    constant = {split: constant_logloss(data[split][1], prior) for split in SPLITS}
     rows.append({"model": "Constant", "test_auc": 0.5, "test_logloss": constant["test"], "val_auc": 0.5,
                  "val_logloss": constant["val"], "params": 1, "inference_ms": None,
                  "note": f"predicts the train base rate {prior:.4f}"})  # fmt: skip
-    warnings = evaluate_warnings(rows, final=final)
-    fast_routing = None
-    if rm.routed_fast is not None:
-        agreement = {
-            split: float((fast_clusters[split] == clusters[split]).float().mean())
-            if len(clusters[split])
-            else None
-            for split in ("val", "test")
+    return rows
+
+
+def _fast_routing(rm, rows, scored, data, warnings: list[str]) -> dict[str, Any] | None:
+    """The distilled router against the exact routing: agreement, the paired AUC difference per split
+    (DeLong) and whether it is within 0.001 (:func:`fast_routing_report`); None without one."""
+    if rm.routed_fast is None:
+        return None
+    logits, clusters, fast = scored["logits"], scored["clusters"], scored["fast_clusters"]
+    agreement = {
+        split: float((fast[split] == clusters[split]).float().mean()) if len(clusters[split]) else None
+        for split in SPLITS
+    }
+    fast_row = next(r for r in rows if r["model"] == f"{rm.final} (fast routing)")
+    differences = {
+        split: {
+            **paired_auc_difference(
+                data[split][1].numpy(),
+                logits[split][fast_row["model"]].numpy(),
+                logits[split][rm.final].numpy(),
+            ),
+            "rerouted": int((fast[split] != clusters[split]).sum()),
         }
-        fast_row = next(r for r in rows if r["model"] == f"{final} (fast routing)")
-        differences = {
-            split: {
-                **paired_auc_difference(
-                    data[split][1].numpy(),
-                    logits[split][fast_row["model"]].numpy(),
-                    logits[split][final].numpy(),
-                ),
-                "rerouted": int((fast_clusters[split] != clusters[split]).sum()),
-            }  # fmt: skip
-            for split in ("val", "test")
-        }
-        fast_routing, warning = fast_routing_report(fast_row, rows_by(rows, final), agreement, differences)
-        t, (lo, hi) = fast_routing["test_auc_minus_exact"], fast_routing["test_auc_minus_exact_ci95"]
-        if t is not None and lo is not None:
-            log.info("evaluate: fast routing - exact routing, test AUC %+.4f (95%% CI [%+.4f, %+.4f]): within %s: %s",
-                     t, lo, hi, SIGNIFICANT, fast_routing[f"test_within_{SIGNIFICANT}"])  # fmt: skip
-        if warning:
-            warnings.append(warning)
-    served, served_why = served_routing(fast_routing, routed is not None)
-    if routed is not None and served == "fast":
-        # the final row's time is the path routing=auto serves; the exact routing's stays beside it
-        fin = rows_by(rows, final)
-        fin.update(inference_ms=timing[f"{final} (fast routing)"], served_routing="fast")
-    het = None
-    if routed is not None:
-        het = heterogeneity_report(
-            torch.cat(het_masks) if het_masks else torch.zeros(0, 0),
-            clusters["val"][het_pick] if het_pick is not None and len(clusters["val"]) else torch.zeros(0),
-            ainfo, k, float(cfg.retrain.keep_threshold), int(cfg.evaluate.permutations), int(cfg.seed),
-        )  # fmt: skip
-        log.info("evaluate: heterogeneity of the clusters' dims %.3f (null mean %s over %d permutations), p = %s",
-                 het["statistic"] or 0.0, het["null_mean"], het["permutations"], het["p_value"])  # fmt: skip
-    for w in warnings:
-        log.warning("evaluate: %s", w)
+        for split in SPLITS
+    }
+    report, warning = fast_routing_report(fast_row, rows_by(rows, rm.final), agreement, differences)
+    t, (lo, hi) = report["test_auc_minus_exact"], report["test_auc_minus_exact_ci95"]
+    if t is not None and lo is not None:
+        log.info("evaluate: fast routing - exact routing, test AUC %+.4f (95%% CI [%+.4f, %+.4f]): within %s: %s",
+                 t, lo, hi, SIGNIFICANT, report[f"test_within_{SIGNIFICANT}"])  # fmt: skip
+    if warning:
+        warnings.append(warning)
+    return report
+
+
+def _heterogeneity(cfg: DictConfig, rm, scored, het_pick) -> dict[str, Any] | None:
+    if rm.routed is None:
+        return None
+    masks, clusters = scored["het_masks"], scored["clusters"]
+    het = heterogeneity_report(
+        torch.cat(masks) if masks else torch.zeros(0, 0),
+        clusters["val"][het_pick] if het_pick is not None and len(clusters["val"]) else torch.zeros(0),
+        rm.ainfo, rm.k, float(cfg.retrain.keep_threshold), int(cfg.evaluate.permutations), int(cfg.seed),
+    )  # fmt: skip
+    log.info("evaluate: heterogeneity of the clusters' dims %.3f (null mean %s over %d permutations), p = %s",
+             het["statistic"] or 0.0, het["null_mean"], het["permutations"], het["p_value"])  # fmt: skip
+    return het
+
+
+def _row_keys(cfg: DictConfig, rm) -> dict[str, str]:
+    """results.json's row names -> the flat metric keys (base, ihas1, routed, ...)."""
+    name, final = str(cfg.method.name), rm.final
     keys = {"Base": "base", "Constant": "constant"}
+    search_row = method.row_name(cfg, "search")
     if name == "ihas":
-        keys.update({method.row_name(cfg, "search") or "iHAS-1": "ihas1", final: "routed"})
-    elif not is_base:
-        if len(entries) and entries[-1][0] != (method.row_name(cfg, "search") or name):
-            keys[method.row_name(cfg, "search") or name] = "search"
+        keys.update({search_row or "iHAS-1": "ihas1", final: "routed"})
+    elif method.has_selector(cfg):
+        if len(rm.entries) and rm.entries[-1][0] != (search_row or name):
+            keys[search_row or name] = "search"
         keys[final] = "final"
-    results: dict[str, Any] = {
+    return keys
+
+
+def _results(cfg: DictConfig, rm, data, rows, timing, warnings, prior, bs: int) -> dict[str, Any]:
+    name = str(cfg.method.name)
+    arch_dir, retrain_dir, base_ckpt = rm.arch_dir, rm.retrain_dir, rm.base_ckpt
+    return {
         "dataset": str(cfg.dataset.name),
         "method": name,
         "display": str(cfg.method.get("display") or name),
-        "final_row": final,
+        "final_row": rm.final,
         "backbone": str(cfg.model.backbone),
         "transfer_from": str(method.transfer_dir(cfg)) if method.transferring(cfg) else None,
-        "row_keys": keys,
-        "test_rows": n_test,
+        "row_keys": _row_keys(cfg, rm),
+        "test_rows": len(data["test"][1]),
         "val_rows": len(data["val"][1]),
         "batch_size": bs,
-        "timing_repeats": repeats,
-        "timing_rows": int(len(tx)),
-        "timing_rows_replaced": replaced,
-        "timing_note": (
-            f"{len(tx):,} test rows ({'drawn with replacement from' if replaced else 'a sample of'} the "
-            f"{n_test:,}-row split, seeded) in memory, batches of {bs}, one warm-up batch, min of "
-            f"{repeats} passes; the final model on the path it is served with"
-        ),
-        "served_routing": served,
-        "served_routing_reason": served_why,
+        "timing_repeats": int(cfg.evaluate.timing_repeats),
+        "timing_rows": None,
+        "timing_rows_replaced": None,
+        "timing_note": None,
+        "served_routing": None,
+        "served_routing_reason": None,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
-        "per_cluster": per_cluster,
+        "per_cluster": [],
         "train_positive_rate": prior,
         "timing_ms": timing,
         "warnings": warnings,
         "inputs": {
-            "search_ckpt": str(search_ckpt.resolve()),
+            "search_ckpt": str(rm.search_ckpt.resolve()),
             "arch_dir": str(arch_dir.resolve()) if arch_dir else None,
-            "cluster_dir": str(arch_dir.resolve()) if routed is not None else None,
+            "cluster_dir": str(arch_dir.resolve()) if rm.routed is not None else None,
             "retrain_dir": str(retrain_dir.resolve()) if retrain_dir else None,
             "base_ckpt": str(base_ckpt.resolve()) if base_ckpt else None,
-            "prepared_dir": str(prepared.resolve()),
+            "prepared_dir": str(rm.prepared.resolve()),
         },
     }
+
+
+def _per_cluster(rm, scored, data) -> list[dict[str, Any]]:
+    """Each cluster's samples, AUC, logloss and positive rate per split, its kept dims and parameters."""
+    logits, clusters = scored["logits"], scored["clusters"]
+    out = []
+    for c in range(rm.k):
+        entry: dict[str, Any] = {"cluster": c}
+        for split in SPLITS:
+            sel = clusters[split] == c
+            ca, cl = auc_logloss(logits[split][rm.final][sel], data[split][1][sel])
+            entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
+            entry[f"{split}_positive_rate"] = float(data[split][1][sel].mean()) if int(sel.sum()) else None
+        entry.update(
+            field_dims=[int(d) for d in rm.ainfo["field_dims"][c]],
+            embedding_width=int(sum(rm.ainfo["field_dims"][c])),
+            params=int(rm.modules[c].model.num_parameters()),
+        )
+        out.append(entry)
+    return out
+
+
+def _routed_results(results, rm, scored, data, timing, fast_routing, het):
+    """The routed model's part of results.json: per-cluster rows, the routing's agreement with the
+    cluster stage, the fast routing, the heterogeneity and the case study (returned, or None)."""
     if fast_routing is not None:
         results["fast_routing"] = fast_routing
-    if routed is not None:
-        results.update(
-            cluster_input=routed.input,
-            routing_params=int(routed.routing_parameters()),
-            cluster_params=[p["params"] for p in per_cluster],
-            routing_agrees_with_cluster_stage=agree,
-        )
-        results["timing_ms"].update(ihas=timing[final], ihas_models_only=timing["routed_models_only"])
-    if case is not None:
-        results["case_study"] = case
+    if rm.routed is None:
+        return None
+    clusters = scored["clusters"]
+    results["per_cluster"] = per_cluster = _per_cluster(rm, scored, data)
+    agree = None
+    stage_assign = torch.from_numpy(np.asarray(rm.ainfo["assign_test"]).astype(np.int64))
+    if len(stage_assign) == len(data["test"][1]):
+        agree = float((clusters["test"] == stage_assign).float().mean())
+    results.update(
+        cluster_input=rm.routed.input,
+        routing_params=int(rm.routed.routing_parameters()),
+        cluster_params=[p["params"] for p in per_cluster],
+        routing_agrees_with_cluster_stage=agree,
+    )
+    results["timing_ms"].update(ihas=timing[rm.final], ihas_models_only=timing["routed_models_only"])
+    case = case_study([m.model for m in rm.modules], data["test"][0], data["test"][1], clusters["test"])
+    results["case_study"] = case
     if het is not None:
         results["heterogeneity"] = het
+    return case
+
+
+def _method_extras(cfg: DictConfig, rm, results: dict[str, Any]) -> None:
+    """PEP's retrained budget, the planted recovery and the Bayes AUC (synthetic data)."""
+    ainfo, final = rm.ainfo, rm.final
     scores = (ainfo or {}).get("scores") or {}
     if "budget" in scores and "requested" in scores:  # PEP: the budget whose mask was retrained
         results["retrained_budget"] = {"seed": int(cfg.seed), "budget": scores["budget"],
@@ -459,32 +522,43 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         results["recovery"] = ainfo["recovery"]
     if ainfo is not None and "truth" in ainfo:
         results["derived_vs_truth"] = ainfo["truth"]
-    truth = prepared / "truth.json"
+    truth = rm.prepared / "truth.json"
     if truth.is_file():
         results["bayes_test_auc"] = read_json(truth).get("bayes_test_auc")
+
+
+def _write_outputs(cfg: DictConfig, rm, results, scored, data, case):
+    """evaluate/: results.json, test_scores.npz, results.md, Figure 6, the manifest (last)."""
+    from ..report.tables import print_results, results_markdown
 
     out = output_dir(cfg) / EVALUATE_DIR
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
-    final_logits = logits["test"].get(final)
+    final_logits = scored["logits"]["test"].get(rm.final)
     if final_logits is not None:
         np.savez_compressed(out / "test_scores.npz", y=data["test"][1].numpy().astype(np.int8),
-                            logits=final_logits.numpy().astype(np.float32), row=np.array(final))  # fmt: skip
+                            logits=final_logits.numpy().astype(np.float32), row=np.array(rm.final))  # fmt: skip
     (out / "results.md").write_text(results_markdown(results))
     if case is not None:
         from ..report.figures import case_study_png
 
         case_study_png(case, out / "figure6_case_study.png",
                        f"Figure 6: each cluster's model on every cluster's test samples ({cfg.dataset.name})")  # fmt: skip
-    parents: dict[str, Any] = {"search_ckpt": search_ckpt}
-    if retrain_dir is not None:
-        parents.update(retrain_dir=retrain_dir, arch_dir=arch_dir)
-    if base_ckpt is not None:
-        parents["base_ckpt"] = base_ckpt
+    parents: dict[str, Any] = {"search_ckpt": rm.search_ckpt}
+    if rm.retrain_dir is not None:
+        parents.update(retrain_dir=rm.retrain_dir, arch_dir=rm.arch_dir)
+    if rm.base_ckpt is not None:
+        parents["base_ckpt"] = rm.base_ckpt
     write_manifest(out, make_manifest("evaluate", cfg, CONFIG_KEYS, parents=parents))
     print_results(results)
+    return out
 
-    metrics = flat_metrics(results)
+
+def _log_results(cfg: DictConfig, logger, results, case, out, metrics) -> None:
+    """The flat metrics, the results table, Figure 6 and the recovery table to the (W&B) logger."""
+    from ..loggers import build_logger, finish_loggers, log_table
+    from ..report.tables import RESULT_COLUMNS, result_rows
+
     own = logger is None
     if own:
         logger = build_logger(cfg, f"{cfg.tag}")
@@ -503,7 +577,6 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     finally:
         if own:
             finish_loggers()
-    return metrics
 
 
 #: fewer rows routed differently than this (but some) leave the fast routing's target undecided

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -258,29 +259,92 @@ def search_warnings(metrics: dict[str, Any], min_gate_steps: int) -> list[str]:
     return out
 
 
+@dataclass
+class _Plan:
+    """What the search stage derives before its fit: the run dir, the data, the budget."""
+
+    out_root: Path
+    out: Path
+    zero: bool
+    prepared: Path
+    resume: str | None
+    fmap: Any = None
+    dm: Any = None
+    hold: np.ndarray | None = None
+    n_train: int = 0
+    model_rows: int = 0
+    bs: int = 0
+    sbs: int = 0
+    bpe: int = 0
+    bpe_all: int = 0
+    prior: float = 0.0
+    synthetic: bool = False
+    budget: dict[str, Any] = field(default_factory=dict)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the search model of ``cfg.method`` (Base: the plain model) and write ``search/`` outputs;
     returns the metrics dict."""
-    from .. import schedule
-    from ..data.datamodule import IHASDataModule
-    from ..data.dataset_dir import ensure_prepared
-    from ..data.feature_map import FeatureMap
-    from ..data.phased import PhasedTrainData
     from ..loggers import build_logger, finish_loggers
-    from ..modules.search import SearchSchedule
-    from ..report.figures import gate_histogram_png
-    from ..training import build_trainer, selection_callbacks, throughput_callback
 
     check_cfg(cfg)
-    sc = cfg.search
-    sel = method.has_selector(cfg)
-    update = method.arch_update(cfg)
-    bilevel = update == "bilevel"
-    name = str(cfg.method.name)
-    resume = sc.get("resume")
+    plan = _start(cfg)
+    seed_everything(int(cfg.seed))
+    _load_data(cfg, plan)
+    module, bias, h0, transfer = _build(cfg, plan)
+    logger = build_logger(cfg, str(cfg.get("tag") or "search"))
+    try:
+        trainer, ckpt_cb, throughput, fit = _fit(cfg, plan, module, h0, logger)
+        best, selection = _select(cfg, plan, trainer, module, ckpt_cb)
+        val = trainer.validate(
+            module, dataloaders=plan.dm.val_dataloader(), ckpt_path=str(best), verbose=False
+        )
+        test = trainer.test(module, dataloaders=plan.dm.test_dataloader(), ckpt_path=str(best), verbose=False)
+        samples_all = None
+        if world_size() > 1:  # every rank's training samples: each row once per epoch (trainer=ddp)
+            samples_all = trainer.strategy.reduce(torch.tensor(float(throughput.samples)), reduce_op="sum")
+        if not plan.zero:
+            barrier()  # rank 0 writes metrics.json and the manifest
+            return {"rank": global_rank(), "train_samples": throughput.samples}
+        metrics = _metrics(cfg, plan, trainer, module, best, val, test, throughput, fit)
+        metrics["transfer"] = transfer
+        metrics["budget"].update(train_positive_rate=plan.prior, output_bias=bias)
+        if selection is not None:
+            metrics["sparsest_selection"] = selection
+            metrics["selection_note"] = (
+                "best_epoch is the selected search epoch; the fallback's weights are the pretrained ones"
+            )
+        if method.has_selector(cfg):
+            _selector_metrics(metrics, plan, module, fit["gate_steps"])
+        if module.model.gate is not None:
+            _gate_metrics(cfg, plan, module, metrics, fit["gate_steps"], selection)
+        if samples_all is not None:
+            metrics["train_samples_all_ranks"] = int(samples_all)
+            metrics["world_size"] = world_size()
+        write_json(plan.out / "metrics.json", metrics)
+        _write_manifest(cfg, plan.out, plan.prepared, plan.fmap, best)
+        barrier()
+        log.info(
+            "search (%s) done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
+            metrics["method"],
+            metrics["best_epoch"],
+            metrics["epochs_run"] + 1,
+            _round(metrics["val/auc"]),
+            _round(metrics["test/auc"]),
+            plan.out / "metrics.json",
+        )
+        return metrics
+    finally:
+        finish_loggers()
+
+
+def _start(cfg: DictConfig) -> _Plan:
+    """The run dir (a previous run's completion markers dropped), the prepared data, ``started.json``."""
+    from ..data.dataset_dir import ensure_prepared
+
+    resume = cfg.search.get("resume")
     if resume and not Path(str(resume)).is_file():
         raise DataError(f"{resume}: checkpoint to resume from not found (search.resume)")
-
     out_root = Path(str(cfg.paths.output_dir))
     out = out_root / SEARCH_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -289,240 +353,266 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for stale in ("manifest.json", "metrics.json"):
         if zero:
             (out / stale).unlink(missing_ok=True)
-
     prepared = Path(ensure_prepared(cfg))
     if not resume and zero:
         from ..artifacts import make_manifest
 
         start = make_manifest("search", cfg, MANIFEST_KEYS, parents=manifest_parents(cfg, prepared))
         write_json(out / STARTED, {k: start[k] for k in ("stage", "config_hash", "parents", "created")})
-    seed_everything(int(cfg.seed))
-    fmap = FeatureMap.load(prepared)
-    n_train = fmap.rows("train")
-    hold = None
-    if bilevel and sc.gate_data == "holdout":
-        hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
-    model_rows = n_train - (int(hold.sum()) if hold is not None else 0)
+    return _Plan(out_root, out, zero, prepared, str(resume) if resume else None)
+
+
+def _load_data(cfg: DictConfig, plan: _Plan) -> None:
+    """The feature map, the gate's holdout, Base's batch size and the DataModule (phased when holdout)."""
+    from .. import schedule
+    from ..data.datamodule import IHASDataModule
+    from ..data.feature_map import FeatureMap
+    from ..data.phased import PhasedTrainData
+
+    sc = cfg.search
+    plan.fmap = FeatureMap.load(plan.prepared)
+    plan.n_train = n_train = plan.fmap.rows("train")
+    if method.arch_update(cfg) == "bilevel" and sc.gate_data == "holdout":
+        plan.hold = holdout_mask(n_train, float(sc.holdout_fraction), int(cfg.seed))
+    plan.model_rows = n_train - (int(plan.hold.sum()) if plan.hold is not None else 0)
     # the batch size of Base's fit (every train row): the pretraining is that fit, exactly
-    bs = schedule.batch_size(cfg.model, n_train)
-    sbs = int(sc.get("search_batch_size") or bs)
+    plan.bs = bs = schedule.batch_size(cfg.model, n_train)
+    plan.sbs = int(sc.get("search_batch_size") or bs)
     eval_bs = int(cfg.evaluate.get("batch_size") or bs)
-    data_kw = dict(batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), search_batch_size=sbs)
-    if hold is None:
-        dm = IHASDataModule(str(prepared), **data_kw, **loader_kwargs(cfg))
+    data_kw = dict(batch_size=bs, eval_batch_size=eval_bs, seed=int(cfg.seed), search_batch_size=plan.sbs)
+    prepared = str(plan.prepared)
+    if plan.hold is None:
+        plan.dm = IHASDataModule(prepared, **data_kw, **loader_kwargs(cfg))
     else:  # pretraining on every row (= Base), the search phase's model steps outside the holdout
         search_rows = IHASDataModule(
-            str(prepared), **data_kw, row_filter={"train": ~hold}, **loader_kwargs(cfg)
+            prepared, **data_kw, row_filter={"train": ~plan.hold}, **loader_kwargs(cfg)
         )
-        dm = PhasedTrainData(str(prepared), search_rows=search_rows, **data_kw, **loader_kwargs(cfg))
-    bpe = schedule.batches_per_epoch(model_rows, bs)
-    bpe_all = schedule.batches_per_epoch(n_train, bs)
-    every = method.search_every(cfg, bpe) if bilevel else None
-    prior = dm.positive_rate("train")
-    bias = schedule.prior_logit(prior) if cfg.model.output_bias == "prior" else None
-    synthetic = (prepared / "truth.json").is_file()
-    h0 = schedule.base_rate_entropy(prior)
+        plan.dm = PhasedTrainData(prepared, search_rows=search_rows, **data_kw, **loader_kwargs(cfg))
+    plan.bpe = schedule.batches_per_epoch(plan.model_rows, bs)
+    plan.bpe_all = schedule.batches_per_epoch(n_train, bs)
+    plan.prior = plan.dm.positive_rate("train")
+    plan.synthetic = (plan.prepared / "truth.json").is_file()
+    plan.budget = {"batch_size": bs, "train_rows": plan.model_rows, "batches_per_epoch": plan.bpe}
+    if plan.hold is not None:
+        plan.budget.update(pretrain_rows=n_train, pretrain_batches_per_epoch=plan.bpe_all)
+
+
+def _build(cfg: DictConfig, plan: _Plan):
+    """The LightningModule (its output bias, the NE objective's unit, a transferred gate, the gate's
+    data): (module, output bias, constant logloss h0, transfer info)."""
+    from .. import schedule
+
+    sel, bilevel = method.has_selector(cfg), method.arch_update(cfg) == "bilevel"
+    every = method.search_every(cfg, plan.bpe) if bilevel else None
+    bias = schedule.prior_logit(plan.prior) if cfg.model.output_bias == "prior" else None
+    h0 = schedule.base_rate_entropy(plan.prior)
     try:
-        module = build_module(cfg, fmap, output_bias=bias, search_every=every or 100, constant_logloss=h0)
+        module = build_module(
+            cfg, plan.fmap, output_bias=bias, search_every=every or 100, constant_logloss=h0
+        )
     except ValueError as e:  # a knob that does not fit this dataset (e.g. k > its field count)
         raise ConfigError(
-            f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {fmap.num_fields} fields)"
+            f"config key 'method.selector': {e} (dataset {cfg.dataset.name}: {plan.fmap.num_fields} fields)"
         ) from None
-    transfer = None
-    if method.transferring(cfg):
-        transfer = _load_transfer(cfg, module, fmap)
-    module.snapshot_dir = out / "snapshots"
-    budget: dict[str, Any] = {"batch_size": bs, "train_rows": model_rows, "batches_per_epoch": bpe}
-    if hold is not None:
-        budget.update(pretrain_rows=n_train, pretrain_batches_per_epoch=bpe_all)
+    transfer = _load_transfer(cfg, module, plan.fmap) if method.transferring(cfg) else None
+    module.snapshot_dir = plan.out / "snapshots"
+    budget = plan.budget
     if sel:
-        budget["arch_update"] = update
+        budget["arch_update"] = method.arch_update(cfg)
         budget["embedding_optimizer"] = module.model_cfg["embedding_optimizer"]
         # derived from the data (logged): the unit of the NE objective and of the selection tolerance
         budget["objective"] = module.objective
         budget["constant_logloss"] = round(h0, 6) if h0 is not None else None
     if bilevel:
-        if hold is not None:
-            gate_dm = IHASDataModule(
-                str(prepared),
-                batch_size=sbs,
-                seed=int(cfg.seed),
-                search_batch_size=sbs,
-                row_filter={"train": hold},
-                **loader_kwargs(cfg),
-            )
-            module.set_search_loader(lambda: gate_dm.search_dataloader("train"))  # built in the fit
-            budget["gate_rows"] = int(hold.sum())
-        else:
-            module.set_search_loader(lambda: dm.search_dataloader("val"))  # built in the fit
-            budget["gate_rows"] = fmap.rows("val")
-        budget.update(search_every=every, gate_data=str(sc.gate_data), search_batch_size=sbs)
-    log.info("search (%s): %s", name, ", ".join(f"{k}={v}" for k, v in budget.items()))
+        _attach_gate_data(cfg, plan, module)
+        budget.update(search_every=every, gate_data=str(cfg.search.gate_data), search_batch_size=plan.sbs)
+    log.info("search (%s): %s", cfg.method.name, ", ".join(f"{k}={v}" for k, v in budget.items()))
+    return module, bias, h0, transfer
 
-    # Base and the pretraining: search.monitor; the search phase: the method's search monitor
-    monitor = str(method.setting(cfg, "search_monitor")) if sel else str(sc.monitor)
+
+def _attach_gate_data(cfg: DictConfig, plan: _Plan, module) -> None:
+    """The gate steps' loader: the train holdout (default) or the validation split (the paper's)."""
+    from ..data.datamodule import IHASDataModule
+
+    if plan.hold is not None:
+        gate_dm = IHASDataModule(
+            str(plan.prepared),
+            batch_size=plan.sbs,
+            seed=int(cfg.seed),
+            search_batch_size=plan.sbs,
+            row_filter={"train": plan.hold},
+            **loader_kwargs(cfg),
+        )
+        module.set_search_loader(lambda: gate_dm.search_dataloader("train"))  # built in the fit
+        plan.budget["gate_rows"] = int(plan.hold.sum())
+    else:
+        module.set_search_loader(lambda: plan.dm.search_dataloader("val"))  # built in the fit
+        plan.budget["gate_rows"] = plan.fmap.rows("val")
+
+
+def _monitor(cfg: DictConfig) -> str:
+    """Base and the pretraining: search.monitor; the search phase: the method's search monitor."""
+    return str(method.setting(cfg, "search_monitor")) if method.has_selector(cfg) else str(cfg.search.monitor)
+
+
+def _is_sparsest(cfg: DictConfig) -> bool:
+    return method.has_selector(cfg) and cfg.method.select == "sparsest" and not method.transferring(cfg)
+
+
+def _fit(cfg: DictConfig, plan: _Plan, module, h0, logger):
+    """The callbacks (selection, early stopping, the pretrain/search schedule), the Trainer and the fit:
+    (trainer, the selection callback, the throughput callback, {gate_steps, fit_seconds, max_epochs})."""
+    from .. import schedule
+    from ..modules.search import SearchSchedule
+    from ..training import build_trainer, selection_callbacks, throughput_callback
+
+    sc, budget = cfg.search, plan.budget
     search_epochs = int(method.setting(cfg, "max_epochs"))
-    early_stop = bool(cfg.method.early_stop)
     steps = sc.get("patience_steps")
-    patience = method.setting(cfg, "patience") if early_stop else None
-    patience = schedule.patience_epochs(patience, bpe, steps)
-    budget["patience"] = patience
+    patience = method.setting(cfg, "patience") if bool(cfg.method.early_stop) else None
+    budget["patience"] = patience = schedule.patience_epochs(patience, plan.bpe, steps)
+    rule = sparsest_rule(cfg, plan.out, h0)
+    callbacks, ckpt_cb = selection_callbacks(plan.out, _monitor(cfg), patience, sparsest=rule)
+    throughput = throughput_callback()
+    callbacks.append(throughput)
+    max_epochs = search_epochs
+    if method.has_selector(cfg):
+        pre = method.pretrain(cfg)
+        pre_patience = schedule.patience_epochs(pre.get("patience"), plan.bpe_all, steps)
+        callbacks.insert(
+            0,
+            SearchSchedule(
+                pretrain_max_epochs=int(pre.max_epochs),
+                pretrain_patience=budget.setdefault("pretrain_patience", pre_patience),
+                search_max_epochs=search_epochs,
+                monitor=str(sc.monitor),
+                restore_best=bool(pre.get("restore_best", True)),
+            ),
+        )
+        max_epochs = int(pre.max_epochs) + search_epochs
+    # PhasedTrainData: the train loader is re-read each epoch (the rows change with the phase)
+    reload = {"reload_dataloaders_every_n_epochs": 1} if plan.hold is not None else {}
+    trainer = build_trainer(cfg, max_epochs, callbacks, logger, plan.out_root, **reload)
+    # the train loader's shuffle is seeded by the trainer's epoch (also when resuming mid-run)
+    plan.dm.trainer = trainer
+    t0 = time.perf_counter()
+    # the loaders are built by the fit (datamodule=): under trainer=ddp each rank's shard is known then
+    trainer.fit(module, datamodule=plan.dm, ckpt_path=plan.resume)
+    fit = {"fit_seconds": time.perf_counter() - t0, "max_epochs": max_epochs}
+    fit["gate_steps"] = int(module.gate_steps)  # loading best.ckpt later restores its count
+    return trainer, ckpt_cb, throughput, fit
+
+
+def _select(cfg: DictConfig, plan: _Plan, trainer, module, ckpt_cb):
+    """The checkpoint the stage hands on (``best.ckpt``; the gates-open fallback of the sparsest rule;
+    the last epoch with ``method.select=last``) and ``last.ckpt``: (best path, the rule's summary)."""
+    sparsest = _is_sparsest(cfg)
+    if sparsest and ckpt_cb.fallback:
+        _select_gates_open(trainer, module, ckpt_cb, plan.out)
+    # before validate(ckpt_path=best), which restores the callbacks' state of that checkpoint
+    selection = ckpt_cb.summary() if sparsest else None
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
+    # trainer=ddp: every rank takes rank 0's decisions (each save below is collective, and rank 0
+    # writes the file right after deciding)
     select_last = cfg.method.select == "last"
-    sparsest = sel and cfg.method.select == "sparsest" and not method.transferring(cfg)
-    logger = build_logger(cfg, str(cfg.get("tag") or "search"))
-    try:
-        callbacks, ckpt_cb = selection_callbacks(out, monitor, patience, sparsest=sparsest_rule(cfg, out, h0))
-        throughput = throughput_callback()
-        callbacks.append(throughput)
-        if sel:
-            pre = method.pretrain(cfg)
-            callbacks.insert(
-                0,
-                SearchSchedule(
-                    pretrain_max_epochs=int(pre.max_epochs),
-                    pretrain_patience=budget.setdefault(
-                        "pretrain_patience", schedule.patience_epochs(pre.get("patience"), bpe_all, steps)
-                    ),
-                    search_max_epochs=search_epochs,
-                    monitor=str(sc.monitor),
-                    restore_best=bool(pre.get("restore_best", True)),
-                ),
-            )
-            max_epochs = int(pre.max_epochs) + search_epochs
-        else:
-            max_epochs = search_epochs
-        # PhasedTrainData: the train loader is re-read each epoch (the rows change with the phase)
-        reload = {"reload_dataloaders_every_n_epochs": 1} if hold is not None else {}
-        trainer = build_trainer(cfg, max_epochs, callbacks, logger, out_root, **reload)
-        # the train loader's shuffle is seeded by the trainer's epoch (also when resuming mid-run)
-        dm.trainer = trainer
-        t0 = time.perf_counter()
-        # the loaders are built by the fit (datamodule=): under trainer=ddp each rank's shard is known then
-        trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume else None)
-        fit_seconds = time.perf_counter() - t0
-        gate_steps = int(module.gate_steps)  # loading best.ckpt below restores its count
-        if sparsest and ckpt_cb.fallback:
-            _select_gates_open(trainer, module, ckpt_cb, out)
-        # before validate(ckpt_path=best) below, which restores the callbacks' state of that checkpoint
-        selection = ckpt_cb.summary() if sparsest else None
-        best = Path(ckpt_cb.best_model_path) if ckpt_cb.best_model_path else None
-        # trainer=ddp: every rank takes rank 0's decisions (each save below is collective, and rank 0
-        # writes the file right after deciding)
-        no_best, no_last = trainer.strategy.broadcast(
-            (select_last or best is None or not best.is_file(), not (out / LAST).is_file())
-        )
-        if no_best:
-            # the method derives from its last epoch (OptFS), or no selectable validation ran
-            best = out / BEST
-            trainer.save_checkpoint(best)
-        if no_last:
-            trainer.save_checkpoint(out / LAST)
+    no_best, no_last = trainer.strategy.broadcast(
+        (select_last or best is None or not best.is_file(), not (plan.out / LAST).is_file())
+    )
+    if no_best:
+        # the method derives from its last epoch (OptFS), or no selectable validation ran
+        best = plan.out / BEST
+        trainer.save_checkpoint(best)
+    if no_last:
+        trainer.save_checkpoint(plan.out / LAST)
+    return best, selection
 
-        val = trainer.validate(module, dataloaders=dm.val_dataloader(), ckpt_path=str(best), verbose=False)
-        test = trainer.test(module, dataloaders=dm.test_dataloader(), ckpt_path=str(best), verbose=False)
-        samples_all = None
-        if world_size() > 1:  # every rank's training samples: each row once per epoch (trainer=ddp)
-            samples_all = trainer.strategy.reduce(torch.tensor(float(throughput.samples)), reduce_op="sum")
-        if not zero:
-            barrier()  # rank 0 writes metrics.json and the manifest
-            return {"rank": global_rank(), "train_samples": throughput.samples}
-        counts = module.model.parameter_counts()
-        metrics: dict[str, Any] = {
-            "method": name,
-            "backbone": str(cfg.model.backbone),
-            "transfer": transfer,
-            "dataset": str(cfg.dataset.name),
-            "val/auc": _metric(val, "val/auc"),
-            "val/logloss": _metric(val, "val/logloss"),
-            "test/auc": _metric(test, "test/auc"),
-            "test/logloss": _metric(test, "test/logloss"),
-            "monitor": monitor,
-            "selection": "last epoch"
-            if select_last
-            else ("sparsest within search.tolerance of gates open" if sparsest else f"best {monitor}"),
-            "best_epoch": checkpoint_epoch(best),
-            "epochs_run": int(trainer.current_epoch),
-            "pretrain_epochs": module.search_start_epoch if sel else 0,
-            "budget": {**budget, "max_epochs": max_epochs, "train_positive_rate": prior, "output_bias": bias},
-            "global_step": int(trainer.global_step),
-            "global_step_note": "counts optimizer steps: 2 per training batch, 3 on architecture-step batches",
-            "fit_seconds": round(fit_seconds, 3),
-            "train_seconds": round(throughput.seconds, 3),
-            "train_samples": throughput.samples,
-            "samples_per_s": round(throughput.samples / throughput.seconds, 1)
-            if throughput.seconds
-            else None,
-            "num_parameters": int(module.model.num_parameters()),
-            "parameter_counts": counts,
-            "best_ckpt": str(best),
-        }
-        if sparsest:
-            metrics["sparsest_selection"] = selection
-            metrics["selection_note"] = (
-                "best_epoch is the selected search epoch; the fallback's weights are the pretrained ones"
-            )
-        if sel:
-            metrics["arch_steps"] = gate_steps
-            metrics["selector"] = module.model.selector.statistics()
-            snaps = sorted(p.name for p in (out / "snapshots").glob("*.pt"))
-            if snaps:
-                metrics["snapshots"] = snaps
-        if module.model.gate is not None:
-            metrics["gate_steps"] = gate_steps
-            metrics["gate_steps_at_best"] = int(module.gate_steps)
-            stats = _test_gate_statistics(module, dm, synthetic)
-            hist = stats.pop("p_hist")
-            metrics["gate"] = {
-                k: v for k, v in stats.items() if k not in ("per_group_field_mask", "group_samples")
-            }
-            metrics["gate"]["p_hist"] = hist
-            metrics["open_share"] = stats["open_share"]
-            metrics["open_share_per_field"] = stats["open_share_per_field"]
-            title = (
-                f"gate probabilities, test split ({name}, lambda={cfg.method.gate.lambda_reg}, "
-                f"polarization={'on' if cfg.method.gate.polarization else 'off'})"
-            )
-            gate_histogram_png(
-                hist, out / "gate_hist.png", title=title, threshold=stats["polarization"]["mean_threshold"]
-            )
-            if synthetic and "per_group_field_mask" in stats:
-                from ..report.recovery import field_recovery
-                from ..utils import read_json
 
-                truth = read_json(prepared / "truth.json")
-                metrics["per_group_field_mask"] = stats["per_group_field_mask"]
-                metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
-            metrics["warnings"] = search_warnings(metrics, int(sc.min_gate_steps))
-            if sparsest and selection["fallback"]:
-                ref = selection["reference"] or {}
-                metrics["warnings"].insert(
-                    0,
-                    (
-                        f"no search epoch was within search.tolerance of the gates-open pretrained model on "
-                        f"validation (logloss {ref.get('val_logloss', float('nan')):.4f}, AUC "
-                        f"{ref.get('val_auc', float('nan')):.4f}): the search keeps every dim (gates open)"
-                    ),
-                )
-            for w in metrics["warnings"]:
-                log.warning("search: %s", w)
-        if samples_all is not None:
-            metrics["train_samples_all_ranks"] = int(samples_all)
-            metrics["world_size"] = world_size()
-        write_json(out / "metrics.json", metrics)
-        _write_manifest(cfg, out, prepared, fmap, best)
-        barrier()
-        log.info(
-            "search (%s) done: best epoch %s of %s, val/auc=%s test/auc=%s (%s)",
-            name,
-            metrics["best_epoch"],
-            metrics["epochs_run"] + 1,
-            _round(metrics["val/auc"]),
-            _round(metrics["test/auc"]),
-            out / "metrics.json",
+def _metrics(cfg: DictConfig, plan: _Plan, trainer, module, best: Path, val, test, throughput, fit):
+    """metrics.json's common part: the scores of ``best``, the selection, the budget, the timing."""
+    monitor = _monitor(cfg)
+    if cfg.method.select == "last":
+        selection = "last epoch"
+    else:
+        selection = (
+            "sparsest within search.tolerance of gates open" if _is_sparsest(cfg) else f"best {monitor}"
         )
-        return metrics
-    finally:
-        finish_loggers()
+    secs = throughput.seconds
+    return {
+        "method": str(cfg.method.name),
+        "backbone": str(cfg.model.backbone),
+        "transfer": None,
+        "dataset": str(cfg.dataset.name),
+        "val/auc": _metric(val, "val/auc"),
+        "val/logloss": _metric(val, "val/logloss"),
+        "test/auc": _metric(test, "test/auc"),
+        "test/logloss": _metric(test, "test/logloss"),
+        "monitor": monitor,
+        "selection": selection,
+        "best_epoch": checkpoint_epoch(best),
+        "epochs_run": int(trainer.current_epoch),
+        "pretrain_epochs": module.search_start_epoch if method.has_selector(cfg) else 0,
+        "budget": {**plan.budget, "max_epochs": fit["max_epochs"]},
+        "global_step": int(trainer.global_step),
+        "global_step_note": "counts optimizer steps: 2 per training batch, 3 on architecture-step batches",
+        "fit_seconds": round(fit["fit_seconds"], 3),
+        "train_seconds": round(secs, 3),
+        "train_samples": throughput.samples,
+        "samples_per_s": round(throughput.samples / secs, 1) if secs else None,
+        "num_parameters": int(module.model.num_parameters()),
+        "parameter_counts": module.model.parameter_counts(),
+        "best_ckpt": str(best),
+    }
+
+
+def _selector_metrics(metrics: dict[str, Any], plan: _Plan, module, gate_steps: int) -> None:
+    metrics["arch_steps"] = gate_steps
+    metrics["selector"] = module.model.selector.statistics()
+    snaps = sorted(p.name for p in (plan.out / "snapshots").glob("*.pt"))
+    if snaps:
+        metrics["snapshots"] = snaps
+
+
+def _gate_metrics(cfg: DictConfig, plan: _Plan, module, metrics: dict[str, Any], gate_steps: int, selection):
+    """The gate's statistics on the test split, its histogram (Figure 3), the planted recovery
+    (synthetic data) and the search's warnings."""
+    from ..report.figures import gate_histogram_png
+
+    metrics["gate_steps"] = gate_steps
+    metrics["gate_steps_at_best"] = int(module.gate_steps)
+    stats = _test_gate_statistics(module, plan.dm, plan.synthetic)
+    hist = stats.pop("p_hist")
+    metrics["gate"] = {k: v for k, v in stats.items() if k not in ("per_group_field_mask", "group_samples")}
+    metrics["gate"]["p_hist"] = hist
+    metrics["open_share"] = stats["open_share"]
+    metrics["open_share_per_field"] = stats["open_share_per_field"]
+    gate = cfg.method.gate
+    title = (
+        f"gate probabilities, test split ({cfg.method.name}, lambda={gate.lambda_reg}, "
+        f"polarization={'on' if gate.polarization else 'off'})"
+    )
+    gate_histogram_png(
+        hist, plan.out / "gate_hist.png", title=title, threshold=stats["polarization"]["mean_threshold"]
+    )
+    if plan.synthetic and "per_group_field_mask" in stats:
+        from ..report.recovery import field_recovery
+        from ..utils import read_json
+
+        truth = read_json(plan.prepared / "truth.json")
+        metrics["per_group_field_mask"] = stats["per_group_field_mask"]
+        metrics["recovery"] = field_recovery(stats["per_group_field_mask"], truth)
+    metrics["warnings"] = search_warnings(metrics, int(cfg.search.min_gate_steps))
+    if selection is not None and selection["fallback"]:
+        ref = selection["reference"] or {}
+        metrics["warnings"].insert(
+            0,
+            (
+                f"no search epoch was within search.tolerance of the gates-open pretrained model on "
+                f"validation (logloss {ref.get('val_logloss', float('nan')):.4f}, AUC "
+                f"{ref.get('val_auc', float('nan')):.4f}): the search keeps every dim (gates open)"
+            ),
+        )
+    for w in metrics["warnings"]:
+        log.warning("search: %s", w)
 
 
 def sparsest_rule(cfg: DictConfig, out: Path, h0: float | None):
