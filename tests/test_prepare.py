@@ -17,9 +17,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ihas_lightning.data import prepare as P
 from ihas_lightning.data.feature_map import SPLITS, FeatureMap, is_complete
-from ihas_lightning.errors import ConfigError
+from ihas_lightning.data.prepare import SplitWriter
+from ihas_lightning.data.raw_blocks import BadRows, _derive_hour, iter_blocks
+from ihas_lightning.data.raw_format import AVAZU_COLUMNS, make_format, sniff
+from ihas_lightning.data.splitting import assign_split
+from ihas_lightning.data.tokens import log_square, numeric_key_to_token, numeric_keys
+from ihas_lightning.data.vocab import VOCAB_FILE, load_encoders
+from ihas_lightning.errors import ConfigError, DataError
 from ihas_lightning.stages.prepare import ensure_prepared, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +88,7 @@ def test_criteo_single_file_matches_brute_force(cfg_factory, criteo_raw, tmp_pat
     assert [f.kind for f in fm.fields[:13]] == ["numeric"] * 13
     rows = [_criteo_tokens(r) for r in _criteo_rows(criteo_raw["train"])]
     assert sum(fm.rows(s) for s in SPLITS) == len(rows) == 7200
-    code = P.assign_split(np.arange(len(rows)), cfg.dataset.split_seed, [0.8, 0.1, 0.1])
+    code = assign_split(np.arange(len(rows)), cfg.dataset.split_seed, [0.8, 0.1, 0.1])
     for i, s in enumerate(SPLITS):
         assert fm.rows(s) == int((code == i).sum())
     assert 0.75 < fm.rows("train") / 7200 < 0.85
@@ -130,18 +135,18 @@ def test_saved_vocabulary_re_encodes_raw_rows(cfg_factory, criteo_raw, tmp_path)
 
     path, cfg = _prep_criteo_files(cfg_factory, tmp_path, criteo_raw, min_count=2)
     fm = FeatureMap.load(path)
-    encoders = P.load_encoders(path)
+    encoders = load_encoders(path)
     assert [e.vocab_size for e in encoders] == fm.vocab_sizes
-    fmt = P.sniff(Path(criteo_raw["test"]), P.make_format(OmegaConf.to_container(cfg.dataset, resolve=True)))
-    blocks = list(P.iter_blocks(Path(criteo_raw["test"]), fmt, 1 << 16, "error", P.BadRows()))
+    fmt = sniff(Path(criteo_raw["test"]), make_format(OmegaConf.to_container(cfg.dataset, resolve=True)))
+    blocks = list(iter_blocks(Path(criteo_raw["test"]), fmt, 1 << 16, "error", BadRows()))
     got = np.concatenate([np.stack([e(k) for e, k in zip(encoders, b.keys)], axis=1) for b in blocks])
     want = np.stack([_tables(path)["test"][n].to_numpy() for n in fm.field_names], axis=1)
     np.testing.assert_array_equal(got, want)
     assert (want == 0).any() and (want > 0).any()  # OOV and kept tokens both exercised
     # a prepared dir without the file (older version) is a one-line error naming it
-    (path / P.VOCAB_FILE).unlink()
-    with pytest.raises(P.DataError, match="vocab.parquet: no saved vocabulary"):
-        P.load_encoders(path)
+    (path / VOCAB_FILE).unlink()
+    with pytest.raises(DataError, match="vocab.parquet: no saved vocabulary"):
+        load_encoders(path)
 
 
 @pytest.mark.shared
@@ -162,10 +167,10 @@ def test_min_count_oov_and_id_order(cfg_factory, criteo_raw, tmp_path):
 def test_numeric_transform_hand_values():
     x = np.array([3, 100, 2, 1, 0, -1, 4, 1000])
     expect = [1, 21, 2, 1, 0, -1, math.floor(math.log(4) ** 2), math.floor(math.log(1000) ** 2)]
-    assert P.log_square(x).tolist() == expect == [1, 21, 2, 1, 0, -1, 1, 47]
-    keys = P.numeric_keys(P.log_square(x), np.array([False] * 7 + [True]))
+    assert log_square(x).tolist() == expect == [1, 21, 2, 1, 0, -1, 1, 47]
+    keys = numeric_keys(log_square(x), np.array([False] * 7 + [True]))
     assert keys[-1] == 0 and (keys[:-1] != 0).all()
-    assert [P.numeric_key_to_token(k) for k in keys] == [1, 21, 2, 1, 0, -1, 1, None]
+    assert [numeric_key_to_token(k) for k in keys] == [1, 21, 2, 1, 0, -1, 1, None]
     assert (np.argsort(keys[:-1], kind="stable") == np.argsort(expect[:-1], kind="stable")).all()
 
 
@@ -215,7 +220,7 @@ def test_avazu_explicit_and_single(cfg_factory, avazu_raw, tmp_path):
 
 
 def test_avazu_hour_derive(cfg_factory, tmp_path):
-    header = ",".join(P.AVAZU_COLUMNS)
+    header = ",".join(AVAZU_COLUMNS)
     rest = ",".join(["1005", "0", "1fbe01fe", "f3845767", "28905ebd", "ecad2386", "7801e8d9", "07d7df22",
                      "a99f214a", "96809ac8", "711ee120", "1", "0", "15704", "320", "50", "1722", "0", "35",
                      "-1", "79"])  # fmt: skip
@@ -233,7 +238,7 @@ def test_avazu_hour_derive(cfg_factory, tmp_path):
     assert t["hour_of_day"].to_numpy().tolist() == [2, 1, 1, 3]
     # weekday: Sunday=6 (x2) -> 1, Tuesday=1 -> 2, Wednesday=2 -> 3
     assert t["weekday"].to_numpy().tolist() == [2, 1, 1, 3]
-    hod, wd, bad = P._derive_hour(np.array([14102100, 14102623, 14103199, 14022900]), None)
+    hod, wd, bad = _derive_hour(np.array([14102100, 14102623, 14103199, 14022900]), None)
     assert (
         hod.tolist()[:2] == [0, 23]
         and wd.tolist()[:2] == [1, 6]
@@ -253,9 +258,9 @@ def test_split_deterministic_and_block_size_independent(cfg_factory, criteo_raw,
         assert ta[s].equals(tb[s])
     assert ta["test"].num_rows != tc["test"].num_rows or not ta["test"].equals(tc["test"])
     assert FeatureMap.load(a).config_hash == FeatureMap.load(b).config_hash
-    codes = P.assign_split(np.arange(100_000), 7, [0.8, 0.1, 0.1])
-    assert np.array_equal(codes, P.assign_split(np.arange(100_000), 7, [0.8, 0.1, 0.1]))
-    assert np.array_equal(codes[5000:6000], P.assign_split(np.arange(5000, 6000), 7, [0.8, 0.1, 0.1]))
+    codes = assign_split(np.arange(100_000), 7, [0.8, 0.1, 0.1])
+    assert np.array_equal(codes, assign_split(np.arange(100_000), 7, [0.8, 0.1, 0.1]))
+    assert np.array_equal(codes[5000:6000], assign_split(np.arange(5000, 6000), 7, [0.8, 0.1, 0.1]))
     assert abs((codes == 0).mean() - 0.8) < 0.01 and abs((codes == 2).mean() - 0.1) < 0.01
 
 
@@ -283,7 +288,7 @@ def test_gzip_input_and_row_groups(cfg_factory, criteo_raw, tmp_path):
 @pytest.mark.shared
 def test_failure_midway_leaves_nothing(cfg_factory, criteo_raw, tmp_path, monkeypatch):
     calls = {"n": 0}
-    orig = P.SplitWriter.add
+    orig = SplitWriter.add
 
     def flaky(self, cols, label):
         calls["n"] += 1
@@ -291,7 +296,7 @@ def test_failure_midway_leaves_nothing(cfg_factory, criteo_raw, tmp_path, monkey
             raise OSError("disk full (injected)")
         return orig(self, cols, label)
 
-    monkeypatch.setattr(P.SplitWriter, "add", flaky)
+    monkeypatch.setattr(SplitWriter, "add", flaky)
     out = tmp_path / "out"
     cfg = cfg_factory("stage=prepare", "dataset=criteo", f"dataset.raw_path={criteo_raw['train']}",
                       f"dataset.prepared_dir={out}", "prepare.block_size_mb=0.1", "dataset.row_group_size=500")  # fmt: skip
@@ -443,7 +448,7 @@ def test_input_edge_cases_blank_lines_bom_skips_and_truncated_gzip(
     fixed.write_text(messy.read_text().replace(bad_row, lines[0], 1))
     c, _ = _prep(cfg_factory, tmp_path, *base, f"dataset.raw_path={fixed}", name="c")
     fc = FeatureMap.load(c)
-    own = SPLITS[int(P.assign_split(np.array([701]), fc.extra["split"]["seed"], [0.8, 0.1, 0.1])[0])]
+    own = SPLITS[int(assign_split(np.array([701]), fc.extra["split"]["seed"], [0.8, 0.1, 0.1])[0])]
     tb, tc = _tables(b), _tables(c)
     for s in SPLITS:
         assert fc.rows(s) - fb.rows(s) == (1 if s == own else 0)

@@ -12,7 +12,7 @@ import pytest
 
 from ihas_lightning.data import rawgen
 from ihas_lightning.data.feature_map import SPLITS, FeatureMap
-from ihas_lightning.data.prepare import AVAZU_COLUMNS, CRITEO_COLUMNS
+from ihas_lightning.data.raw_format import AVAZU_COLUMNS, CRITEO_COLUMNS
 from ihas_lightning.stages.prepare import ensure_prepared
 
 

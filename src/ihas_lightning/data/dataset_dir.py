@@ -136,14 +136,14 @@ def validate_config(cfg: DictConfig) -> None:
         seed = _get(d, "split_seed", 0)
         require(_is_int(seed), "dataset.split_seed", f"must be an integer (got {seed!r})")
         if fmt == "criteo":
-            from .prepare import CRITEO_CAT, CRITEO_INT, NUMERIC_TRANSFORMS
+            from .raw_format import CRITEO_CAT, CRITEO_INT, NUMERIC_TRANSFORMS
 
             nt = _get(d, "numeric_transform", "log_square")
             require(nt in NUMERIC_TRANSFORMS, "dataset.numeric_transform",
                     f"must be one of {', '.join(NUMERIC_TRANSFORMS)} (got {nt!r})")  # fmt: skip
             names = set(CRITEO_INT + CRITEO_CAT)
         else:
-            from .prepare import AVAZU_FIELDS, HOUR_TRANSFORMS
+            from .raw_format import AVAZU_FIELDS, HOUR_TRANSFORMS
 
             ht = _get(d, "hour_transform", "raw")
             require(ht in HOUR_TRANSFORMS, "dataset.hour_transform",
@@ -321,7 +321,8 @@ def ensure_prepared(cfg: DictConfig) -> Path:
             f"config key 'dataset.raw_path': no raw data given and dataset.prepared_dir={final} holds no prepared "
             "dataset; set dataset.raw_path (or dataset.train_path/val_path/test_path) or dataset.prepared_dir"
         )
-    from .prepare import PrepareOptions, check_path, prepare_raw
+    from .prepare import PrepareOptions, prepare_raw
+    from .raw_io import check_path
 
     files = {
         r: check_path(p, "dataset.raw_path" if r == "raw" else f"dataset.{r}_path") for r, p in files.items()

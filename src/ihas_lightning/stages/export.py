@@ -68,7 +68,8 @@ def token_table(prepared: Path, fmap: Any) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..data.prepare import VOCAB_FILE, numeric_key_to_token
+    from ..data.tokens import numeric_key_to_token
+    from ..data.vocab import VOCAB_FILE
 
     path = prepared / VOCAB_FILE
     if not path.is_file():
@@ -95,7 +96,7 @@ def _spelled(key: int) -> str | None:
     a longer token is hashed and has no spelling (None). A hash that happens to look like printable
     ASCII + zero padding (p ~ 3e-4 per long token; Criteo and Avazu tokens are <= 8 bytes) is spelled
     as that garbage string, which no raw value matches: such a token serves as unseen (id 0)."""
-    from ..data.prepare import key_to_token
+    from ..data.tokens import key_to_token
 
     body = int(key).to_bytes(8, "big").rstrip(b"\x00")
     return key_to_token(key) if body and all(0x20 <= b < 0x7F for b in body) else None

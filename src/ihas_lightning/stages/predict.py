@@ -101,7 +101,9 @@ class Scorer:
 def _raw_blocks(path: Path, rcfg: DictConfig, fmap: Any, encoders: list, cfg: DictConfig,
                 stats: dict[str, Any]) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, dict]]:  # fmt: skip
     """(x, labels or -1, line numbers, passthrough columns) per block of a raw file."""
-    from ..data.prepare import BadRows, check_path, iter_blocks, make_format, sniff
+    from ..data.raw_blocks import BadRows, iter_blocks
+    from ..data.raw_format import make_format, sniff
+    from ..data.raw_io import check_path
 
     base = make_format(rcfg.dataset)
     if list(base.fields) != list(fmap.field_names):
@@ -157,7 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..data.prepare import load_encoders, rows_progress
+    from ..data.prepare import rows_progress
+    from ..data.vocab import load_encoders
     from ..serving import auc_logloss, choose_routing, load_run_config, load_run_models
 
     check_cfg(cfg)
