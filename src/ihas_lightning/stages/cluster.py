@@ -414,28 +414,58 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     fmap = FeatureMap.load(prepared)
     dev = stage_device(cfg)  # the trainer's accelerator (trainer=gpu: the masked embeddings on the GPU)
     model = load_search(ckpt, fmap).to(dev)
-    manifest = make_manifest(
-        "cluster",
-        cfg,
-        CONFIG_KEYS,
-        parents={"search_ckpt": ckpt, "feature_map": prepared / "feature_map.json"},
-    )
+    parents = {"search_ckpt": ckpt, "feature_map": prepared / "feature_map.json"}
+    manifest = make_manifest("cluster", cfg, CONFIG_KEYS, parents=parents)
     if is_current(out, manifest, REQUIRED):
         log.info("cluster stage: %s is up to date (same config hash and inputs); reusing it", out)
-        info = read_json(out / "cluster.json")
-        return _metrics(info)
+        return _metrics(read_json(out / "cluster.json"))
 
     t0 = time.perf_counter()
-    bs = int(cfg.cluster.batch_size)
-    dm = make_datamodule(cfg, prepared, batch_size=bs)
-    rc = cfg.cluster.router
-    k_req = method.cluster_k(cfg)
+    dm = make_datamodule(cfg, prepared, batch_size=int(cfg.cluster.batch_size))
     # the router's rows (a seeded subset of each split) are taken from the clustering's own reads
+    rc = cfg.cluster.router
     samples = (
         {s: RowSample(dm.num_rows(s), int(rc.max_rows), int(cfg.seed)) for s in ("train", "val", "test")}
-        if bool(rc.enabled) and k_req > 1
+        if bool(rc.enabled) and method.cluster_k(cfg) > 1
         else {}
     )
+    res, assigns, seconds = _cluster_and_assign(cfg, model, dm, dev, samples)
+    k = res["centroids"].shape[0]
+    info = _info(cfg, res, assigns, fmap, model, ckpt, prepared)
+    if (prepared / "truth.json").is_file():
+        truth = read_json(prepared / "truth.json")
+        group = np.asarray(dm.extra_column("train", "_group"))
+        info["recovery"] = planted_recovery(
+            res["field_dims"], fmap.field_names, assigns["train"], group, truth
+        )
+    router = None
+    if bool(rc.enabled) and k > 1:
+        router, info["router"] = train_router(cfg, dm, fmap, assigns, out, model, samples=samples)
+        seconds["router"] = info["router"]["seconds"]
+    info["seconds"] = round(time.perf_counter() - t0, 3)  # up to the writes (the seconds of the parts below)
+    info["seconds_by_part"] = seconds
+    info["gate_rows"] = {
+        "train": int(res["gate_rows"]),
+        "val": len(assigns["val"]),
+        "test": len(assigns["test"]),
+    }
+    _write(out, manifest, info, res, assigns, router, fmap, seconds)
+    log.info(
+        "cluster stage: k=%d sizes(train)=%s field dims=%s -> %s",
+        k,
+        info["sizes"]["train"],
+        res["field_dims"],
+        out,
+    )
+    metrics = _metrics(info)
+    _log(cfg, logger, metrics, out)
+    return metrics
+
+
+def _cluster_and_assign(cfg: DictConfig, model, dm, dev, samples: dict):
+    """Mini-batch K-Means on the train split's (masked) embeddings, then every val / test row assigned
+    to its nearest centroid; each pass feeds the router's row samples: (result, assignments, seconds)."""
+    bs = int(cfg.cluster.batch_size)
 
     def batches(split: str):
         sample = samples.get(split)
@@ -454,7 +484,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         res = cluster_model(
             model,
             batches("train"),
-            k=k_req,
+            k=method.cluster_k(cfg),
             passes=int(cfg.cluster.max_passes),
             batch_size=bs,
             seed=int(cfg.seed),
@@ -462,25 +492,26 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             keep_threshold=float(cfg.retrain.keep_threshold),
             input=cinput,
         )
-        centroids = res["centroids"]
         assigns = {"train": res["train_assign"]}
         t1 = time.perf_counter()
         for split in ("val", "test"):
-            assigns[split] = assign_pass(model, batches(split), centroids, with_masks=False, input=cinput)[
-                "assign"
-            ]
+            passed = assign_pass(model, batches(split), res["centroids"], with_masks=False, input=cinput)
+            assigns[split] = passed["assign"]
         seconds = {**res["seconds"], "assign_val_test": round(time.perf_counter() - t1, 3)}
-    k = centroids.shape[0]
-    sizes = {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()}
-    names = fmap.field_names
-    info: dict[str, Any] = {
+    return res, assigns, seconds
+
+
+def _info(cfg: DictConfig, res, assigns, fmap, model, ckpt: Path, prepared: Path) -> dict[str, Any]:
+    """cluster.json: the clusters (k, sizes, merges), each one's kept dims per field, the inputs."""
+    k = res["centroids"].shape[0]
+    return {
         "k_requested": method.cluster_k(cfg),
-        "input": cinput,
+        "input": str(cfg.cluster.input),
         "k": int(k),
         "kmeans_ids": res["kmeans_ids"],
         "merges": res["merges"],
-        "sizes": sizes,
-        "field_names": names,
+        "sizes": {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()},
+        "field_names": fmap.field_names,
         "vocab_sizes": fmap.vocab_sizes,
         "embed_dim": model.embed_dim,
         "keep_threshold": float(cfg.retrain.keep_threshold),
@@ -495,23 +526,14 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         "prepared_dir": str(prepared.resolve()),
         "seconds": None,
     }
-    truth_path = prepared / "truth.json"
-    if truth_path.is_file():
-        truth = read_json(truth_path)
-        group = np.asarray(dm.extra_column("train", "_group"))
-        info["recovery"] = planted_recovery(res["field_dims"], names, assigns["train"], group, truth)
-    router = None
-    if bool(cfg.cluster.router.enabled) and k > 1:
-        router, info["router"] = train_router(cfg, dm, fmap, assigns, out, model, samples=samples)
-        seconds["router"] = info["router"]["seconds"]
-    info["seconds"] = round(time.perf_counter() - t0, 3)  # up to the writes (the seconds of the parts below)
-    info["seconds_by_part"] = seconds
-    info["gate_rows"] = {
-        "train": int(res["gate_rows"]),
-        "val": len(assigns["val"]),
-        "test": len(assigns["test"]),
-    }
 
+
+def _write(out: Path, manifest, info, res, assigns, router, fmap, seconds: dict) -> None:
+    """cluster/ written atomically: the router, the centroids, the assignments, the dims heatmap,
+    cluster.json and (last) the manifest."""
+    from ..report.heatmap import dims_heatmap
+
+    k, sizes = info["k"], info["sizes"]
     t_write = time.perf_counter()
     with atomic_dir(out, overwrite=True) as tmp:
         if router is not None:
@@ -519,7 +541,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                        tmp / ROUTER)  # fmt: skip
         torch.save(
             {
-                "centroids": centroids.contiguous(),
+                "centroids": res["centroids"].contiguous(),
                 "mean_mask": torch.from_numpy(res["mean_mask"]).float(),
                 "sizes": torch.tensor(sizes["train"], dtype=torch.long),
             },
@@ -527,18 +549,10 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         )
         for s, a in assigns.items():
             np.save(tmp / f"assign_{s}.npy", a.astype(np.int32))
-        from ..report.heatmap import dims_heatmap
-
-        dims_heatmap(res["field_dims"], names, tmp / "dims_heatmap.png", sizes=sizes["train"])
+        dims_heatmap(res["field_dims"], fmap.field_names, tmp / "dims_heatmap.png", sizes=sizes["train"])
         seconds["write"] = round(time.perf_counter() - t_write, 3)  # the tensors, assignments and figure
         write_json(tmp / "cluster.json", info)
         write_manifest(tmp, manifest)
-    log.info(
-        "cluster stage: k=%d sizes(train)=%s field dims=%s -> %s", k, sizes["train"], res["field_dims"], out
-    )
-    metrics = _metrics(info)
-    _log(cfg, logger, metrics, out)
-    return metrics
 
 
 class RowSample:

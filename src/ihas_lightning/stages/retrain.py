@@ -210,56 +210,15 @@ def _train_cluster(
     manifest: dict[str, Any],
     logger: Any,
 ) -> dict[str, Any]:
+    """Build, start and fit cluster ``c``'s model on its rows; writes ``cdir`` (atomically)."""
     from .. import schedule
 
     dims = [int(d) for d in info["field_dims"][c]]
-    kept = info["kept_dims"][c]
-    if info.get("assign_train") is None:  # one architecture for every row (derive stage)
-        masks = None
-        n = {s: fmap.rows(s) for s in ("train", "val", "test")}
-    else:
-        masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
-        n = {s: int(m.sum()) for s, m in masks.items()}
-    if n["train"] == 0:
-        raise DataError(f"cluster {c} has no train samples (re-run stage=cluster with a smaller cluster.k)")
+    masks, n = _cluster_rows(info, fmap, c)
     bs = schedule.batch_size(cfg.model, n["train"])
     dm = make_datamodule(cfg, prepared, batch_size=bs, row_filter=masks)
-    row_keep = info.get("row_keep")
-    row_counts = None
-    if row_keep is not None:
-        bounds = np.cumsum([0, *fmap.vocab_sizes])
-        row_counts = [
-            int(row_keep[bounds[f] : bounds[f + 1]].sum()) if dims[f] else 0 for f in range(len(dims))
-        ]
     rate = dm.positive_rate("train")
-    bias = schedule.prior_logit(rate) if cfg.model.output_bias == "prior" else None
-    seed_everything(int(cfg.seed) + c)
-    module = RetrainModule(
-        fmap.vocab_sizes,
-        model_cfg,
-        field_dims=dims,
-        kept_dims=kept,
-        cluster_id=c,
-        field_names=fmap.field_names,
-        output_bias=bias,
-        row_counts=row_counts,
-        entry_masked=info.get("entry_mask") is not None,
-    )
-    if row_keep is not None:
-        keep = row_keep.clone()
-        for f in range(len(dims)):  # a dropped field keeps no rows
-            if not dims[f]:
-                keep[int(bounds[f]) : int(bounds[f + 1])] = False
-        module.set_row_keep(keep)
-    if init == "searched":
-        module.init_from_searched(searched)
-    elif init in ("rewind", "continue"):
-        try:
-            module.init_from_snapshot(searched)
-        except ValueError as e:
-            raise DataError(f"retrain.init={init}: {e}") from None
-    if info.get("entry_mask") is not None:  # PEP: V <- V_init * M, the mask fixed for the whole retrain
-        module.set_entry_mask(info["entry_mask"])
+    module = _cluster_module(cfg, c, info, fmap, model_cfg, searched, init, dims, rate)
     log.info(
         "retrain stage: cluster %d: %d train / %d val / %d test samples (positive rate %.3f), field dims %s "
         "(MLP in %d, %d params), batch %d, init %s",
@@ -281,20 +240,21 @@ def _train_cluster(
     # the fit's checkpoints live in cluster_<c>.partial/ until it finishes: a killed retrain continues
     # this cluster from its last epoch (same config and parents: started.json), not from scratch
     partial = cdir.with_name(cdir.name + ".partial")
-    resume = None
-    barrier()  # trainer=ddp: every rank decides on the same files; rank 0 alone changes them
-    if (partial / "last.ckpt").is_file() and (partial / STARTED).is_file():
-        if same_origin(read_json(partial / STARTED), manifest):
-            resume = partial / "last.ckpt"
-            log.info("retrain stage: cluster %d: resuming a killed fit from %s", c, resume)
-    barrier()
-    if resume is None and is_global_zero():
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        write_json(
-            partial / STARTED, {k: manifest[k] for k in ("stage", "config_hash", "parents", "created")}
-        )
-    barrier()
+    resume = _resume_or_start(partial, manifest, c)
+    meta = {"cluster": c, "field_dims": dims, "embedding_width": sum(dims), "samples": n, "batch_size": bs,
+            "train_positive_rate": rate, "init": init}  # fmt: skip
+    kept_start = few if epochs == 0 else None
+    return _fit_cluster(
+        cfg, module, dm, cdir, partial, resume, epochs, monitor, sub, manifest, meta, kept_start
+    )
+
+
+def _fit_cluster(cfg, module, dm, cdir: Path, partial: Path, resume, epochs: int, monitor: bool, sub, manifest,
+                 meta: dict[str, Any], kept_start) -> dict[str, Any]:  # fmt: skip
+    """Fit the cluster model in ``cdir`` (atomically; checkpoints in ``partial``) and write its metrics."""
+    from .. import schedule
+
+    n, bs = meta["samples"], meta["batch_size"]
     with atomic_dir(cdir, overwrite=True) as tmp:
         res = fit_ctr(
             module,
@@ -327,19 +287,8 @@ def _train_cluster(
         res["best_ckpt"] = str((cdir / BEST).resolve())
         if epochs == 0:
             res["best_epoch"] = -1  # the start
-        metrics = {
-            "cluster": c,
-            "field_dims": dims,
-            "embedding_width": sum(dims),
-            "samples": n,
-            "batch_size": bs,
-            "train_positive_rate": rate,
-            "init": init,
-            "parameter_counts": module.model.parameter_counts(),
-            **res,
-            "resumed": False,
-            "kept_start": few if epochs == 0 else None,
-        }
+        counts = module.model.parameter_counts()
+        metrics = {**meta, "parameter_counts": counts, **res, "resumed": False, "kept_start": kept_start}
         if is_global_zero():
             write_json(tmp / "metrics.json", metrics)
             write_manifest(tmp, manifest)
@@ -347,3 +296,80 @@ def _train_cluster(
         shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return metrics
+
+
+def _cluster_rows(info: dict[str, Any], fmap: FeatureMap, c: int):
+    """Cluster ``c``'s row masks per split (None: every row, the derive stage's one architecture) and
+    their counts; a cluster without train rows is an error."""
+    if info.get("assign_train") is None:  # one architecture for every row (derive stage)
+        masks = None
+        n = {s: fmap.rows(s) for s in ("train", "val", "test")}
+    else:
+        masks = {s: np.asarray(info[f"assign_{s}"]) == c for s in ("train", "val", "test")}
+        n = {s: int(m.sum()) for s, m in masks.items()}
+    if n["train"] == 0:
+        raise DataError(f"cluster {c} has no train samples (re-run stage=cluster with a smaller cluster.k)")
+    return masks, n
+
+
+def _cluster_module(cfg, c: int, info, fmap: FeatureMap, model_cfg, searched, init: str, dims, rate):
+    """Cluster ``c``'s RetrainModule (its kept dims, kept embedding rows, PEP's entry mask), started as
+    ``retrain.init`` says (searched embeddings, a snapshot, or the searched model narrowed)."""
+    from .. import schedule
+
+    row_keep = info.get("row_keep")
+    row_counts = None
+    bounds = np.cumsum([0, *fmap.vocab_sizes])
+    if row_keep is not None:
+        row_counts = [
+            int(row_keep[bounds[f] : bounds[f + 1]].sum()) if dims[f] else 0 for f in range(len(dims))
+        ]
+    bias = schedule.prior_logit(rate) if cfg.model.output_bias == "prior" else None
+    seed_everything(int(cfg.seed) + c)
+    module = RetrainModule(
+        fmap.vocab_sizes,
+        model_cfg,
+        field_dims=dims,
+        kept_dims=info["kept_dims"][c],
+        cluster_id=c,
+        field_names=fmap.field_names,
+        output_bias=bias,
+        row_counts=row_counts,
+        entry_masked=info.get("entry_mask") is not None,
+    )
+    if row_keep is not None:
+        keep = row_keep.clone()
+        for f in range(len(dims)):  # a dropped field keeps no rows
+            if not dims[f]:
+                keep[int(bounds[f]) : int(bounds[f + 1])] = False
+        module.set_row_keep(keep)
+    if init == "searched":
+        module.init_from_searched(searched)
+    elif init in ("rewind", "continue"):
+        try:
+            module.init_from_snapshot(searched)
+        except ValueError as e:
+            raise DataError(f"retrain.init={init}: {e}") from None
+    if info.get("entry_mask") is not None:  # PEP: V <- V_init * M, the mask fixed for the whole retrain
+        module.set_entry_mask(info["entry_mask"])
+    return module
+
+
+def _resume_or_start(partial: Path, manifest: dict[str, Any], c: int) -> Path | None:
+    """A killed fit of the same config and parents (``partial/started.json``) resumes from its last
+    checkpoint; else ``partial`` starts empty. Collective under trainer=ddp (rank 0 changes the files)."""
+    resume = None
+    barrier()  # trainer=ddp: every rank decides on the same files; rank 0 alone changes them
+    if (partial / "last.ckpt").is_file() and (partial / STARTED).is_file():
+        if same_origin(read_json(partial / STARTED), manifest):
+            resume = partial / "last.ckpt"
+            log.info("retrain stage: cluster %d: resuming a killed fit from %s", c, resume)
+    barrier()
+    if resume is None and is_global_zero():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        write_json(
+            partial / STARTED, {k: manifest[k] for k in ("stage", "config_hash", "parents", "created")}
+        )
+    barrier()
+    return resume
