@@ -183,8 +183,6 @@ def _err(key: str, msg: str) -> ConfigError:
 
 def check(cfg: DictConfig) -> None:
     """Every method key a run will use, checked before any work."""
-    from .models.selectors import ARCH_UPDATES, build_selector, selector_class
-
     m = cfg.method
     if not m.get("name"):
         raise _err("name", "missing")
@@ -193,22 +191,52 @@ def check(cfg: DictConfig) -> None:
             raise _err("phases", f"unknown phase {p!r} (choose from {list(PHASES)})")
     if _phases(cfg)[0] != "search":
         raise _err("phases", "must start with search")
+    _check_selector(cfg)
+    _check_optimizers(m)
+    _check_selection(cfg)
+    _check_retrain_init(cfg)
+    _check_budget(m)
+    if m.get("search_monitor") is not None:
+        from .training import MONITORS, check_monitor
+
+        check_monitor(m.get("search_monitor"), "method.search_monitor", MONITORS)
+    if not isinstance(m.early_stop, bool):
+        raise _err("early_stop", f"must be true or false (got {m.get('early_stop')!r})")
+    if m.get("pretrain") is not None:
+        from .training import check_fit_cfg
+
+        check_fit_cfg(m.pretrain, "method.pretrain", min_epochs=0)
+    check_transfer(cfg)
+
+
+def _check_selector(cfg: DictConfig) -> None:
+    """method.gate and method.selector: resolvable, with a _target_, and buildable on a stand-in shape."""
+    from .models.selectors import build_selector
+
+    m = cfg.method
     target = str((m.get("selector") or {}).get("_target_", ""))
     if m.get("gate") is not None and target.endswith("BernoulliSelector"):
         check_gate_cfg(m.gate)
-    if has_selector(cfg):
-        try:
-            spec_ = OmegaConf.to_container(m.selector, resolve=True)
-        except Exception as e:  # noqa: BLE001 - a bad interpolation
-            raise _err("selector", f"cannot be resolved ({e})") from None
-        if not isinstance(spec_, dict) or "_target_" not in spec_:
-            raise _err("selector", "must be a block with a _target_ (or null for no selector)")
-        try:  # a stand-in shape: the knobs' types and ranges (k against the real field count: at build)
-            build_selector(spec_, 64, 2, [3] * 64)
-        except TypeError as e:
-            raise _err("selector", f"{spec_['_target_']}: {e}") from None
-        except ValueError as e:
-            raise _err("selector", str(e)) from None
+    if not has_selector(cfg):
+        return
+    try:
+        spec_ = OmegaConf.to_container(m.selector, resolve=True)
+    except Exception as e:  # noqa: BLE001 - a bad interpolation
+        raise _err("selector", f"cannot be resolved ({e})") from None
+    if not isinstance(spec_, dict) or "_target_" not in spec_:
+        raise _err("selector", "must be a block with a _target_ (or null for no selector)")
+    try:  # a stand-in shape: the knobs' types and ranges (k against the real field count: at build)
+        build_selector(spec_, 64, 2, [3] * 64)
+    except TypeError as e:
+        raise _err("selector", f"{spec_['_target_']}: {e}") from None
+    except ValueError as e:
+        raise _err("selector", str(e)) from None
+
+
+def _check_optimizers(m: DictConfig) -> None:
+    """method.arch_update, method.arch_optim (type, lr, weight_decay), method.embedding_optimizer."""
+    from .models.selectors import ARCH_UPDATES
+
     au = m.get("arch_update")
     if au is not None and au not in ARCH_UPDATES:
         raise _err("arch_update", f"must be one of {list(ARCH_UPDATES)} (got {au!r})")
@@ -232,6 +260,14 @@ def check(cfg: DictConfig) -> None:
             raise _err(
                 "embedding_optimizer", f"must be one of {list(EMBEDDING_OPTIMIZERS)} or null (got {eo!r})"
             )
+
+
+def _check_selection(cfg: DictConfig) -> None:
+    """method.select (sparsest needs a selector that can open every gate), method.objective,
+    method.snapshots' tags."""
+    from .models.selectors import selector_class
+
+    m = cfg.method
     sel = m.select
     if sel not in SELECTS:
         raise _err("select", f"must be one of {list(SELECTS)} (got {sel!r})")
@@ -250,6 +286,11 @@ def check(cfg: DictConfig) -> None:
         t = str(t)
         if t != "init" and not (t.startswith("epoch_") and t[6:].isdigit()):
             raise _err("snapshots", f"tags are 'init' or 'epoch_<r>' (got {t!r})")
+
+
+def _check_retrain_init(cfg: DictConfig) -> None:
+    """method.retrain_init, against transfer.from and method.rewind_tag."""
+    m = cfg.method
     ri = m.get("retrain_init")
     if ri is not None and ri not in RETRAIN_INITS:
         raise _err("retrain_init", f"must be one of {list(RETRAIN_INITS)} (got {ri!r})")
@@ -265,6 +306,10 @@ def check(cfg: DictConfig) -> None:
                 "rewind_tag",
                 f"names the snapshot to rewind to; it must be one of method.snapshots (got {tag!r})",
             )
+
+
+def _check_budget(m: DictConfig) -> None:
+    """method.max_epochs / patience / search_every, model_weight_decay, model_lr_scale."""
     for key in ("max_epochs", "patience", "search_every"):
         v = m.get(key)
         lo = 0 if key == "patience" else 1
@@ -280,17 +325,6 @@ def check(cfg: DictConfig) -> None:
     v = m.get("model_lr_scale")
     if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
         raise _err("model_lr_scale", f"must be > 0 or null (got {v!r})")
-    if m.get("search_monitor") is not None:
-        from .training import MONITORS, check_monitor
-
-        check_monitor(m.get("search_monitor"), "method.search_monitor", MONITORS)
-    if not isinstance(m.early_stop, bool):
-        raise _err("early_stop", f"must be true or false (got {m.get('early_stop')!r})")
-    if m.get("pretrain") is not None:
-        from .training import check_fit_cfg
-
-        check_fit_cfg(m.pretrain, "method.pretrain", min_epochs=0)
-    check_transfer(cfg)
 
 
 def check_transfer(cfg: DictConfig) -> None:

@@ -229,8 +229,6 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 def load_run_models(cfg: DictConfig) -> RunModels:
     """Every model of the run dir ``paths.output_dir`` that ``cfg.method`` produced, in eval mode."""
-    name = str(cfg.method.name)
-    is_base = not method.has_selector(cfg)
     retrain_dir = arch_dir = ainfo = None
     if "retrain" in method.phases(cfg):
         retrain_dir = resolve_retrain_dir(cfg)
@@ -243,78 +241,88 @@ def load_run_models(cfg: DictConfig) -> RunModels:
         prepared = prepared_dir(cfg)
     fmap = FeatureMap.load(prepared)
     search = load_search_model(search_ckpt, fmap).model.eval()
-
-    # ---- the models, in table order: (row name, logits fn, model for params, note) -----------------------
-    entries: list[tuple[str, Callable, Any, str]] = []
-    modes: dict[str, str] = {}  # each plain model's forward mode (open / deterministic)
-    routed_fast = None
-    base_ckpt = None
-    search_row = None
-    if is_base:
-        entries.append(("Base", served_fn(search), search, "all fields, full dims"))
-        modes["Base"] = "open"
-    else:
-        base_ckpt = base_checkpoint(cfg)
-        if base_ckpt is not None:
-            base = load_search_model(base_ckpt, fmap).model.eval()
-            entries.append(("Base", served_fn(base), base, "all fields, full dims"))
-            modes["Base"] = "open"
-        note = "search model" if retrain_dir is not None else "selector at inference"
-        if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
-            search_row = method.row_name(cfg, "search") or name
-            entries.append((search_row, lambda x: search(x, "deterministic"), search, note))
-            modes[search_row] = "deterministic"
-    routed = None
-    modules: list[Any] = []
-    k = 0
+    rm = RunModels(fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=[],
+                   ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir)  # fmt: skip
+    # the models, in table order: (row name, logits fn, model for params, note)
+    _add_base_and_search(cfg, rm)
     if retrain_dir is not None:
-        check_cluster_fits(arch_dir, ainfo, fmap)
-        k = int(ainfo["k"])
-        modules = load_cluster_models(retrain_dir, k)
-        for c, m in enumerate(modules):
-            if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
-                raise DataError(
-                    f"{retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {arch_dir}'s architecture"
-                )
-        final_row = method.row_name(cfg, "final") or name
-        if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
-            if search.gate is None:
-                raise DataError(f"{search_ckpt}: routing needs the searched model with its Bernoulli gate")
-            router = None
-            if ainfo.get("router_state") is not None:
-                from .models.router import LinearRouter
+        _add_retrained(cfg, rm)
+    return rm
 
-                st = ainfo["router_state"]
-                router = LinearRouter(st["vocab_sizes"], int(st["k"]))
-                router.load_state_dict(st["state_dict"])
-                router.eval()
-            routed = RoutedModel(
-                search,
-                ainfo["centroids"],
-                [m.model for m in modules],
-                input=str(ainfo.get("input", "masked_embedding")),
-                router=router,
-            ).compact()  # fmt: skip  (each cluster model in its serving layout: the same logits, fewer ops)
-            if router is not None:
-                routed_fast = routed.with_fast_routing()
-                entries.append((f"{final_row} (fast routing)", routed_fast, None, ""))
-            entries.append((final_row, routed, None, ""))
-        else:
-            single = modules[0].model.eval()
-            kept = [n for n, d in zip(fmap.field_names, single.field_dims) if d]
-            note = f"{len(kept)}/{len(single.field_dims)} fields"
-            full = len(single.field_dims) * int(ainfo["embed_dim"])
-            if sum(single.field_dims) != len(kept) * int(ainfo["embed_dim"]):
-                note += f", {sum(single.field_dims)}/{full} dims"
-            if single.embedding.pruned:
-                rows_kept = single.embedding.embedding_entries() // max(1, int(ainfo["embed_dim"]))
-                note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
-            if single.embedding.entry_masked:
-                note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * int(ainfo['embed_dim']):,} entries"
-            entries.append((final_row, served_fn(single), single, note))
-            modes[final_row] = "open"
-    return RunModels(
-        fmap=fmap, prepared=prepared, search_ckpt=search_ckpt, search=search, entries=entries, routed=routed,
-        modules=modules, k=k, ainfo=ainfo, arch_dir=arch_dir, retrain_dir=retrain_dir, base_ckpt=base_ckpt,
-        search_row=search_row, modes=modes, routed_fast=routed_fast,
-    )  # fmt: skip
+
+def _add_base_and_search(cfg: DictConfig, rm: RunModels) -> None:
+    """The Base row (this run's model for method=base, else ``evaluate.base_ckpt``) and the search
+    model's row (deterministic masks; not under transfer, where it is the source's)."""
+    search = rm.search
+    if not method.has_selector(cfg):
+        rm.entries.append(("Base", served_fn(search), search, "all fields, full dims"))
+        rm.modes["Base"] = "open"
+        return
+    rm.base_ckpt = base_checkpoint(cfg)
+    if rm.base_ckpt is not None:
+        base = load_search_model(rm.base_ckpt, rm.fmap).model.eval()
+        rm.entries.append(("Base", served_fn(base), base, "all fields, full dims"))
+        rm.modes["Base"] = "open"
+    note = "search model" if rm.retrain_dir is not None else "selector at inference"
+    if not method.skips_search(cfg):  # under transfer the search model is the source's (another backbone)
+        rm.search_row = method.row_name(cfg, "search") or str(cfg.method.name)
+        rm.entries.append((rm.search_row, lambda x: search(x, "deterministic"), search, note))
+        rm.modes[rm.search_row] = "deterministic"
+
+
+def _add_retrained(cfg: DictConfig, rm: RunModels) -> None:
+    """The retrained models' row: routed (exact, and fast where a distilled router was fitted) for k > 1
+    clusters, else the single retrained model (iHAS-2, a baseline's retrained architecture)."""
+    ainfo, fmap = rm.ainfo, rm.fmap
+    check_cluster_fits(rm.arch_dir, ainfo, fmap)
+    rm.k = k = int(ainfo["k"])
+    rm.modules = modules = load_cluster_models(rm.retrain_dir, k)
+    for c, m in enumerate(modules):
+        if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
+            raise DataError(
+                f"{rm.retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {rm.arch_dir}'s architecture"
+            )
+    final_row = method.row_name(cfg, "final") or str(cfg.method.name)
+    if ainfo.get("centroids") is not None and k > 1:  # one cluster (iHAS-2): a single model, no routing
+        if rm.search.gate is None:
+            raise DataError(f"{rm.search_ckpt}: routing needs the searched model with its Bernoulli gate")
+        router = None
+        if ainfo.get("router_state") is not None:
+            from .models.router import LinearRouter
+
+            st = ainfo["router_state"]
+            router = LinearRouter(st["vocab_sizes"], int(st["k"]))
+            router.load_state_dict(st["state_dict"])
+            router.eval()
+        rm.routed = RoutedModel(
+            rm.search,
+            ainfo["centroids"],
+            [m.model for m in modules],
+            input=str(ainfo.get("input", "masked_embedding")),
+            router=router,
+        ).compact()  # fmt: skip  (each cluster model in its serving layout: the same logits, fewer ops)
+        if router is not None:
+            rm.routed_fast = rm.routed.with_fast_routing()
+            rm.entries.append((f"{final_row} (fast routing)", rm.routed_fast, None, ""))
+        rm.entries.append((final_row, rm.routed, None, ""))
+        return
+    single = modules[0].model.eval()
+    rm.entries.append(
+        (final_row, served_fn(single), single, _single_note(single, fmap, int(ainfo["embed_dim"])))
+    )
+    rm.modes[final_row] = "open"
+
+
+def _single_note(single, fmap: FeatureMap, d: int) -> str:
+    """Kept fields, dims, embedding rows and entries of a single retrained model, against the full."""
+    kept = [n for n, fd in zip(fmap.field_names, single.field_dims) if fd]
+    note = f"{len(kept)}/{len(single.field_dims)} fields"
+    full = len(single.field_dims) * d
+    if sum(single.field_dims) != len(kept) * d:
+        note += f", {sum(single.field_dims)}/{full} dims"
+    if single.embedding.pruned:
+        rows_kept = single.embedding.embedding_entries() // max(1, d)
+        note += f", {rows_kept:,}/{sum(fmap.vocab_sizes):,} values"
+    if single.embedding.entry_masked:
+        note += f", {single.embedding.embedding_entries():,}/{sum(fmap.vocab_sizes) * d:,} entries"
+    return note

@@ -669,16 +669,7 @@ def train_router(
     t0 = time.perf_counter()
     k = int(max(a.max() for a in assigns.values() if len(a))) + 1
     bs, seed = int(cfg.cluster.batch_size), int(cfg.seed)
-    samples = samples or {}
-    data = {}
-    for s, a in assigns.items():
-        sample = samples.get(s)
-        if sample is not None and sample.complete and len(sample.keep) == len(a):
-            data[s] = sample.rows(a, fmap.num_fields)
-        else:
-            data[s] = _rows_of(dm, s, a, int(rc.max_rows), seed, bs, fmap.num_fields)
-    if not len(data["train"][1]):
-        raise DataError(f"cluster.router.max_rows={rc.max_rows}: no train row drawn to fit the router on")
+    data = _router_rows(cfg, dm, fmap, assigns, samples or {})
     torch.manual_seed(seed)
     features = str(rc.features)
     extra: dict[str, Any] = {}
@@ -710,9 +701,42 @@ def train_router(
     t_fit = time.perf_counter()
     trainer.fit(module, train)
     fit_s = time.perf_counter() - t_fit
+    router, wd, val_agreement = _choose_router(module, decays, data["val"])
+    agreement = {}
+    with torch.no_grad():
+        for s, (x, c) in data.items():
+            agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
+    report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "features": features, "epochs": epochs,
+              "steps": len(train) * epochs, "weight_decay": wd, "val_agreement_by_weight_decay": val_agreement,
+              "agreement": agreement, "fit_seconds": round(fit_s, 3),
+              "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
+             f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
+    return router, report
+
+
+def _router_rows(cfg: DictConfig, dm, fmap: FeatureMap, assigns, samples: dict) -> dict[str, Any]:
+    """Each split's router rows (ids, exact cluster): the clustering's complete row sample, else read."""
+    rc = cfg.cluster.router
+    bs, seed = int(cfg.cluster.batch_size), int(cfg.seed)
+    data = {}
+    for s, a in assigns.items():
+        sample = samples.get(s)
+        if sample is not None and sample.complete and len(sample.keep) == len(a):
+            data[s] = sample.rows(a, fmap.num_fields)
+        else:
+            data[s] = _rows_of(dm, s, a, int(rc.max_rows), seed, bs, fmap.num_fields)
+    if not len(data["train"][1]):
+        raise DataError(f"cluster.router.max_rows={rc.max_rows}: no train row drawn to fit the router on")
+    return data
+
+
+def _choose_router(module, decays: list[float], val) -> tuple[Any, float, dict[str, float | None]]:
+    """The distilled router of the weight decay with the best validation agreement (a tie: the stronger
+    decay): (router, its decay, the agreement of every decay)."""
     best: tuple[float, float, Any] | None = None
     val_agreement: dict[str, float | None] = {}
-    x_val, c_val = data["val"]
+    x_val, c_val = val
     for i, wd in enumerate(decays):
         r = module.distilled(i).cpu()
         with torch.no_grad():
@@ -722,18 +746,7 @@ def train_router(
         if best is None or score > best[0] or (score == best[0] and wd > best[1]):
             best = (score, wd, r)
     assert best is not None
-    router = best[2]
-    agreement = {}
-    with torch.no_grad():
-        for s, (x, c) in data.items():
-            agreement[s] = float((router.route(x) == c).float().mean()) if len(c) else None
-    report = {"rows": {s: len(c) for s, (_, c) in data.items()}, "features": features, "epochs": epochs,
-              "steps": len(train) * epochs, "weight_decay": best[1], "val_agreement_by_weight_decay": val_agreement,
-              "agreement": agreement, "fit_seconds": round(fit_s, 3),
-              "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
-    log.info("cluster stage: distilled router agrees with the exact assignment on %s of the test rows",
-             f"{agreement['test']:.3f}" if agreement.get("test") is not None else "n/a")  # fmt: skip
-    return router, report
+    return best[2], best[1], val_agreement
 
 
 def _metrics(info: dict[str, Any]) -> dict[str, Any]:
