@@ -273,36 +273,9 @@ def fit_ctr(
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume) if resume is not None else None)
     fit_s = time.perf_counter() - t0
-    import torch
-
-    from .distributed import is_global_zero
-
-    best = out / "best.ckpt"
-    best_score = None
-    have_best = (
-        ckpt_cb is not None and bool(ckpt_cb.best_model_path) and Path(ckpt_cb.best_model_path).is_file()
+    module, best, best_score, best_epoch = _fit_result(
+        trainer, ckpt_cb, module, dm, cfg, out, monitor, init, init_confidence
     )
-    # trainer=ddp: every rank takes rank 0's decision (rank 0 moves the file right after deciding)
-    if trainer.strategy.broadcast(have_best):
-        if is_global_zero() and Path(ckpt_cb.best_model_path).resolve() != best.resolve():
-            Path(ckpt_cb.best_model_path).replace(best)
-        best = Path(trainer.strategy.broadcast(str(best)))  # rank 0's file (trainer=ddp)
-        trainer.strategy.barrier("fit_ctr best")
-        best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
-        best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
-        if init is not None and _start_wins(
-            init, best, module, dm, cfg, monitor, best_score, init_confidence
-        ):
-            # the trained model did not beat its start on validation: the start is the result (rank 0
-            # moves the file)
-            if is_global_zero():
-                Path(init[0]).replace(best)
-            trainer.strategy.barrier("fit_ctr init")
-            best_score, best_epoch = init[1], -1
-        module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
-    else:  # fast_dev_run / no validation: the last weights are the result
-        trainer.save_checkpoint(str(best))
-        best_epoch = int(trainer.current_epoch)
     val = trainer.validate(module, datamodule=dm, verbose=False) if monitor_val else [{}]
     test = trainer.test(module, datamodule=dm, verbose=False)
     return {
@@ -317,6 +290,39 @@ def fit_ctr(
         "fit_seconds": round(fit_s, 3),
         "params": int(module.model.num_parameters()),
     }
+
+
+def _fit_result(trainer, ckpt_cb, module, dm, cfg: DictConfig, out: Path, monitor: str, init, conf: float):
+    """The fit's result as ``out/best.ckpt``: the best checkpoint, or the start where it is kept
+    (``keep_init``), or the last weights without validation: (module loaded from it, path, score,
+    epoch; -1 for the start)."""
+    import torch
+
+    from .distributed import is_global_zero
+
+    best = out / "best.ckpt"
+    have_best = (
+        ckpt_cb is not None and bool(ckpt_cb.best_model_path) and Path(ckpt_cb.best_model_path).is_file()
+    )
+    # trainer=ddp: every rank takes rank 0's decision (rank 0 moves the file right after deciding)
+    if not trainer.strategy.broadcast(have_best):  # fast_dev_run / no validation: the last weights
+        trainer.save_checkpoint(str(best))
+        return module, best, None, int(trainer.current_epoch)
+    if is_global_zero() and Path(ckpt_cb.best_model_path).resolve() != best.resolve():
+        Path(ckpt_cb.best_model_path).replace(best)
+    best = Path(trainer.strategy.broadcast(str(best)))  # rank 0's file (trainer=ddp)
+    trainer.strategy.barrier("fit_ctr best")
+    best_score = float(ckpt_cb.best_model_score) if ckpt_cb.best_model_score is not None else None
+    best_epoch = int(torch.load(best, map_location="cpu", weights_only=True).get("epoch", -1))
+    if init is not None and _start_wins(init, best, module, dm, cfg, monitor, best_score, conf):
+        # the trained model did not beat its start on validation: the start is the result (rank 0
+        # moves the file)
+        if is_global_zero():
+            Path(init[0]).replace(best)
+        trainer.strategy.barrier("fit_ctr init")
+        best_score, best_epoch = init[1], -1
+    module = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
+    return module, best, best_score, best_epoch
 
 
 def _better(a: float | None, b: float | None, monitor: str) -> bool:

@@ -276,6 +276,37 @@ class SearchSchedule(Callback):
             )  # fmt: skip
 
 
+def _selector_spec(method: dict[str, Any] | None, gate: dict[str, Any] | None):
+    """(method, selector spec, arch optimizer config): ``method.selector``, or the Bernoulli gate of a
+    ``gate=`` block (keys it leaves out from conf/method/ihas.yaml's gate block), bi-level by default."""
+    method = dict(method or {})
+    selector = method.get("selector")
+    arch_optim = dict(method.get("arch_optim") or {})
+    if gate is None:
+        return method, selector, arch_optim
+    if selector is not None:
+        raise ValueError("give either gate= or method.selector, not both")
+    gate = {**group_defaults("method", "ihas", "gate"), **dict(gate)}
+    selector = {"_target_": "ihas_lightning.models.selectors.bernoulli.BernoulliSelector"}
+    selector.update({k: gate[k] for k in GATE_SELECTOR_KEYS if k in gate})
+    arch_optim = {"type": "adam", "lr": gate.get("lr", 1e-3), "weight_decay": gate.get("weight_decay")}
+    method.setdefault("arch_update", "bilevel")
+    return method, selector, arch_optim
+
+
+def _objective(method: dict[str, Any], constant_logloss: float | None) -> tuple[str, float, float]:
+    """(objective, constant logloss h0, the data term's scale): method.objective=ne divides the BCE by
+    h0, the constant predictor's logloss at the train base rate, so lambda weighs the same against the
+    data term at 2% and at 25% CTR; logloss: BCE + regularizer (the authors')."""
+    objective = str(method.get("objective") or "logloss")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"method.objective must be one of {OBJECTIVES}, got {objective!r}")
+    h0 = float(constant_logloss) if constant_logloss else 1.0
+    if not h0 > 0:
+        raise ValueError(f"constant_logloss must be > 0, got {constant_logloss!r}")
+    return objective, h0, 1.0 / h0 if objective == "ne" else 1.0
+
+
 class SearchModule(CTRModule):
     """The search module of every method (see the module docstring for the schedule).
 
@@ -300,22 +331,7 @@ class SearchModule(CTRModule):
         method: dict[str, Any] | None = None,
         constant_logloss: float | None = None,
     ):
-        method = dict(method or {})
-        selector = method.get("selector")
-        arch_optim = dict(method.get("arch_optim") or {})
-        if gate is not None:
-            if selector is not None:
-                raise ValueError("give either gate= or method.selector, not both")
-            # keys the caller leaves out come from conf/method/ihas.yaml's gate block
-            gate = {**group_defaults("method", "ihas", "gate"), **dict(gate)}
-            selector = {"_target_": "ihas_lightning.models.selectors.bernoulli.BernoulliSelector"}
-            selector.update({k: gate[k] for k in GATE_SELECTOR_KEYS if k in gate})
-            arch_optim = {
-                "type": "adam",
-                "lr": gate.get("lr", 1e-3),
-                "weight_decay": gate.get("weight_decay"),
-            }
-            method.setdefault("arch_update", "bilevel")
+        method, selector, arch_optim = _selector_spec(method, gate)
         super().__init__(
             vocab_sizes,
             model,
@@ -353,14 +369,7 @@ class SearchModule(CTRModule):
         # method.objective=ne: the architecture objective is the normalized entropy (BCE divided by the
         # constant predictor's logloss at the train base rate) + the regularizer, so lambda weighs the
         # same against the data term at 2% and at 25% CTR; logloss: BCE + regularizer (the authors')
-        self.objective = str(method.get("objective") or "logloss")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"method.objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        h0 = float(constant_logloss) if constant_logloss else 1.0
-        if not h0 > 0:
-            raise ValueError(f"constant_logloss must be > 0, got {constant_logloss!r}")
-        self.constant_logloss = h0
-        self.loss_scale = 1.0 / h0 if self.objective == "ne" else 1.0
+        self.objective, self.constant_logloss, self.loss_scale = _objective(method, constant_logloss)
         self.search_epochs = method.get("search_epochs")
         self.snapshots = [str(t) for t in (method.get("snapshots") or [])]
         self.snapshot_dir: Path | None = None  # set by the stage; snapshots are skipped without it

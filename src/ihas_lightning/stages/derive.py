@@ -112,28 +112,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         "search_ckpt": str(ckpt.resolve()),
         "row_keep_file": None,
     }
-    kept_share = None
-    if arch.row_keep is not None:
-        rk = np.asarray(arch.row_keep.cpu().numpy(), dtype=bool)
-        if rk.size != sum(fmap.vocab_sizes):
-            raise DataError(f"{ckpt}: row mask of {rk.size} entries for {sum(fmap.vocab_sizes)} ids")
-        bounds = np.cumsum([0, *fmap.vocab_sizes])
-        per_field = [int(rk[bounds[f] : bounds[f + 1]].sum()) for f in range(n)]
-        kept_share = [per_field[f] / fmap.vocab_sizes[f] for f in range(n)]
-        info.update(row_keep_file="row_keep.npy", kept_rows_per_field=per_field,
-                    kept_rows=int(rk.sum()), kept_rows_share=float(rk.mean()))  # fmt: skip
-    em = None
-    if arch.entry_mask is not None:
-        em = np.asarray(arch.entry_mask.cpu().numpy(), dtype=bool)
-        if em.shape != (sum(fmap.vocab_sizes), d):
-            raise DataError(
-                f"{ckpt}: entry mask of shape {em.shape} for a {sum(fmap.vocab_sizes)} x {d} table"
-            )
-        bounds = np.cumsum([0, *fmap.vocab_sizes])
-        per_field = [int(em[bounds[f] : bounds[f + 1]].sum()) for f in range(n)]
-        kept_share = [per_field[f] / (fmap.vocab_sizes[f] * d) for f in range(n)]
-        info.update(entry_mask_file="entry_mask.npy", kept_entries_per_field=per_field,
-                    kept_entries=int(em.sum()), kept_entries_share=float(em.mean()))  # fmt: skip
+    rk, em, kept_share = _masks(arch, info, fmap, ckpt, d)
     truth = prepared / "truth.json"
     if truth.is_file():
         info["truth"] = truth_report(read_json(truth), names, field_keep, kept_share)
@@ -151,6 +130,33 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         out / "arch.json",
     )  # fmt: skip
     return _metrics(info)
+
+
+def _masks(arch, info: dict[str, Any], fmap: FeatureMap, ckpt: Path, d: int):
+    """The derived row mask (PEP / OptFS: kept feature values) or entry mask (kept embedding entries),
+    checked against the vocabulary and summarised per field into ``info``: (rows, entries, kept share
+    per field), None where the method derives none."""
+    n, rk, em, kept_share = len(fmap.vocab_sizes), None, None, None
+    bounds = np.cumsum([0, *fmap.vocab_sizes])
+    if arch.row_keep is not None:
+        rk = np.asarray(arch.row_keep.cpu().numpy(), dtype=bool)
+        if rk.size != sum(fmap.vocab_sizes):
+            raise DataError(f"{ckpt}: row mask of {rk.size} entries for {sum(fmap.vocab_sizes)} ids")
+        per_field = [int(rk[bounds[f] : bounds[f + 1]].sum()) for f in range(n)]
+        kept_share = [per_field[f] / fmap.vocab_sizes[f] for f in range(n)]
+        info.update(row_keep_file="row_keep.npy", kept_rows_per_field=per_field,
+                    kept_rows=int(rk.sum()), kept_rows_share=float(rk.mean()))  # fmt: skip
+    if arch.entry_mask is not None:
+        em = np.asarray(arch.entry_mask.cpu().numpy(), dtype=bool)
+        if em.shape != (sum(fmap.vocab_sizes), d):
+            raise DataError(
+                f"{ckpt}: entry mask of shape {em.shape} for a {sum(fmap.vocab_sizes)} x {d} table"
+            )
+        per_field = [int(em[bounds[f] : bounds[f + 1]].sum()) for f in range(n)]
+        kept_share = [per_field[f] / (fmap.vocab_sizes[f] * d) for f in range(n)]
+        info.update(entry_mask_file="entry_mask.npy", kept_entries_per_field=per_field,
+                    kept_entries=int(em.sum()), kept_entries_share=float(em.mean()))  # fmt: skip
+    return rk, em, kept_share
 
 
 def _metrics(info: dict[str, Any]) -> dict[str, Any]:
