@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ihas_lightning.data import datamodule as dmod
-from ihas_lightning.data.datamodule import IHASDataModule, rank_plan
+from ihas_lightning.data import batches as dmod
+from ihas_lightning.data.datamodule import IHASDataModule
 from ihas_lightning.data.feature_map import LABEL, FeatureMap, Field
+from ihas_lightning.data.sharding import rank_plan
 from ihas_lightning.errors import ConfigError, DataError
 
 ROWS = {"train": 1001, "val": 303, "test": 257}

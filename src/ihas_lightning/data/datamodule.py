@@ -7,11 +7,11 @@ Batches are built whole, never row by row: the datasets are ``IterableDataset`` 
 ``(x, y)`` tuples and are wrapped in ``DataLoader(batch_size=None)`` (as TorchRec does); there is no
 per-row ``__getitem__`` + collate anywhere. Two modes:
 
-``in_memory``
+``in_memory`` (:mod:`.in_memory`)
     each split is read once (row group by row group) into one contiguous ``int32 [N, F]`` tensor and
     a ``float32 [N]`` label tensor. Training batches gather the rows ``perm[i:i + B]`` (``np.take``)
     of a permutation seeded by ``(seed, epoch)``; evaluation batches are ordered slices.
-``streaming``
+``streaming`` (:mod:`.streaming`)
     the Parquet row groups are the shards; only a few of them are in memory at a time. For training
     the row-group order is permuted per epoch and rows are mixed in a shuffle buffer of
     ``shuffle_buffer_batches`` batches; evaluation reads in file order.
@@ -23,7 +23,7 @@ per-row ``__getitem__`` + collate anywhere. Two modes:
 ``auto`` (default) picks ``in_memory`` when all three splits (``rows * (F + 1) * 4`` bytes) fit in
 ``memory_budget_gb``, else ``streaming``.
 
-Sharding, training streams (the shuffled train loader and the gate's search stream): ``batch_size``
+Sharding (:mod:`.sharding`; the shared batch stream and its loader: :mod:`.batches`), training streams (the shuffled train loader and the gate's search stream): ``batch_size``
 is the GLOBAL batch. Every rank follows the one-process stream (the same permutation, or the same
 row-group order and shuffle buffer) and keeps its slice ``[r * m // W, (r + 1) * m // W)`` of each
 global batch of ``m`` rows, so W ranks together train on exactly the batches one process trains on
@@ -58,354 +58,23 @@ computed in file order), :meth:`split_arrays`, :meth:`extra_column` (e.g. the sy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError, DataError
+from .batches import Batch, BatchDataset, BatchLoader, table_to_tensors
 from .feature_map import FEATURE_MAP, LABEL, SPLITS, FeatureMap
+from .in_memory import InMemoryBatches
+from .streaming import StreamingBatches
 
-Batch = tuple[torch.Tensor, torch.Tensor]
 MODES = ("auto", "in_memory", "streaming")
 # stream ids keep the random streams of the loaders apart
 TRAIN_STREAM, SEARCH_STREAM, SPLIT_STREAM = 1, 2, 3
-
-
-# ---- the sharding plan -------------------------------------------------------------------------
-def rank_plan(
-    n: int, world: int, rank: int, batch_size: int, drop_last: bool = False
-) -> tuple[int, np.ndarray]:
-    """``(start, sizes)``: rank ``rank``'s first row in the epoch's virtual order and its batch sizes.
-
-    Ranks get contiguous ranges whose lengths differ by at most one; every rank gets the same number
-    of batches (``ceil(ceil(n / world) / batch_size)``): full batches, then the shortfall of a rank
-    with fewer rows taken off its last batch(es), each kept >= 1 row. ``sum(sizes)`` is the rank's
-    row count, so each row is in exactly one batch. With ``drop_last``: ``(n // world) // batch_size``
-    full batches per rank."""
-    bounds = (np.arange(world + 1, dtype=np.int64) * n) // world
-    start, rows = int(bounds[rank]), int(bounds[rank + 1] - bounds[rank])
-    if drop_last:
-        return start, np.full((n // world) // batch_size, batch_size, dtype=np.int64)
-    max_rows = -(-n // world)
-    nb = -(-max_rows // batch_size)
-    if rows < nb:
-        raise ConfigError(
-            f"IHASDataModule: {n} rows cannot be split into equal batch counts over {world} ranks with "
-            f"batch_size={batch_size} (a rank would get an empty batch); use fewer ranks or a larger batch"
-        )
-    sizes = np.full(nb, batch_size, dtype=np.int64)
-    excess = nb * batch_size - rows
-    i = nb - 1
-    while excess > 0:  # at most two iterations: ranks differ by <= 1 row
-        take = min(excess, int(sizes[i]) - 1)
-        sizes[i] -= take
-        excess -= take
-        i -= 1
-    return start, sizes
-
-
-def worker_plan(start: int, sizes: np.ndarray, worker: int, num_workers: int) -> tuple[int, np.ndarray]:
-    """A worker's contiguous block of its rank's batch slots: ``(first row, sizes)``."""
-    cut = (np.arange(num_workers + 1, dtype=np.int64) * len(sizes)) // num_workers
-    a, b = int(cut[worker]), int(cut[worker + 1])
-    return start + int(sizes[:a].sum()), sizes[a:b]
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-def table_to_tensors(table: Any, fields: list[str]) -> Batch:
-    """A pyarrow table of the prepared format -> ``(x int32 [n, F] contiguous, y float32 [n])``."""
-    x = np.empty((table.num_rows, len(fields)), dtype=np.int32)
-    for j, name in enumerate(fields):
-        x[:, j] = table.column(name).to_numpy()
-    y = table.column(LABEL).to_numpy().astype(np.float32)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-class _BatchDataset(IterableDataset):
-    """Common part of both modes: sharding, epochs, endless cycling (for the search stream)."""
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        rank: int,
-        world: int,
-        drop_last: bool,
-        stream: int,
-        infinite: bool = False,
-        interleave: bool = False,
-    ):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.rank, self.world, self.drop_last = rank, world, drop_last
-        self.stream, self.infinite = stream, infinite
-        self.epoch = 0
-        self.start_batch = 0  # an endless stream: batches to pass over at the next iter() (a resume)
-        # interleave (training streams under DDP): every rank follows the one-process stream of GLOBAL
-        # batches of batch_size and keeps its slice of each, so ranks train on exactly the batches one
-        # process would (see the module docstring)
-        self.interleave = bool(interleave) and world > 1
-        if self.interleave:
-            self.start, self.sizes = rank_plan(n, 1, 0, batch_size, drop_last)
-        else:
-            self.start, self.sizes = rank_plan(n, world, rank, batch_size, drop_last)
-        if infinite and len(self.sizes) == 0:
-            raise DataError("IHASDataModule: the search split has no rows for this rank; it cannot cycle")
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        """Batches this rank yields per epoch (all workers together)."""
-        if self.infinite:
-            raise TypeError("an endless search stream has no length")
-        return len(self.sizes)
-
-    def __iter__(self) -> Iterator[Batch]:
-        worker, num_workers = _worker()
-        in_worker = get_worker_info() is not None
-        cycle, skip = 0, 0
-        if self.infinite and self.start_batch:
-            if num_workers != 1:
-                raise RuntimeError("an endless stream resumes at a batch only without loader workers")
-            # whole passes cost nothing (each pass's order depends only on its index), the rest is
-            # read and passed over: the stream continues exactly where it stopped
-            cycle, skip = divmod(int(self.start_batch), len(self.sizes))
-            self.start_batch = 0
-        while True:
-            for bx, by in self.iter_shard(self.epoch, worker, num_workers, cycle=cycle):
-                if skip:
-                    skip -= 1
-                    continue
-                # a view would ship its whole base storage (the split / the shuffle pool) to the main process
-                if in_worker and bx._base is not None:
-                    bx, by = bx.clone(), by.clone()
-                yield bx, by
-            if not self.infinite:
-                return
-            cycle += 1
-
-    def iter_shard(
-        self, epoch: int, worker: int = 0, num_workers: int = 1, cycle: int = 0
-    ) -> Iterator[Batch]:
-        """The batches of (this rank, ``worker`` of ``num_workers``) in ``epoch`` (pass ``cycle`` of
-        an endless stream)."""
-        for bx, by in self._batches(epoch, worker, num_workers, cycle):
-            if self.interleave:  # this rank's slice of the global batch (empty only if < world rows)
-                m = len(by)
-                lo, hi = self.rank * m // self.world, (self.rank + 1) * m // self.world
-                bx, by = bx[lo:hi], by[lo:hi]
-            yield bx, by
-
-    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
-        """The plan's batches (global batches when interleaved) of ``worker`` in ``epoch``."""
-        raise NotImplementedError
-
-
-class InMemoryBatches(_BatchDataset):
-    """Batches sliced out of one contiguous ``int32 [N, F]`` tensor (see the module docstring)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, device_resident: bool = False, **kw: Any):
-        """``device_resident``: ``x`` / ``y`` already live on the training device (or are used as if
-        they did: the same code path on the CPU); batches are gathered there with torch ops."""
-        super().__init__(n=len(y), **kw)
-        self.x, self.y = x, y
-        self.device_resident = bool(device_resident) or x.device.type != "cpu"
-
-    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
-        pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
-        x, y = self.x, self.y
-        if not self.shuffle:
-            for s in sizes.tolist():
-                yield x[pos : pos + s], y[pos : pos + s]
-                pos += s
-            return
-        order = np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(self.n)
-        if self.device_resident:
-            # the split lives on the device: this worker's part of the permutation goes there once (the
-            # host's order, so a GPU run sees the CPU run's batches); a batch is one index_select there
-            perm = torch.from_numpy(order[pos : pos + int(sizes.sum())]).to(x.device)
-            for idx in perm.split(sizes.tolist()):
-                yield x.index_select(0, idx), y.index_select(0, idx)
-        else:
-            # numpy's single-threaded take: torch's index_select splits a 2048-row gather over the
-            # intra-op threads and stalls badly when the cores are busy (10x slower under load)
-            xn, yn = x.numpy(), y.numpy()
-            for s in sizes.tolist():
-                idx = order[pos : pos + s]
-                pos += s
-                yield torch.from_numpy(xn.take(idx, axis=0)), torch.from_numpy(yn.take(idx))
-
-
-class StreamingBatches(_BatchDataset):
-    """Batches read row group by row group from one Parquet split (see the module docstring)."""
-
-    def __init__(
-        self,
-        path: Path,
-        fields: list[str],
-        rg_rows: np.ndarray,
-        kept: list[np.ndarray] | None,
-        buffer_batches: int,
-        **kw: Any,
-    ):
-        self.path, self.fields = Path(path), list(fields)
-        self.rg_rows = np.asarray(rg_rows, dtype=np.int64)
-        self.kept = kept  # per row group: kept local row indices (row_filter), or None = all rows
-        self.counts = self.rg_rows if kept is None else np.array([len(k) for k in kept], dtype=np.int64)
-        self.buffer_batches = buffer_batches
-        self._pf: pq.ParquetFile | None = None
-        super().__init__(n=int(self.counts.sum()), **kw)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_pf"] = None  # each worker opens its own file handle
-        return state
-
-    def row_group_order(self, epoch: int, cycle: int = 0) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self.rg_rows))
-        return np.random.default_rng(_seed(self.seed, self.stream, epoch, cycle)).permutation(
-            len(self.rg_rows)
-        )
-
-    def pieces(self, epoch: int, start: int, stop: int, cycle: int = 0) -> list[tuple[int, int, int]]:
-        """``(row group, lo, hi)``: the rows ``[start, stop)`` of the epoch's virtual order, where
-        ``lo:hi`` index the kept rows of that row group."""
-        order = self.row_group_order(epoch, cycle)
-        cum = np.concatenate([[0], np.cumsum(self.counts[order])])
-        out = []
-        i = max(int(np.searchsorted(cum, start, side="right")) - 1, 0)
-        while i < len(order) and cum[i] < stop:
-            lo, hi = max(start - cum[i], 0), min(stop, cum[i + 1]) - cum[i]
-            if hi > lo:
-                out.append((int(order[i]), int(lo), int(hi)))
-            i += 1
-        return out
-
-    def _read_table(self, rg: int, lo: int, hi: int) -> Any:
-        if self._pf is None:
-            self._pf = pq.ParquetFile(self.path)
-        table = self._pf.read_row_group(rg, columns=self.fields + [LABEL])
-        if self.kept is None:
-            return table.slice(lo, hi - lo) if lo > 0 or hi < table.num_rows else table
-        return table.take(self.kept[rg][lo:hi])
-
-    def read_piece(self, rg: int, lo: int, hi: int) -> Batch:
-        """The kept rows ``lo:hi`` of row group ``rg`` as fresh tensors."""
-        return table_to_tensors(self._read_table(rg, lo, hi), self.fields)
-
-    def _batches(self, epoch: int, worker: int, num_workers: int, cycle: int) -> Iterator[Batch]:
-        pos, sizes = worker_plan(self.start, self.sizes, worker, num_workers)
-        if len(sizes) == 0:
-            return
-        pieces = self.pieces(epoch, pos, pos + int(sizes.sum()), cycle)
-        if self.shuffle:
-            stream_rank = 0 if self.interleave else self.rank  # interleaved: every rank draws one stream
-            yield from self._shuffled(
-                pieces, sizes.tolist(), _seed(self.seed, self.stream, epoch, cycle, stream_rank, worker)
-            )
-        else:
-            yield from self._ordered(pieces, sizes.tolist())
-
-    def _ordered(self, pieces: list[tuple[int, int, int]], sizes: list[int]) -> Iterator[Batch]:
-        """File order: slices of each freshly read piece; a batch straddling two pieces is joined."""
-        k = 0
-        carry: Batch | None = None
-        for rg, lo, hi in pieces:
-            cx, cy = self.read_piece(rg, lo, hi)
-            i = 0
-            if carry is not None:
-                need = sizes[k] - len(carry[1])
-                if need > len(cy):
-                    carry = (torch.cat([carry[0], cx]), torch.cat([carry[1], cy]))
-                    continue
-                yield torch.cat([carry[0], cx[:need]]), torch.cat([carry[1], cy[:need]])
-                carry, i, k = None, need, k + 1
-            while k < len(sizes) and i + sizes[k] <= len(cy):
-                yield cx[i : i + sizes[k]], cy[i : i + sizes[k]]
-                i, k = i + sizes[k], k + 1
-            if i < len(cy):
-                carry = (cx[i:], cy[i:])
-        if k != len(sizes) or carry is not None:  # pragma: no cover - the plan guarantees this
-            raise RuntimeError(f"streaming shard of {self.path} does not match its batch plan")
-
-    def _shuffled(self, pieces: list[tuple[int, int, int]], sizes: list[int], seed: int) -> Iterator[Batch]:
-        """The shuffle buffer: each piece is read into one reused buffer behind the ``cap`` rows kept
-        back from the previous pieces; a permutation of both yields the batches (fresh arrays, by
-        ``np.take``) and leaves ``cap`` random rows behind to mix with the next piece."""
-        rng = np.random.default_rng(seed)
-        cap = self.buffer_batches * self.batch_size
-        # kept-back rows: fewer than cap + one batch; then the widest piece
-        room = cap + self.batch_size + max(hi - lo for _, lo, hi in pieces)
-        bxn = np.empty((room, len(self.fields)), dtype=np.int32)
-        byn = np.empty(room, dtype=np.float32)
-        k, held = 0, 0
-        for p_i, (rg, lo, hi) in enumerate(pieces):
-            table = self._read_table(rg, lo, hi)
-            m = table.num_rows
-            for j, name in enumerate(self.fields):
-                bxn[held : held + m, j] = table.column(name).to_numpy()
-            byn[held : held + m] = table.column(LABEL).to_numpy()
-            total = held + m
-            perm = rng.permutation(total)
-            keep_back = cap if p_i < len(pieces) - 1 else 0
-            i = 0
-            while k < len(sizes) and total - i - sizes[k] >= keep_back:
-                idx = perm[i : i + sizes[k]]
-                yield torch.from_numpy(bxn.take(idx, axis=0)), torch.from_numpy(byn.take(idx))
-                i, k = i + sizes[k], k + 1
-            rest = perm[i:]
-            held = len(rest)
-            if held:  # compact the kept-back rows to the front of the buffer
-                bxn[:held] = bxn.take(rest, axis=0)
-                byn[:held] = byn.take(rest)
-        if k != len(sizes) or held:  # pragma: no cover - the plan guarantees this
-            raise RuntimeError(f"streaming shard of {self.path} does not match its batch plan")
-
-
-def _identity(batch: Batch) -> Batch:
-    return batch
-
-
-class BatchLoader(DataLoader):
-    """``DataLoader(batch_size=None)`` over a batch-yielding dataset; ``epoch_fn()`` is read each
-    time the loader is iterated and handed to the dataset before workers start."""
-
-    def __init__(self, dataset: _BatchDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
-        kwargs.setdefault("batch_size", None)
-        kwargs.setdefault("collate_fn", _identity)
-        # DataLoader.__iter__ draws a base seed from this generator -- by default the global torch RNG,
-        # which the Gumbel masks and dropout also draw from: a loader iterated once more (a resumed
-        # search re-opens its gate stream) would shift every later draw. The batch order never comes
-        # from it (the datasets seed their own shuffles).
-        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
-        super().__init__(dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-
-    def __iter__(self):
-        if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
-
-    def start_at(self, batches: int) -> None:
-        """The next ``iter()`` of an endless stream starts after its first ``batches`` batches."""
-        self.dataset.start_batch = int(batches)
 
 
 class IHASDataModule(L.LightningDataModule):
@@ -655,7 +324,7 @@ class IHASDataModule(L.LightningDataModule):
         infinite: bool = False,
         rank: int | None = None,
         world: int | None = None,
-    ) -> _BatchDataset:
+    ) -> BatchDataset:
         """The batch dataset of a split for (rank, world) (default: this process's; unsharded = 0, 1)."""
         self._ensure()
         if rank is None or world is None:
@@ -679,7 +348,7 @@ class IHASDataModule(L.LightningDataModule):
             **kw,
         )
 
-    def _loader(self, ds: _BatchDataset, epoch_fn: Callable[[], int] | None, num_workers: int) -> BatchLoader:
+    def _loader(self, ds: BatchDataset, epoch_fn: Callable[[], int] | None, num_workers: int) -> BatchLoader:
         if getattr(ds, "device_resident", False):  # batches are device slices: no workers, nothing to pin
             return BatchLoader(ds, epoch_fn=epoch_fn, num_workers=0)
         return BatchLoader(ds, epoch_fn=epoch_fn, num_workers=num_workers, pin_memory=self.pin_memory)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .datamodule import BatchLoader, IHASDataModule
+from .batches import BatchLoader
+from .datamodule import IHASDataModule
 
 
 class PhasedTrainData(IHASDataModule):
