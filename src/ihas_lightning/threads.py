@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,148 @@ class OtherLoad:
         return max(0.0, others / seconds)
 
 
+class _Tuning:
+    """What the thread tuner does at each Lightning hook (see :func:`thread_tuner`); the Callback class
+    that mixes it in is made in :func:`thread_tuner`, so importing this module does not import Lightning."""
+
+    def __init__(
+        self,
+        max_threads: int,
+        probe: int,
+        first_check: int,
+        max_every: int,
+        warmup: int,
+        backoff: int,
+        load: Any,
+    ) -> None:
+        self.max_threads, self.probe_batches, self.first_check = max_threads, probe, first_check
+        self.max_every, self.backoff = max_every, backoff
+        self.current = min(max_threads, int(_CHOSEN.get("tuned", 1)))
+        self.every = first_check
+        self.countdown = first_check
+        self.probing: int | None = None  # the count being probed
+        self.probe_times: list[float] = []
+        self.recent: list[float] = []
+        self.recent_fwd: list[float] = []  # the forward passes of those batches (per sample)
+        self._t0: float | None = None
+        self._n = 1  # the batch's rows
+        self._fwd_seen = False  # this batch's first backward has come
+        self._ignore = False  # this batch's probe was ended in its forward: not measured
+        self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
+        self.probe_seconds = 0.0  # spent at the probed count (what probing cost at most)
+        self.skip = warmup
+        self.load = OtherLoad() if load is None else load
+        self.skipped = 0  # probes of more threads skipped: the spare cores were busy
+        self.others = 0.0  # the cores other processes kept busy, at the last read
+
+    def _set(self, n: int) -> None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+    def on_train_start(self, trainer, pl_module):
+        self._set(self.current)
+        self.load.reset()
+
+    def _target(self) -> int | None:
+        """The count the next check tries; 0: skip the check (no room for more than 1 thread);
+        None: not known yet (the load's window is too short)."""
+        max_threads = self.max_threads
+        if self.current == max_threads or not self.load.available:
+            return 1 if self.current != 1 else max_threads
+        others = self.load.busy()
+        if others is None:
+            return None
+        self.others = others
+        room = min(max_threads, max(1, math.floor(self.load.n - others + 0.75)))
+        if room > self.current:
+            return room
+        return 1 if self.current != 1 else 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+        self._n = max(1, int(batch[1].shape[0]))
+        self._fwd_seen = self._ignore = False
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._t0 is None or self._fwd_seen or self.skip > 0:
+            return
+        self._fwd_seen = True  # the first backward of the batch (a bi-level step has more)
+        fwd = (time.perf_counter() - self._t0) / self._n
+        if self.probing is None:
+            self.recent_fwd = (self.recent_fwd + [fwd])[-16:]
+        elif self.recent_fwd and fwd > 1.5 * statistics.median(self.recent_fwd):
+            self.probe_seconds += fwd * self._n
+            self._ignore = True  # the probed count lost already: the rest of the batch at the current
+            self._end_check(trainer, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None:
+            return
+        dt = (time.perf_counter() - self._t0) / self._n
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        if self._ignore:
+            return
+        if self.probing is None:
+            self.recent = (self.recent + [dt])[-16:]
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self._start_check()
+            return
+        self.probe_times.append(dt)
+        self.probe_seconds += dt * self._n
+        ref = statistics.median(self.recent)
+        if len(self.probe_times) < self.probe_batches and dt <= 1.5 * ref:
+            return
+        self._end_check(trainer, statistics.median(self.probe_times))
+
+    def _start_check(self) -> None:
+        """A check is due: start probing the target count, or (no room) stay and look again later."""
+        target = self._target()
+        if target is None:
+            return  # read the load again after the next batch
+        if target == 0:  # the spare cores are busy: stay, look again after `every` batches
+            if not _CHOSEN.get("stayed"):  # once per process, at INFO
+                _CHOSEN["stayed"] = True
+                log.info("torch threads: staying at 1 while other processes keep %.1f of the %d "
+                         "cores busy (re-checked while training)", self.others, self.load.n)  # fmt: skip
+            self.skipped += 1
+            self.countdown, self.recent, self.recent_fwd = self.every, [], []
+            self.load.reset()
+            return
+        self.probing, self.probe_times = target, []
+        self._set(self.probing)
+
+    def _end_check(self, trainer, other: float | None) -> None:
+        """End a probe: switch to the probed count when its median ``other`` (per sample) is 15%
+        faster than the current count's recent median; ``other=None``: the probe lost early."""
+        assert self.probing is not None
+        ref = statistics.median(self.recent) if self.recent else float("inf")
+        if other is not None and other < 0.85 * ref:
+            # the first switch of the process at INFO, later ones at DEBUG (the console stays quiet)
+            level = logging.INFO if not _CHOSEN.get("switched") else logging.DEBUG
+            _CHOSEN["switched"] = True
+            log.log(level, "torch threads: %d -> %d (measured: %.2f vs %.2f us/sample; re-checked while "
+                    "training; a run bitwise reproducible under any load: trainer.deterministic=true)",
+                    self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
+            self.history.append((int(trainer.global_step), self.probing))
+            self.current = self.probing
+            self.every = min(self.first_check * self.backoff, self.max_every)
+        else:
+            self.every = min(self.every * self.backoff, self.max_every)
+        self.probing = None
+        self._set(self.current)
+        self.countdown, self.recent, self.recent_fwd = self.every, [], []
+        self.load.reset()
+
+    def on_train_end(self, trainer, pl_module):
+        _CHOSEN["tuned"] = self.current  # the next fit of this process starts here
+        self._set(self.max_threads)  # stages outside a fit run at the configured count
+
+
 def thread_tuner(
     max_threads: int,
     probe: int = 3,
@@ -240,130 +384,9 @@ def thread_tuner(
     reproducible when the machine's load differs. That is why the default, ``auto``, keeps one count for
     the whole run (as do ``adaptive`` under ``trainer.deterministic=true`` and an integer): the same
     seed gives the same numbers."""
-    import statistics
-    import time
-
-    import torch
     from lightning.pytorch.callbacks import Callback
 
-    class ThreadTuner(Callback):
-        def __init__(self) -> None:
-            self.current = min(max_threads, int(_CHOSEN.get("tuned", 1)))
-            self.every = first_check
-            self.countdown = first_check
-            self.probing: int | None = None  # the count being probed
-            self.probe_times: list[float] = []
-            self.recent: list[float] = []
-            self.recent_fwd: list[float] = []  # the forward passes of those batches (per sample)
-            self._t0: float | None = None
-            self._n = 1  # the batch's rows
-            self._fwd_seen = False  # this batch's first backward has come
-            self._ignore = False  # this batch's probe was ended in its forward: not measured
-            self.history: list[tuple[int, int]] = []  # (global step, threads) at each switch
-            self.probe_seconds = 0.0  # spent at the probed count (what probing cost at most)
-            self.skip = warmup
-            self.load = OtherLoad() if load is None else load
-            self.skipped = 0  # probes of more threads skipped: the spare cores were busy
-            self.others = 0.0  # the cores other processes kept busy, at the last read
+    class ThreadTuner(_Tuning, Callback):
+        """The thread tuner as a Lightning callback (its hooks are :class:`_Tuning`'s)."""
 
-        def _set(self, n: int) -> None:
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
-
-        def on_train_start(self, trainer, pl_module):
-            self._set(self.current)
-            self.load.reset()
-
-        def _target(self) -> int | None:
-            """The count the next check tries; 0: skip the check (no room for more than 1 thread);
-            None: not known yet (the load's window is too short)."""
-            if self.current == max_threads or not self.load.available:
-                return 1 if self.current != 1 else max_threads
-            others = self.load.busy()
-            if others is None:
-                return None
-            self.others = others
-            room = min(max_threads, max(1, math.floor(self.load.n - others + 0.75)))
-            if room > self.current:
-                return room
-            return 1 if self.current != 1 else 0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self._t0 = time.perf_counter()
-            self._n = max(1, int(batch[1].shape[0]))
-            self._fwd_seen = self._ignore = False
-
-        def on_before_backward(self, trainer, pl_module, loss):
-            if self._t0 is None or self._fwd_seen or self.skip > 0:
-                return
-            self._fwd_seen = True  # the first backward of the batch (a bi-level step has more)
-            fwd = (time.perf_counter() - self._t0) / self._n
-            if self.probing is None:
-                self.recent_fwd = (self.recent_fwd + [fwd])[-16:]
-            elif self.recent_fwd and fwd > 1.5 * statistics.median(self.recent_fwd):
-                self.probe_seconds += fwd * self._n
-                self._ignore = True  # the probed count lost already: the rest of the batch at the current
-                self._end_check(trainer, None)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self._t0 is None:
-                return
-            dt = (time.perf_counter() - self._t0) / self._n
-            if self.skip > 0:
-                self.skip -= 1
-                return
-            if self._ignore:
-                return
-            if self.probing is None:
-                self.recent = (self.recent + [dt])[-16:]
-                self.countdown -= 1
-                if self.countdown <= 0:
-                    target = self._target()
-                    if target is None:
-                        return  # read the load again after the next batch
-                    if target == 0:  # the spare cores are busy: stay, look again after `every` batches
-                        if not _CHOSEN.get("stayed"):  # once per process, at INFO
-                            _CHOSEN["stayed"] = True
-                            log.info("torch threads: staying at 1 while other processes keep %.1f of the %d "
-                                     "cores busy (re-checked while training)", self.others, self.load.n)  # fmt: skip
-                        self.skipped += 1
-                        self.countdown, self.recent, self.recent_fwd = self.every, [], []
-                        self.load.reset()
-                        return
-                    self.probing, self.probe_times = target, []
-                    self._set(self.probing)
-                return
-            self.probe_times.append(dt)
-            self.probe_seconds += dt * self._n
-            ref = statistics.median(self.recent)
-            if len(self.probe_times) < probe and dt <= 1.5 * ref:
-                return
-            self._end_check(trainer, statistics.median(self.probe_times))
-
-        def _end_check(self, trainer, other: float | None) -> None:
-            """End a probe: switch to the probed count when its median ``other`` (per sample) is 15%
-            faster than the current count's recent median; ``other=None``: the probe lost early."""
-            assert self.probing is not None
-            ref = statistics.median(self.recent) if self.recent else float("inf")
-            if other is not None and other < 0.85 * ref:
-                # the first switch of the process at INFO, later ones at DEBUG (the console stays quiet)
-                level = logging.INFO if not _CHOSEN.get("switched") else logging.DEBUG
-                _CHOSEN["switched"] = True
-                log.log(level, "torch threads: %d -> %d (measured: %.2f vs %.2f us/sample; re-checked while "
-                        "training; a run bitwise reproducible under any load: trainer.deterministic=true)",
-                        self.current, self.probing, ref * 1e6, other * 1e6)  # fmt: skip
-                self.history.append((int(trainer.global_step), self.probing))
-                self.current = self.probing
-                self.every = min(first_check * backoff, max_every)
-            else:
-                self.every = min(self.every * backoff, max_every)
-            self.probing = None
-            self._set(self.current)
-            self.countdown, self.recent, self.recent_fwd = self.every, [], []
-            self.load.reset()
-
-        def on_train_end(self, trainer, pl_module):
-            _CHOSEN["tuned"] = self.current  # the next fit of this process starts here
-            self._set(max_threads)  # stages outside a fit run at the configured count
-
-    return ThreadTuner()
+    return ThreadTuner(max_threads, probe, first_check, max_every, warmup, backoff, load)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,18 +176,20 @@ def _auc_logloss(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return float(roc_auc_score(y, p)), float(log_loss(y, p))
 
 
-def generate_synthetic(dcfg: Mapping[str, Any] | Any, out_dir: Path) -> FeatureMap:
-    """Generate the planted dataset into ``out_dir`` (which exists) and return its feature map.
+@dataclass
+class _Planted:
+    """The generative structure: field cardinalities and value probabilities, the key values' groups,
+    each group's relevant fields and their per-value weights."""
 
-    Writes ``{train,val,test}.parquet``, ``feature_map.json`` and ``truth.json``. Deterministic in
-    the config: the same parameters (``gen_seed`` included) give identical files."""
-    prm = synthetic_params(dcfg)
-    out_dir = Path(out_dir)
-    rng = np.random.default_rng(prm["gen_seed"])
-    n, nf, ng, nr = prm["rows"], prm["num_fields"], prm["num_groups"], prm["relevant_per_group"]
-    names = field_names(nf)
+    cards: list[int]
+    probs: list[np.ndarray]
+    key_groups_raw: np.ndarray
+    relevant: list[list[int]]
+    weights: dict[tuple[int, int], np.ndarray]
 
-    # ---- the generative structure ----------------------------------------------------------
+
+def _plant(prm: dict[str, Any], rng: np.random.Generator) -> _Planted:
+    nf, ng, nr = prm["num_fields"], prm["num_groups"], prm["relevant_per_group"]
     lo, hi = math.log(prm["min_cardinality"]), math.log(prm["max_cardinality"])
     cards = [prm["key_cardinality"]] + [int(round(math.exp(v))) for v in rng.uniform(lo, hi, nf - 1)]
     probs = [_zipf_probs(c, prm["zipf_a"], rng) for c in cards]
@@ -194,34 +197,52 @@ def generate_synthetic(dcfg: Mapping[str, Any] | Any, out_dir: Path) -> FeatureM
     chosen = 1 + rng.permutation(nf - 1)[: ng * nr]
     relevant = [sorted(int(f) for f in chosen[g * nr : (g + 1) * nr]) for g in range(ng)]
     weights = {(g, f): _standardised_weights(probs[f], rng) for g in range(ng) for f in relevant[g]}
+    return _Planted(cards, probs, key_groups_raw, relevant, weights)
 
-    # ---- samples -------------------------------------------------------------------------------
-    raw = np.stack([_sample(probs[j], n, rng) for j in range(nf)], axis=1)  # [n, F] raw values
-    group = key_groups_raw[raw[:, 0]]
+
+def _samples(
+    prm: dict[str, Any], pl: _Planted, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(raw values [n, F], latent group, true click probability, label)`` of every row."""
+    n, nf, nr = prm["rows"], prm["num_fields"], prm["relevant_per_group"]
+    raw = np.stack([_sample(pl.probs[j], n, rng) for j in range(nf)], axis=1)  # [n, F] raw values
+    group = pl.key_groups_raw[raw[:, 0]]
     logit = np.full(n, prm["base_rate"], dtype=np.float64)
     scale = prm["signal"] / math.sqrt(nr)
-    for g in range(ng):
+    for g in range(prm["num_groups"]):
         rows = np.flatnonzero(group == g)
         contrib = np.zeros(len(rows))
-        for f in relevant[g]:
-            contrib += weights[(g, f)][raw[rows, f]]
+        for f in pl.relevant[g]:
+            contrib += pl.weights[(g, f)][raw[rows, f]]
         logit[rows] += scale * contrib
     p = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(n) < p).astype(np.int8)
+    return raw, group, p, label
 
-    # ---- split + vocabulary (built on train only, as for real data) ------------------------------
+
+def _split_bounds(prm: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """The contiguous ``[a, b)`` row range of each split; an empty split is a config error."""
+    n = prm["rows"]
     n_train = int(round(n * prm["split"][0]))
     n_val = int(round(n * prm["split"][1]))
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
     for s, (a, b) in bounds.items():
         if b <= a:
             raise ConfigError(f"config key 'dataset.split': the {s} split is empty with rows={n}")
-    lookups = [_vocab(raw[:n_train, j], cards[j], prm["min_count"]) for j in range(nf)]
-    ids = np.empty((n, nf), dtype=np.int32)
-    for j in range(nf):
-        ids[:, j] = lookups[j][raw[:, j]]
-    vocab_sizes = [int(lk.max()) + 1 for lk in lookups]
+    return bounds
 
+
+def _write_splits(
+    out_dir: Path,
+    prm: dict[str, Any],
+    names: list[str],
+    bounds: dict[str, tuple[int, int]],
+    ids: np.ndarray,
+    label: np.ndarray,
+    group: np.ndarray,
+    p: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """``{split}.parquet`` (ids, label, ``_group``, ``_p``); the feature map's per-split record."""
     splits: dict[str, dict[str, Any]] = {}
     for s in SPLITS:
         a, b = bounds[s]
@@ -231,30 +252,30 @@ def generate_synthetic(dcfg: Mapping[str, Any] | Any, out_dir: Path) -> FeatureM
         cols[PROB_COLUMN] = pa.array(p[a:b].astype(np.float32))
         pq.write_table(pa.table(cols), out_dir / f"{s}.parquet", row_group_size=prm["row_group_size"])
         splits[s] = {"rows": b - a, "pos_rate": float(label[a:b].mean()), "file": f"{s}.parquet"}
+    return splits
 
-    fmap = FeatureMap(
-        dataset="synthetic",
-        fields=[Field(name=nm, vocab_size=v) for nm, v in zip(names, vocab_sizes)],
-        min_count=prm["min_count"],
-        transforms={},
-        splits=splits,
-        row_group_size=prm["row_group_size"],
-        config_hash=stable_hash({"synthetic": prm}),
-        extra={"synthetic": True, "key_field": KEY_FIELD},
-    )
-    fmap.save(out_dir)
 
-    # ---- the planted truth ----------------------------------------------------------------------
+def _truth(
+    prm: dict[str, Any],
+    names: list[str],
+    pl: _Planted,
+    key_lookup: np.ndarray,
+    bounds: dict[str, tuple[int, int]],
+    label: np.ndarray,
+    group: np.ndarray,
+    p: np.ndarray,
+) -> dict[str, Any]:
+    """The planted answer (``truth.json``) and the Bayes-optimal scores of the true ``p``."""
+    nf, ng = prm["num_fields"], prm["num_groups"]
     a, b = bounds["test"]
     auc, ll = _auc_logloss(label[a:b], p[a:b])
     va, vb = bounds["val"]
     val_auc, val_ll = _auc_logloss(label[va:vb], p[va:vb])
-    key_lookup = lookups[0]
     seen = key_lookup > 0
-    key_groups = {str(int(i)): int(g) for i, g in sorted(zip(key_lookup[seen], key_groups_raw[seen]))}
-    rel_names = {str(g): [names[f] for f in relevant[g]] for g in range(ng)}
-    all_rel = {f for r in relevant for f in r}
-    truth = {
+    key_groups = {str(int(i)): int(g) for i, g in sorted(zip(key_lookup[seen], pl.key_groups_raw[seen]))}
+    rel_names = {str(g): [names[f] for f in pl.relevant[g]] for g in range(ng)}
+    all_rel = {f for r in pl.relevant for f in r}
+    return {
         "key_field": KEY_FIELD,
         "groups": rel_names,
         "noise_fields": [names[f] for f in range(1, nf) if f not in all_rel],
@@ -268,9 +289,45 @@ def generate_synthetic(dcfg: Mapping[str, Any] | Any, out_dir: Path) -> FeatureM
         "group_sizes_by_split": {
             s: {str(g): int((group[a:b] == g).sum()) for g in range(ng)} for s, (a, b) in bounds.items()
         },
-        "cardinalities": dict(zip(names, cards)),
+        "cardinalities": dict(zip(names, pl.cards)),
         "pos_rate": float(label.mean()),
         "params": prm,
     }
-    write_json(out_dir / TRUTH, truth)
+
+
+def generate_synthetic(dcfg: Mapping[str, Any] | Any, out_dir: Path) -> FeatureMap:
+    """Generate the planted dataset into ``out_dir`` (which exists) and return its feature map.
+
+    Writes ``{train,val,test}.parquet``, ``feature_map.json`` and ``truth.json``. Deterministic in
+    the config: the same parameters (``gen_seed`` included) give identical files."""
+    prm = synthetic_params(dcfg)
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(prm["gen_seed"])
+    nf = prm["num_fields"]
+    names = field_names(nf)
+    planted = _plant(prm, rng)
+    raw, group, p, label = _samples(prm, planted, rng)
+
+    # ---- split + vocabulary (built on train only, as for real data) ------------------------------
+    bounds = _split_bounds(prm)
+    n_train = bounds["train"][1]
+    lookups = [_vocab(raw[:n_train, j], planted.cards[j], prm["min_count"]) for j in range(nf)]
+    ids = np.empty((prm["rows"], nf), dtype=np.int32)
+    for j in range(nf):
+        ids[:, j] = lookups[j][raw[:, j]]
+    vocab_sizes = [int(lk.max()) + 1 for lk in lookups]
+    splits = _write_splits(out_dir, prm, names, bounds, ids, label, group, p)
+
+    fmap = FeatureMap(
+        dataset="synthetic",
+        fields=[Field(name=nm, vocab_size=v) for nm, v in zip(names, vocab_sizes)],
+        min_count=prm["min_count"],
+        transforms={},
+        splits=splits,
+        row_group_size=prm["row_group_size"],
+        config_hash=stable_hash({"synthetic": prm}),
+        extra={"synthetic": True, "key_field": KEY_FIELD},
+    )
+    fmap.save(out_dir)
+    write_json(out_dir / TRUTH, _truth(prm, names, planted, lookups[0], bounds, label, group, p))
     return fmap
