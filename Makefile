@@ -91,10 +91,11 @@ tune: install ## the gate sweeps behind the real datasets' defaults (Hydra Optun
 	OMP_NUM_THREADS=1 $(PY) -m experiments.bench.tune --dataset criteo
 	OMP_NUM_THREADS=1 $(PY) -m experiments.bench.tune --dataset avazu
 
-lint: install ## ruff + the layer contract (import-linter: stages never import each other)
+lint: install ## ruff + the layer contract (import-linter: stages never import each other, no import circle) + no function over 80 lines
 	$(VENV)/bin/ruff check src tests experiments
 	$(VENV)/bin/ruff format --check src tests experiments
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 format: install
 	$(VENV)/bin/ruff check --fix src tests experiments

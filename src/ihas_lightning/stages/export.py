@@ -153,74 +153,89 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with torch.inference_mode():
         p, c = module(x)
     ref = (p.numpy().astype(np.float64), c.numpy())
-    example = (x[: min(len(x), 8)],)
-    formats: dict[str, Any] = {}
     t0 = time.perf_counter()
     with atomic_dir(final, overwrite=bool(e.overwrite)) as tmp:
-        if "pt2" in e.formats:
-            ep = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(ep, str(tmp / "model.pt2"))
-            loaded = torch.export.load(str(tmp / "model.pt2")).module()
-            with torch.inference_mode():
-                got = loaded(x)
-            formats["pt2"] = {
-                "file": "model.pt2",
-                **parity("pt2", (got[0].numpy(), got[1].numpy()), ref, e.tolerance),
-            }
-        if "onnx" in e.formats:
-            import onnxruntime as ort
-
-            torch.onnx.export(module, example, str(tmp / "model.onnx"), input_names=["x"],
-                              output_names=["probability", "cluster"], opset_version=int(e.opset),
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-                              external_data=False)  # fmt: skip
-            sess = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
-            got = sess.run(None, {"x": x.numpy()})
-            formats["onnx"] = {"file": "model.onnx", "opset": int(e.opset),
-                               **parity("onnx", (got[0], got[1]), ref, e.tolerance)}  # fmt: skip
+        formats = _export_formats(e, module, x, ref, tmp)
         has_vocab = (rm.prepared / "vocab.parquet").is_file()
         if has_vocab:
             pq.write_table(token_table(rm.prepared, rm.fmap), tmp / "vocab.parquet")
         shutil.copy2(rm.prepared / "feature_map.json", tmp / "feature_map.json")
-        manifest = {
-            "model": name,
-            "method": str(rcfg.method.name),
-            "routed": module.routed is not None,
-            "routing": ("fast (distilled router)" if module.routed.fast else "exact")
-            if module.routed
-            else None,
-            "routing_reason": why if module.routed is not None else None,  # routing=auto: why this one
-            "clusters": int(rm.k) if module.routed is not None else 1,
-            "input": {
-                "name": "x",
-                "dtype": "int64",
-                "shape": ["batch", rm.fmap.num_fields],
-                "meaning": "per field, the id of the row's token in vocab.parquet (0: not listed)",
-            },  # fmt: skip
-            "outputs": [
-                {"name": "probability", "dtype": "float32", "shape": ["batch"]},
-                {"name": "cluster", "dtype": "int64", "shape": ["batch"]},
-            ],  # fmt: skip
-            "fields": [{"name": f.name, "vocab_size": f.vocab_size, "kind": f.kind} for f in rm.fmap.fields],
-            "format": rm.fmap.extra.get("format", rm.fmap.dataset),
-            "transforms": rm.fmap.transforms,
-            "vocab": "vocab.parquet" if has_vocab else None,
-            "source_run": str(run_dir.resolve()),
-            "source_config_hash": stable_hash(dict(rcfg)),
-            "formats": formats,
-            "torch": torch.__version__,
-        }
-        try:
-            import onnx
-
-            manifest["onnx"] = onnx.__version__
-        except ImportError:  # pragma: no cover - onnx comes with the serve extra
-            pass
+        manifest = _manifest(rm, rcfg, module, name, why, has_vocab, run_dir, formats)
         write_json(tmp / "manifest.json", manifest)
     secs = time.perf_counter() - t0
     checks = ", ".join(f"{k} max |dp| {v['max_abs_diff']:.1e}" for k, v in formats.items())
     print(f"export: {name} -> {final} ({checks}; {len(x):,} test rows; {secs:.1f} s)", flush=True)
     return {f"export/{k}/max_abs_diff": v["max_abs_diff"] for k, v in formats.items()}
+
+
+def _export_formats(e, module, x: torch.Tensor, ref, tmp: Path) -> dict[str, Any]:
+    """``module`` exported in each of ``export.formats`` (pt2, onnx) into ``tmp``, each one reloaded and
+    checked against the eager outputs ``ref`` on the test rows ``x``."""
+    example = (x[: min(len(x), 8)],)
+    formats: dict[str, Any] = {}
+    if "pt2" in e.formats:
+        ep = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(ep, str(tmp / "model.pt2"))
+        loaded = torch.export.load(str(tmp / "model.pt2")).module()
+        with torch.inference_mode():
+            got = loaded(x)
+        formats["pt2"] = {
+            "file": "model.pt2",
+            **parity("pt2", (got[0].numpy(), got[1].numpy()), ref, e.tolerance),
+        }
+    if "onnx" in e.formats:
+        import onnxruntime as ort
+
+        torch.onnx.export(module, example, str(tmp / "model.onnx"), input_names=["x"],
+                          output_names=["probability", "cluster"], opset_version=int(e.opset),
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+                          external_data=False)  # fmt: skip
+        sess = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"x": x.numpy()})
+        formats["onnx"] = {"file": "model.onnx", "opset": int(e.opset),
+                           **parity("onnx", (got[0], got[1]), ref, e.tolerance)}  # fmt: skip
+    return formats
+
+
+def _manifest(
+    rm, rcfg, module, name: str, why: str, has_vocab: bool, run_dir: Path, formats
+) -> dict[str, Any]:
+    """The artifact's manifest: the model, its routing, the input and outputs, the fields and their
+    vocabulary, the source run and the versions."""
+    routed = module.routed is not None
+    manifest = {
+        "model": name,
+        "method": str(rcfg.method.name),
+        "routed": routed,
+        "routing": ("fast (distilled router)" if module.routed.fast else "exact") if module.routed else None,
+        "routing_reason": why if routed else None,  # routing=auto: why this one
+        "clusters": int(rm.k) if routed else 1,
+        "input": {
+            "name": "x",
+            "dtype": "int64",
+            "shape": ["batch", rm.fmap.num_fields],
+            "meaning": "per field, the id of the row's token in vocab.parquet (0: not listed)",
+        },  # fmt: skip
+        "outputs": [
+            {"name": "probability", "dtype": "float32", "shape": ["batch"]},
+            {"name": "cluster", "dtype": "int64", "shape": ["batch"]},
+        ],  # fmt: skip
+        "fields": [{"name": f.name, "vocab_size": f.vocab_size, "kind": f.kind} for f in rm.fmap.fields],
+        "format": rm.fmap.extra.get("format", rm.fmap.dataset),
+        "transforms": rm.fmap.transforms,
+        "vocab": "vocab.parquet" if has_vocab else None,
+        "source_run": str(run_dir.resolve()),
+        "source_config_hash": stable_hash(dict(rcfg)),
+        "formats": formats,
+        "torch": torch.__version__,
+    }
+    try:
+        import onnx
+
+        manifest["onnx"] = onnx.__version__
+    except ImportError:  # pragma: no cover - onnx comes with the serve extra
+        pass
+    return manifest
 
 
 __all__ = ["FORMATS", "MODELS", "check_cfg", "parity", "run", "token_table"]

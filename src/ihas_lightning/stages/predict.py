@@ -156,12 +156,8 @@ def _parquet_blocks(path: Path, fmap: Any) -> Iterator[tuple[torch.Tensor, np.nd
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ..data.prepare import rows_progress
     from ..data.vocab import load_encoders
-    from ..serving import auc_logloss, choose_routing, load_run_config, load_run_models
+    from ..serving import choose_routing, load_run_config, load_run_models
 
     check_cfg(cfg)
     run_dir = Path(str(cfg.predict.run))
@@ -180,52 +176,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     encoders = load_encoders(rm.prepared, rm.fmap) if raw else None
     out = Path(str(cfg.predict.output or run_dir / "predict" / f"{inputs[0].name.split('.')[0]}.parquet"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     stats: dict[str, Any] = {}
-    logits_all, labels_all = [], []
-    writer = None
-    rows = 0
     t1 = time.perf_counter()
-    try:
-        with rows_progress(bool(cfg.predict.progress)) as prog:
-            for path in inputs:
-                task = prog.add_task(f"predict {path.name}", total=None)
-                blocks = (
-                    _parquet_blocks(path, rm.fmap)
-                    if path.name.endswith(".parquet")
-                    else _raw_blocks(path, rcfg, rm.fmap, encoders, cfg, stats)
-                )
-                for x, y, line, extra in blocks:
-                    lg, c = scorer(x)
-                    p = torch.sigmoid(torch.from_numpy(lg)).numpy()
-                    cols: dict[str, Any] = {"line": pa.array(line, pa.int64()), "probability": pa.array(p)}
-                    if len(inputs) > 1:
-                        cols = {"file": pa.array([path.name] * len(p), pa.string()), **cols}
-                    if c is not None:
-                        cols["cluster"] = pa.array(c)
-                    has_label = bool(len(y)) and y[0] >= 0
-                    cols["label"] = pa.array(np.where(y >= 0, y, 0).astype(np.int8), mask=y < 0)
-                    cols.update(extra)
-                    table = pa.table(cols)
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema)
-                    elif table.schema != writer.schema:
-                        table = table.cast(writer.schema)
-                    writer.write_table(table)
-                    if has_label:
-                        logits_all.append(lg)
-                        labels_all.append(y)
-                    rows += len(p)
-                    prog.update(task, advance=len(p))
-        if writer is None:
-            raise DataError(f"{inputs[0]}: no rows to score")
-        writer.close()
-        writer = None
-        os.replace(tmp, out)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+    blocks = _all_blocks(cfg, inputs, rcfg, rm, encoders, stats)
+    rows, labeled = _write_scores(out, blocks, scorer, multi=len(inputs) > 1, first=inputs[0])
     seconds = time.perf_counter() - t1
     summary: dict[str, Any] = {
         "run": str(run_dir.resolve()),
@@ -239,16 +193,86 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "rows_per_second": round(rows / max(seconds, 1e-9), 1),
     }
+    _report(summary, labeled, out, scorer.name, seconds)
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _all_blocks(cfg: DictConfig, inputs: list[Path], rcfg, rm, encoders, stats: dict[str, Any]):
+    """(file name, ids, labels, line numbers, extra columns) of every input's blocks, in order, with a
+    progress line per file."""
+    from ..data.prepare import rows_progress
+
+    with rows_progress(bool(cfg.predict.progress)) as prog:
+        for path in inputs:
+            task = prog.add_task(f"predict {path.name}", total=None)
+            blocks = (
+                _parquet_blocks(path, rm.fmap)
+                if path.name.endswith(".parquet")
+                else _raw_blocks(path, rcfg, rm.fmap, encoders, cfg, stats)
+            )
+            for x, y, line, extra in blocks:
+                yield path.name, x, y, line, extra
+                prog.update(task, advance=len(line))
+
+
+def _write_scores(out: Path, blocks, scorer, multi: bool, first: Path):
+    """Score ``blocks`` into ``out`` (Parquet: [file,] line, probability, [cluster,] label, extras),
+    written to a temporary file and renamed when complete: (rows, (logits, labels) of labeled rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    logits_all, labels_all = [], []
+    writer = None
+    rows = 0
+    try:
+        for name, x, y, line, extra in blocks:
+            lg, c = scorer(x)
+            p = torch.sigmoid(torch.from_numpy(lg)).numpy()
+            cols: dict[str, Any] = {"line": pa.array(line, pa.int64()), "probability": pa.array(p)}
+            if multi:
+                cols = {"file": pa.array([name] * len(p), pa.string()), **cols}
+            if c is not None:
+                cols["cluster"] = pa.array(c)
+            has_label = bool(len(y)) and y[0] >= 0
+            cols["label"] = pa.array(np.where(y >= 0, y, 0).astype(np.int8), mask=y < 0)
+            cols.update(extra)
+            table = pa.table(cols)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            elif table.schema != writer.schema:
+                table = table.cast(writer.schema)
+            writer.write_table(table)
+            if has_label:
+                logits_all.append(lg)
+                labels_all.append(y)
+            rows += len(p)
+        if writer is None:
+            raise DataError(f"{first}: no rows to score")
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return rows, (logits_all, labels_all)
+
+
+def _report(summary: dict[str, Any], labeled, out: Path, name: str, seconds: float) -> None:
+    """AUC / logloss over the labeled rows, the summary JSON beside the output, one printed line."""
+    from ..serving import auc_logloss
+
+    logits_all, labels_all = labeled
     if labels_all:
         y = torch.from_numpy(np.concatenate(labels_all).astype(np.float32))
         auc, ll = auc_logloss(torch.from_numpy(np.concatenate(logits_all)), y)
         summary.update(labeled_rows=len(y), auc=auc, logloss=ll)
     write_json(out.with_suffix(".json"), summary)
-    msg = f"predict: {rows:,} rows scored by {scorer.name} in {seconds:.1f} s -> {out}"
+    msg = f"predict: {summary['rows']:,} rows scored by {name} in {seconds:.1f} s -> {out}"
     if labels_all:
         msg += f" (AUC {summary['auc']:.4f}, logloss {summary['logloss']:.4f} on {summary['labeled_rows']:,} labeled rows)"
     print(msg, flush=True)
-    return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 __all__ = ["MODELS", "Scorer", "check_cfg", "run"]
