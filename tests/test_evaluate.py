@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from ihas_lightning.stages.evaluate import constant_logloss, evaluate_warnings
@@ -109,10 +110,17 @@ def test_heterogeneity_statistic_and_its_permutation_null():
     assert het["p_value"] == 1 / 100 and het["null_mean"] == 0.0
     edge = heterogeneity_test(masks, assign, 2, f, d, 0.5, permutations=99, seed=1)
     assert edge["statistic"] == het["statistic"] and edge["p_value"] > 0.05 and edge["null_mean"] > 1.0
+    # the soft statistic (expected open dims per field, no threshold) shows the difference at any threshold
+    soft = [[sum(float(masks[assign == c][:, fi * d + j].mean()) for j in range(d)) for fi in range(f)]
+            for c in range(2)]  # fmt: skip
+    want = sum(abs(a - b) for a, b in zip(*soft)) / f
+    for h in (het, edge):
+        assert h["soft_statistic"] == pytest.approx(want, rel=1e-5) and h["soft_p_value"] == 1 / 100
+        assert h["soft_null_q95"] < 0.2 * want
     # no difference between the clusters: not significant
     same = (torch.rand(n, f * d, generator=g) < 0.9).float() * pattern[0]
     het0 = heterogeneity_test(same, assign, 2, f, d, 0.3, permutations=99, seed=1)
-    assert het0["statistic"] == 0.0 and het0["p_value"] == 1.0
+    assert het0["statistic"] == 0.0 and het0["p_value"] == 1.0 and het0["soft_p_value"] > 0.05
     assert heterogeneity_test(masks, assign, 2, f, d, 0.3, 99, seed=1) == het  # seeded
 
 

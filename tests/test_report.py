@@ -165,7 +165,12 @@ def _fake_job(root, name, method, seed, auc, *, y=None, logits=None, het=None, s
     OmegaConf.save(OmegaConf.create({"stage": {"name": "all"}, "method": {"name": method, "display": display},
                                      "dataset": {"name": "toy"}, "seed": seed, "model": {"backbone": "mlp"}}),
                    job / ".hydra" / "config.yaml")  # fmt: skip
-    OmegaConf.save(OmegaConf.create([f"method={method}", f"seed={seed}"]), job / ".hydra" / "overrides.yaml")
+    overrides = [
+        f"method={method}",
+        f"seed={seed}",
+        f"dataset.prepared_dir={root.parent / 'prepared' / 'toy'}",
+    ]
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
     if error:
         (job / "error.txt").write_text(f"error: {job}/search/best.ckpt: {error}")
         return job
@@ -216,7 +221,8 @@ def test_report_of_a_sweep_names_it_relatively_lists_failures_once_and_pairs_iha
     )
     assert "| iHAS | search, cluster, retrain, routing | 2 |" in md and "exact routing ms" in md
     text = (sweep / "report" / "report.json").read_text()
-    assert str(tmp_path) not in text  # no machine path in the committed report.json
+    assert str(tmp_path) not in text  # no machine path in the committed report.json ...
+    assert '"dataset.prepared_dir=.../toy"' in text  # ... an override's path by its name
     t2 = write_reports(sweep, kind="table2")
     md2 = (sweep / "report" / "table2_toy.md").read_text()
     assert "| 1.00 ± 0.00 (fast) | 5.00 ± 0.00 |" in md2 and "drawn with replacement" in md2

@@ -125,6 +125,13 @@ def heterogeneity_test(
     kept) and the architectures re-derived from each permuted clustering. ``p_value`` = (1 + #null >=
     observed) / (1 + permutations), so its floor is 1 / (1 + permutations).
 
+    ``soft_*``: the same test on the clusters' *expected* open dims per field (the sum of a field's
+    mean-mask values, no threshold), on the same permutations. The majority rule is a step at
+    ``threshold``: where many dims are open for about half the samples (as when two groups keep
+    different fields), random halves flip them and the architecture statistic's null is wide, though the
+    clusters' masks differ far beyond chance; the soft statistic has no step, so its null shrinks with
+    the rows (the test of the masks; ``docs/heterogeneity.md``).
+
     Vectorised: the per-cluster mask sums of ``chunk`` permutations are one matrix product (one-hot
     assignments [chunk*K, n] @ masks [n, F*d])."""
     import numpy as np
@@ -135,25 +142,29 @@ def heterogeneity_test(
     n = len(a)
     if n == 0 or k < 2:
         return {"statistic": None, "null_mean": None, "null_q95": None, "p_value": None, "permutations": 0,
-                "rows": n}  # fmt: skip
+                "rows": n, "soft_statistic": None, "soft_p_value": None}  # fmt: skip
     counts = torch.bincount(a, minlength=k).clamp(min=1).float()
 
-    def stat(assignments: torch.Tensor) -> torch.Tensor:  # [B, n] -> [B]
+    def stat(assignments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, n] -> ([B], [B])
         b = assignments.shape[0]
         onehot = torch.zeros(b, k, n)
         onehot.scatter_(1, assignments.unsqueeze(1), 1.0)
         mean = (onehot.reshape(b * k, n) @ m).reshape(b, k, -1) / counts.view(1, k, 1)
-        return dims_difference(majority_field_dims(mean, num_fields, embed_dim, threshold))
+        hard = dims_difference(majority_field_dims(mean, num_fields, embed_dim, threshold))
+        soft = dims_difference(mean.reshape(b, k, num_fields, embed_dim).sum(-1))
+        return hard, soft
 
-    observed = float(stat(a.unsqueeze(0))[0])
+    hard0, soft0 = (float(v[0]) for v in stat(a.unsqueeze(0)))
     g = torch.Generator().manual_seed(int(seed))
-    null: list[torch.Tensor] = []
+    null: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, permutations, chunk):
         b = min(chunk, permutations - start)
         perms = torch.argsort(torch.rand(b, n, generator=g), dim=1)
         null.append(stat(a[perms]))
-    nv = torch.cat(null).numpy() if null else np.zeros(0)
-    p = (1 + int((nv >= observed - 1e-12).sum())) / (1 + len(nv))
-    return {"statistic": observed, "null_mean": float(nv.mean()) if len(nv) else None,
-            "null_q95": float(np.quantile(nv, 0.95)) if len(nv) else None, "p_value": p,
-            "permutations": int(len(nv)), "rows": n, "seed": int(seed)}  # fmt: skip
+    out = {"rows": n, "seed": int(seed), "permutations": sum(len(h) for h, _ in null)}
+    for prefix, observed, i in (("", hard0, 0), ("soft_", soft0, 1)):
+        nv = torch.cat([t[i] for t in null]).numpy() if null else np.zeros(0)
+        out.update({f"{prefix}statistic": observed, f"{prefix}null_mean": float(nv.mean()) if len(nv) else None,
+                    f"{prefix}null_q95": float(np.quantile(nv, 0.95)) if len(nv) else None,
+                    f"{prefix}p_value": (1 + int((nv >= observed - 1e-12).sum())) / (1 + len(nv))})  # fmt: skip
+    return out

@@ -233,19 +233,22 @@ def heterogeneity_markdown(h: dict[str, Any]) -> list[str]:
              "Heterogeneity: mean over fields (and cluster pairs) of |kept dims of one cluster - of another|, "
              "against the same statistic with the validation rows' cluster assignments permuted and the "
              "architectures re-derived by the majority rule (p: permutation p-value). iHAS - iHAS-2: the same "
-             "seed's test rows, DeLong's 95% interval of the paired AUC difference.", "",
-             "| seed | heterogeneity | null mean | p | iHAS - iHAS-2 test AUC [95% CI] |", "|---|---|---|---|---|"]  # fmt: skip
+             "seed's test rows, DeLong's 95% interval of the paired AUC difference. Masks p: the same test on the "
+             "clusters' expected open dims per field (no threshold).", "",
+             "| seed | heterogeneity | null mean | p | masks p | iHAS - iHAS-2 test AUC [95% CI] |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in recs:
         t = r.get("test") or {}
         d = r.get("ihas_minus_ihas2") or {}
         stat = "-" if t.get("statistic") is None else f"{t['statistic']:.3f}"
         null = "-" if t.get("null_mean") is None else f"{t['null_mean']:.3f}"
         p = "-" if t.get("p_value") is None else f"{t['p_value']:.4f}"
+        sp = "-" if t.get("soft_p_value") is None else f"{t['soft_p_value']:.4f}"
         if d.get("diff") is None:
             diff = d.get("note", "-") if d else "-"
         else:
             diff = f"{d['diff']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] {d['verdict']}"
-        lines.append(f"| {r['seed']} | {stat} | {null} | {p} | {diff} |")
+        lines.append(f"| {r['seed']} | {stat} | {null} | {p} | {sp} | {diff} |")
     return lines
 
 

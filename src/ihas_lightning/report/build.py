@@ -68,13 +68,28 @@ def write_reports(
     return report
 
 
-def _portable(obj: Any) -> Any:
-    """``obj`` without the jobs' absolute paths (``path``, ``scores``): what report.json holds."""
+def _portable(obj: Any, key: str = "") -> Any:
+    """``obj`` without the jobs' absolute paths (``path``, ``scores``), and an override's absolute path
+    shown relative to the working dir, else as ``.../<its name>``: what report.json holds."""
     if isinstance(obj, dict):
-        return {k: _portable(v) for k, v in obj.items() if k not in ("path", "scores")}
+        return {k: _portable(v, k) for k, v in obj.items() if k not in ("path", "scores")}
     if isinstance(obj, list):
-        return [_portable(v) for v in obj]
+        return [_portable(v, key) for v in obj]
+    if key == "overrides" and isinstance(obj, str) and "=" in obj:
+        name, value = obj.split("=", 1)
+        return f"{name}={portable_path(value)}"
     return obj
+
+
+def portable_path(value: str) -> str:
+    """An absolute path as a committed file may name it: relative to the working dir when under it,
+    else ``.../<last component>``; anything else unchanged."""
+    if not value.startswith("/"):
+        return value
+    try:
+        return str(Path(value).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return f".../{Path(value).name}"
 
 
 def _log(logger: Any, kind: str, ds: str, res: dict[str, Any], out: Path) -> None:
@@ -83,10 +98,11 @@ def _log(logger: Any, kind: str, ds: str, res: dict[str, Any], out: Path) -> Non
     log_table(logger, f"{kind}/{ds}", T3_COLUMNS if kind == "table3" else T4_COLUMNS, res["rows"])
     het = (res.get("table4") or {}).get("heterogeneity", {}).get("per_seed") or []
     if het:
-        rows = [[r["seed"], *[(r.get("test") or {}).get(k) for k in ("statistic", "null_mean", "p_value")],
+        rows = [[r["seed"], *[(r.get("test") or {}).get(k) for k in ("statistic", "null_mean", "p_value",
+                                                                     "soft_p_value")],
                  *[(r.get("ihas_minus_ihas2") or {}).get("diff")],
                  *((r.get("ihas_minus_ihas2") or {}).get("ci") or [None, None])] for r in het]  # fmt: skip
-        log_table(logger, f"{kind}/{ds}/heterogeneity", ["seed", "heterogeneity", "null mean", "p",
+        log_table(logger, f"{kind}/{ds}/heterogeneity", ["seed", "heterogeneity", "null mean", "p", "masks p",
                                                          "iHAS - iHAS-2 AUC", "ci low", "ci high"], rows)  # fmt: skip
     for name in res["files"]:
         if name.endswith(".png"):

@@ -134,13 +134,19 @@ def heterogeneity_section(runs: list[dict[str, Any]], method: str = REFERENCE) -
     lines = ["", "## Heterogeneity of iHAS's clusters (docs/heterogeneity.md)", "",
              "Mean over fields (and cluster pairs) of |kept dims of one cluster - of another|, re-derived on "
              "validation rows; the null permutes the rows' cluster assignments and re-derives the architectures by "
-             "the majority rule; p is the permutation p-value (floor 1/(1+permutations)).", "",
-             "| seed | statistic | retrained architectures | null mean | null 95th pct | permutations | p |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "the majority rule; p is the permutation p-value (floor 1/(1+permutations)). Masks: the same test on "
+             "the clusters' expected open dims per field (no threshold), on the same permutations.", "",
+             "| seed | statistic | retrained architectures | null mean | null 95th pct | permutations | p | masks: statistic | null mean | p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for seed, h in hs:
         lines.append(f"| {seed} | {h['statistic']:.3f} | {h.get('trained_statistic', float('nan')):.3f} | "
-                     f"{h['null_mean']:.3f} | {h['null_q95']:.3f} | {h['permutations']} | {h['p_value']:.4f} |")  # fmt: skip
+                     f"{h['null_mean']:.3f} | {h['null_q95']:.3f} | {h['permutations']} | {h['p_value']:.4f} | "
+                     f"{_f3(h.get('soft_statistic'))} | {_f3(h.get('soft_null_mean'))} | {_f3(h.get('soft_p_value'), 4)} |")  # fmt: skip
     return lines
+
+
+def _f3(v: float | None, d: int = 3) -> str:
+    return "-" if v is None else f"{v:.{d}f}"
 
 
 def markdown(dataset: str, summary: list[dict[str, Any]], missing: list[dict[str, Any]], root: Path,

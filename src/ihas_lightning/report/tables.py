@@ -141,6 +141,18 @@ def heterogeneity_lines(het: dict[str, Any] | None) -> list[str]:
         f"{het['permutations']} times, architectures re-derived by the majority rule): mean "
         f"{het['null_mean']:.3f}, 95th percentile {het['null_q95']:.3f}; permutation p = {het['p_value']:.4f}"
         f" (floor {1 / (1 + het['permutations']):.4f}). See docs/heterogeneity.md."
+    ] + _soft_lines(het)
+
+
+def _soft_lines(het: dict[str, Any]) -> list[str]:
+    if het.get("soft_statistic") is None:
+        return []
+    return [
+        "",
+        f"The clusters' gate masks (expected open dims per field, no threshold): {het['soft_statistic']:.3f} apart; "
+        f"null mean {het['soft_null_mean']:.3f}, 95th percentile {het['soft_null_q95']:.3f}; permutation "
+        f"p = {het['soft_p_value']:.4f} (the majority rule's step makes the architectures' null wide where many "
+        "dims are open for about half the samples).",
     ]
 
 

@@ -23,7 +23,8 @@ nearest centroid picks its cluster, and that cluster's retrained model predicts 
   validation, else the exact), with the exact routing's time beside it (``inference_exact_ms``), and
   the cluster models alone (given the routing). Each split is scored once per model; the timing
   passes run on the fixed sample only;
-* **heterogeneity** (routed iHAS): how much the clusters' per-field kept dims differ, against the same
+* **heterogeneity** (routed iHAS): how much the clusters' per-field kept dims (and, without the majority
+  rule's threshold, their expected open dims) differ, against the same
   statistic with the validation samples' cluster assignments permuted and the architectures
   re-derived by the retraining stage's majority rule (:func:`ihas_lightning.stats.heterogeneity_test`;
   ``docs/heterogeneity.md``).
@@ -720,7 +721,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
             m[f"routed/cluster_{c['cluster']}/{split}_samples"] = c[f"{split}_samples"]
     het = results.get("heterogeneity")
     if het:
-        for key in ("statistic", "null_mean", "null_q95", "p_value", "trained_statistic"):
+        for key in ("statistic", "null_mean", "null_q95", "p_value", "trained_statistic", "soft_statistic",
+                    "soft_null_mean", "soft_p_value"):  # fmt: skip
             m[f"heterogeneity/{key}"] = het.get(key)
     for r in results["rows"]:
         if r.get("inference_exact_ms") is not None:
