@@ -127,10 +127,11 @@ def run_case(overrides: list[str], env: dict, tmp: Path, timeout: float) -> dict
     secs = time.perf_counter() - t0
     lines = [ln for ln in err.splitlines() if ln.strip()]
     trained = any((out_dir / d / "best.ckpt").exists() for d in ("search", "base/search"))
+    first = lines[0].replace(str(tmp), "$TMP") if lines else ""  # no machine path in a committed file
     return {
         "exit": rc,
         "stderr_lines": len(lines),
-        "first_line": lines[0][:300] if lines else "",
+        "first_line": first[:300],
         "seconds": round(secs, 2),
         "trained_before_error": trained,
     }
