@@ -386,3 +386,13 @@ def test_auc_lower_is_the_one_sided_delong_bound_and_refuses_noise():
     one[:, 2] = 0.0
     assert auc_lower(one, one, 0.95) is None
     assert admissible({**big, "auc_lower": None}, ref, 1.0, 0.001, h0=0.05)
+
+
+def test_a_resumed_rule_names_the_files_of_its_own_run_dir(tmp_path):
+    """A run dir moved between the kill and the resume: the fallback's weights are read from where the
+    run dir is now, not from the path the checkpoint recorded."""
+    old = SparsestSelection(tmp_path / "a", 0.0, 0.0, 0.5)
+    old.pretrained_path, old.best_model_path = str(tmp_path / "a" / "pretrained.ckpt"), ""
+    new = SparsestSelection(tmp_path / "moved", 0.0, 0.0, 0.5)
+    new.load_state_dict(old.state_dict())
+    assert new.pretrained_path == str(tmp_path / "moved" / "pretrained.ckpt") and new.best_model_path == ""

@@ -175,8 +175,10 @@ class SparsestSelection(Callback):
         self.reference = state.get("reference")
         self.candidates = list(state.get("candidates") or [])
         self.chosen = state.get("chosen")
-        self.best_model_path = str(state.get("best_model_path") or "")
-        self.pretrained_path = str(state.get("pretrained_path") or "")
+        # the files by name in this run's dir: a moved (or copied) run dir resumes with its own files
+        best, pre = state.get("best_model_path"), state.get("pretrained_path")
+        self.best_model_path = str(self.out / Path(best).name) if best else ""
+        self.pretrained_path = str(self.out / Path(pre).name) if pre else ""
         self.wait = int(state.get("wait", 0))
         self.ref_rows = state.get("ref_rows")
 
