@@ -7,6 +7,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow  # a benchmark script's own check (lab code): make test-all
 @pytest.mark.filterwarnings("ignore")
 def test_bench_gpu_dry_run_on_cpu(tmp_path):
     from experiments.bench import bench_gpu

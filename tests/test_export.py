@@ -125,6 +125,7 @@ def test_a_service_scores_raw_criteo_rows_with_the_artifact_alone(cfg_factory, c
     assert np.abs(p - ref).max() <= 1e-6
 
 
+@pytest.mark.slow  # a benchmark script's own check (lab code): make test-all
 def test_bench_serve_measures_every_candidate_on_a_criteo_shaped_model(tmp_path):
     """The serving benchmark's candidates compute the same probabilities; its timers run (no speed is
     asserted: speed lives in experiments/results/bench_serve.md)."""

@@ -311,6 +311,7 @@ def test_auto_keeps_one_thread_count_and_adaptive_is_opt_in(monkeypatch):
     assert threads.choose("adaptive", cores=8, jobs=2)[0] == threads.choose("auto", cores=8, jobs=2)[0] == 4
 
 
+@pytest.mark.slow  # a benchmark script's own check (lab code): make test-all
 def test_bench_train_load_runs_every_cell(tmp_path):
     """make bench-train's load part on tiny sizes: every setting quiet and with one core busy (the
     spinner is started and stopped by the benchmark); no speed is asserted."""
@@ -330,6 +331,7 @@ def test_bench_train_load_runs_every_cell(tmp_path):
     assert not [p for p in mp.active_children() if p.is_alive()]  # the spinner is gone
 
 
+@pytest.mark.slow  # a benchmark script's own check (lab code): make test-all
 def test_bench_train_alloc_runs_the_cli_pair(tmp_path):
     """make bench-train's malloc part on a tiny generated set: stage=search with malloc tuning on and
     off as subprocesses, their samples/s and page faults read back; no speed is asserted."""
