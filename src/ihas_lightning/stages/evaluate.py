@@ -227,18 +227,8 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     het = _heterogeneity(cfg, rm, scored, het_pick)
     for w in warnings:
         log.warning("evaluate: %s", w)
-    results = _results(cfg, rm, data, rows, timing, warnings, prior, bs)
-    results.update(
-        timing_rows=int(len(tx)),
-        timing_rows_replaced=replaced,
-        timing_note=(
-            f"{len(tx):,} test rows ({'drawn with replacement from' if replaced else 'a sample of'} the "
-            f"{len(data['test'][1]):,}-row split, seeded) in memory, batches of {bs}, one warm-up batch, min "
-            f"of {int(cfg.evaluate.timing_repeats)} passes; the final model on the path it is served with"
-        ),
-        served_routing=served,
-        served_routing_reason=served_why,
-    )
+    served_info = {"served_routing": served, "served_routing_reason": served_why}
+    results = _results(cfg, rm, data, rows, timing, warnings, prior, bs, (len(tx), replaced), served_info)
     case = _routed_results(results, rm, scored, data, timing, fast_routing, het)
     _method_extras(cfg, rm, results)
     out = _write_outputs(cfg, rm, results, scored, data, case)
@@ -422,8 +412,14 @@ def _row_keys(cfg: DictConfig, rm) -> dict[str, str]:
     return keys
 
 
-def _results(cfg: DictConfig, rm, data, rows, timing, warnings, prior, bs: int) -> dict[str, Any]:
+def _results(
+    cfg: DictConfig, rm, data, rows, timing, warnings, prior, bs: int, sample, served
+) -> dict[str, Any]:
+    """results.json's common part; ``sample`` = (timed rows, drawn with replacement?), ``served`` = the
+    served routing and why."""
     name = str(cfg.method.name)
+    n_timed, replaced = sample
+    repeats = int(cfg.evaluate.timing_repeats)
     arch_dir, retrain_dir, base_ckpt = rm.arch_dir, rm.retrain_dir, rm.base_ckpt
     return {
         "dataset": str(cfg.dataset.name),
@@ -436,12 +432,15 @@ def _results(cfg: DictConfig, rm, data, rows, timing, warnings, prior, bs: int) 
         "test_rows": len(data["test"][1]),
         "val_rows": len(data["val"][1]),
         "batch_size": bs,
-        "timing_repeats": int(cfg.evaluate.timing_repeats),
-        "timing_rows": None,
-        "timing_rows_replaced": None,
-        "timing_note": None,
-        "served_routing": None,
-        "served_routing_reason": None,
+        "timing_repeats": repeats,
+        "timing_rows": int(n_timed),
+        "timing_rows_replaced": replaced,
+        "timing_note": (
+            f"{n_timed:,} test rows ({'drawn with replacement from' if replaced else 'a sample of'} the "
+            f"{len(data['test'][1]):,}-row split, seeded) in memory, batches of {bs}, one warm-up batch, min "
+            f"of {repeats} passes; the final model on the path it is served with"
+        ),
+        **served,
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
         "per_cluster": [],
