@@ -31,10 +31,15 @@ def cluster_features(
     ``input`` (``cluster.input``): ``masked_embedding`` = ``E_i * m_i`` (the paper); ``mask`` = the
     0/1 mask ``m_i`` alone (clusters by which dims are open, not by embedding values); ``probs`` =
     the gate probabilities ``p_i``."""
+    if model.gate is None:
+        raise RuntimeError("this model has no Bernoulli gate")
     e = model.embed(x)
-    mask, p = model.gate_output(e, "deterministic")
+    # the selector's deterministic pass: E * m, with the gate folded into the id table where
+    # DLRM.fold_gate made it so (the same masks)
+    h, aux = model.select(e, x, "deterministic")
+    mask, p = aux["mask"], aux["p"]
     if input == "masked_embedding":
-        return e * mask, mask
+        return h, mask
     if input == "mask":
         return mask, mask
     if input == "probs":

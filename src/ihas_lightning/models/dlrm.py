@@ -121,6 +121,22 @@ class DLRM(nn.Module):
         """iHAS's Bernoulli gate when the selector is one, else None."""
         return self.selector.gate if isinstance(self.selector, BernoulliSelector) else None
 
+    def fold_gate(self, max_bytes: int | None = None) -> str:
+        """Fold iHAS's gate into the id table for inference (:mod:`ihas_lightning.models.folded_gate`):
+        the deterministic masks' logits in one lookup and sum. Returns what was done, for the log."""
+        if not isinstance(self.selector, BernoulliSelector):
+            return "no Bernoulli gate"
+        if not self.selector.fold(self.embedding, max_bytes):
+            return "not folded (the gate's matmul is kept)"
+        f = self.selector.folded
+        if f.constant:
+            return "folded to its bias (the gate does not depend on the sample)"
+        return f"folded into the id table ({f.nbytes / 2**20:,.0f} MiB)"
+
+    def unfold_gate(self) -> None:
+        if isinstance(self.selector, BernoulliSelector):
+            self.selector.unfold()
+
     def backbone_tables(self) -> list[nn.Parameter]:
         """Per-id tables a backbone adds (e.g. FM's first-order weights): trained like the embedding."""
         return [m.weight for m in self.backbone.modules() if isinstance(m, nn.Embedding)]

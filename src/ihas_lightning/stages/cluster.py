@@ -414,6 +414,9 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     fmap = FeatureMap.load(prepared)
     dev = stage_device(cfg)  # the trainer's accelerator (trainer=gpu: the masked embeddings on the GPU)
     model = load_search(ckpt, fmap).to(dev)
+    # the gate folded into the id table: the same deterministic masks in 1/d of the gate's work
+    fold = model.fold_gate()
+    log.info("cluster stage: the search model's gate %s", fold)
     parents = {"search_ckpt": ckpt, "feature_map": prepared / "feature_map.json"}
     manifest = make_manifest("cluster", cfg, CONFIG_KEYS, parents=parents)
     if is_current(out, manifest, REQUIRED):
@@ -432,6 +435,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     res, assigns, seconds = _cluster_and_assign(cfg, model, dm, dev, samples)
     k = res["centroids"].shape[0]
     info = _info(cfg, res, assigns, fmap, model, ckpt, prepared)
+    info["gate_fold"] = fold
     if (prepared / "truth.json").is_file():
         truth = read_json(prepared / "truth.json")
         group = np.asarray(dm.extra_column("train", "_group"))

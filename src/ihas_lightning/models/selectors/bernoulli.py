@@ -72,18 +72,44 @@ class BernoulliSelector(Selector):
         )
         self.lambda_reg = float(lambda_reg)
         self.polarization = bool(polarization)
+        # the gate folded into the id table (:mod:`ihas_lightning.models.folded_gate`), set by
+        # :meth:`fold` for inference; a plain attribute, never saved
+        self.folded: Any = None
 
     def forward(self, e: torch.Tensor, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, dict[str, Any]]:
         if mode == "open":
             return e, {}
         if mode == "deterministic":
-            # the automatic threshold searcher; its per-sample thresholds feed the gate statistics
-            p = self.gate.probs(e.detach())
-            thr, found = threshold_search(p.detach(), self.gate.bins, return_found=True)
-            mask = (p > thr.unsqueeze(1)).to(p.dtype)
-            return e * mask, {"mask": mask, "p": p, "threshold": thr, "found": found}
+            return self._deterministic(e, x)
         mask, p = self.gate(e.detach(), mode)
         return e * mask, {"mask": mask, "p": p}
+
+    def _deterministic(self, e: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The automatic threshold searcher; its per-sample thresholds feed the gate statistics. With a
+        current fold (inference) the logits come from it; a constant one gives every row row 0's."""
+        folded = self.folded
+        if folded is not None and not torch.is_grad_enabled() and folded.current():
+            z = folded(x[:1] if folded.constant else x)
+            p = torch.sigmoid(z)
+        else:
+            p = self.gate.probs(e.detach())
+        thr, found = threshold_search(p.detach(), self.gate.bins, return_found=True)
+        mask = (p > thr.unsqueeze(1)).to(p.dtype)
+        if p.shape[0] != e.shape[0]:  # the constant fold: one row's, the same for every sample
+            b = e.shape[0]
+            p, mask, thr, found = p.expand(b, -1), mask.expand(b, -1), thr.expand(b), found.expand(b)
+        return e * mask, {"mask": mask, "p": p, "threshold": thr, "found": found}
+
+    def fold(self, embedding: Any, max_bytes: int | None = None) -> bool:
+        """Fold the gate into ``embedding``'s id table for inference (True: folded; see
+        :class:`~ihas_lightning.models.folded_gate.FoldedGate` for when it applies)."""
+        from ..folded_gate import MAX_BYTES, FoldedGate
+
+        self.folded = FoldedGate.build(embedding, self.gate, MAX_BYTES if max_bytes is None else max_bytes)
+        return self.folded is not None
+
+    def unfold(self) -> None:
+        self.folded = None
 
     def open_all(self) -> None:
         """Every gate open for every sample (the search's gates-open fallback)."""
