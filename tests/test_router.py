@@ -278,3 +278,18 @@ def test_one_fit_of_every_weight_decay_equals_a_fit_each():
     # the precomputed standardised table gives the standardised embedding
     with torch.no_grad():
         torch.testing.assert_close(together.standardised(x), (search.embed(x) - mean) / std.clamp_min(1e-6))
+
+
+
+@pytest.mark.parametrize(("n", "m"), [(10, 10), (10, 25), (7, 3), (5, 40)])
+def test_the_router_batches_follow_the_seeded_sampler_exactly(n, m):
+    """sampler_order draws what list(RandomSampler) yields, epoch after epoch (the same router fit,
+    without a Python int per row)."""
+    from torch.utils.data import RandomSampler
+
+    from ihas_lightning.stages.cluster import sampler_order
+
+    ref = RandomSampler(range(n), num_samples=m, generator=torch.Generator().manual_seed(3))
+    fast = RandomSampler(range(n), num_samples=m, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):  # each epoch moves the generator on as the sampler's own iteration does
+        assert sampler_order(fast).tolist() == list(ref)

@@ -414,9 +414,6 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     fmap = FeatureMap.load(prepared)
     dev = stage_device(cfg)  # the trainer's accelerator (trainer=gpu: the masked embeddings on the GPU)
     model = load_search(ckpt, fmap).to(dev)
-    # the gate folded into the id table: the same deterministic masks in 1/d of the gate's work
-    fold = model.fold_gate()
-    log.info("cluster stage: the search model's gate %s", fold)
     parents = {"search_ckpt": ckpt, "feature_map": prepared / "feature_map.json"}
     manifest = make_manifest("cluster", cfg, CONFIG_KEYS, parents=parents)
     if is_current(out, manifest, REQUIRED):
@@ -424,6 +421,9 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
         return _metrics(read_json(out / "cluster.json"))
 
     t0 = time.perf_counter()
+    # the gate folded into the id table: the same deterministic masks in 1/d of the gate's work
+    fold = model.fold_gate()
+    log.info("cluster stage: the search model's gate %s", fold)
     dm = make_datamodule(cfg, prepared, batch_size=int(cfg.cluster.batch_size))
     # the router's rows (a seeded subset of each split) are taken from the clustering's own reads
     rc = cfg.cluster.router
@@ -640,10 +640,24 @@ class _IndexedBatches:
         return -(-len(self.order) // self.batch_size)
 
     def __iter__(self):
-        idx = torch.as_tensor(list(self.order), dtype=torch.long)
+        idx = sampler_order(self.order)
         for i in range(0, len(idx), self.batch_size):
             j = idx[i : i + self.batch_size]
-            yield tuple(t[j] for t in self.tensors)
+            yield tuple(t.index_select(0, j) for t in self.tensors)  # ~3x the speed of t[j] on CPU
+
+
+def sampler_order(order: Any) -> torch.Tensor:
+    """The indices ``order`` yields, as one int64 tensor. A seeded ``RandomSampler`` without
+    replacement is drawn as its ``__iter__`` draws them (whole ``randperm``s from its generator, the
+    last one cut), without a Python int per row; anything else is listed."""
+    from torch.utils.data import RandomSampler
+
+    if isinstance(order, RandomSampler) and not order.replacement and order.generator is not None:
+        n, m, g = len(order.data_source), order.num_samples, order.generator
+        parts = [torch.randperm(n, generator=g) for _ in range(m // n)]
+        parts.append(torch.randperm(n, generator=g)[: m % n])
+        return torch.cat(parts)
+    return torch.as_tensor(list(order), dtype=torch.long)
 
 
 def train_router(
