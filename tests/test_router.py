@@ -280,7 +280,6 @@ def test_one_fit_of_every_weight_decay_equals_a_fit_each():
         torch.testing.assert_close(together.standardised(x), (search.embed(x) - mean) / std.clamp_min(1e-6))
 
 
-
 @pytest.mark.parametrize(("n", "m"), [(10, 10), (10, 25), (7, 3), (5, 40)])
 def test_the_router_batches_follow_the_seeded_sampler_exactly(n, m):
     """sampler_order draws what list(RandomSampler) yields, epoch after epoch (the same router fit,
