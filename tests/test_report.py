@@ -97,6 +97,24 @@ def test_paired_differences_from_ihas_match_a_hand_computation():
     assert "test_auc_minus_ihas" not in s["ihas"]
 
 
+def test_table2_counts_the_retrain_guards_fallbacks_by_seed():
+    from ihas_lightning.report.table2 import guard_note
+
+    def run(seed, guard):
+        return {"method": "ihas", "display": "iHAS", "row": "iHAS", "seed": seed, "test_auc": 0.8,
+                "test_logloss": 0.4, "embedding_params": 1, "dense_params": 1, "inference_ms": 1.0,
+                "wall_seconds": 1.0, "retrain_guard": guard}  # fmt: skip
+
+    g = {"mode": "base", "skipped": None, "clusters": 2}
+    runs = [run(0, {**g, "fallbacks": 2}), run(1, {**g, "fallbacks": 0}), run(2, None),
+            run(3, {**g, "fallbacks": 0, "skipped": "no Base model"})]  # fmt: skip
+    (line,) = guard_note(summarize(runs))
+    assert (
+        line
+        == "* iHAS: 2 of 4 cluster models fell back to Base (seed 0: 2/2, seed 1: 0/2, seed 3: skipped (no Base))."
+    )
+
+
 @pytest.mark.slow  # 18 s; Tables 2 and 3 run the same multirun + callback path in the default suite
 def test_table4_multirun_writes_the_ablation_table_and_figures(tmp_path):
     sweep = tmp_path / "t4"

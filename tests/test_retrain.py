@@ -102,6 +102,9 @@ def test_retrain_stage_models_and_resume(clustered, tmp_path):
     out = tmp_path / "r" / "retrain"
     summary = json.loads((out / "retrain.json").read_text())
     assert summary["k"] == info["k"] and (out / "manifest.json").is_file()
+    # iHAS's retrain guard needs a Base: this output dir has none, so it is skipped, and says so
+    assert summary["guard"]["mode"] == "base" and "no Base model" in summary["guard"]["skipped"]
+    assert summary["guard"]["fallbacks"] == 0
     mods = retrain.load_cluster_models(out, info["k"])
     for c, m in enumerate(mods):
         assert list(m.model.field_dims) == info["field_dims"][c]
@@ -140,6 +143,17 @@ def test_retrain_searched_init_starts_from_search_tables(clustered, tmp_path):
             assert torch.equal(m.model.embedding.field_weight(f), searched.embedding.field_weight(f)[:, cols])
 
 
+@pytest.mark.parametrize("key", ["retrain.guard", "method.retrain_guard"])
+def test_retrain_guard_bad_value_is_one_line_config_error(clustered, tmp_path, key):
+    from ihas_lightning.errors import ConfigError
+    from ihas_lightning.stages import retrain
+
+    make, _ = clustered
+    with pytest.raises(ConfigError, match=f"'{key}'.*base.*none") as e:
+        retrain.run(make("stage=retrain", f"{key}=basee", out=tmp_path / "r"))
+    assert "\n" not in str(e.value)
+
+
 def test_retrain_missing_cluster_dir_is_one_line_error(clustered, tmp_path):
     from ihas_lightning.errors import DataError
     from ihas_lightning.stages import retrain
@@ -148,3 +162,128 @@ def test_retrain_missing_cluster_dir_is_one_line_error(clustered, tmp_path):
     with pytest.raises(DataError, match="cluster.json") as e:
         retrain.run(make("stage=retrain", f"cluster.dir={tmp_path / 'none'}", out=tmp_path / "r"))
     assert "\n" not in str(e.value)
+
+
+# ---- the retrain guard: no cluster model worse than Base on its cluster's validation rows ---------------
+def _rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[loss, logit, label] rows, as CTRModule.keep_val_rows collects them."""
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    return torch.stack([loss, logits, y], 1).double()
+
+
+def test_guard_verdict_falls_back_on_a_worse_model_and_keeps_an_equal_or_better_one():
+    from ihas_lightning.modules.selection import guard_verdict
+    from ihas_lightning.schedule import base_rate_entropy
+
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    signal = torch.randn(n, generator=g)
+    y = (torch.rand(n, generator=g) < torch.sigmoid(2.0 * signal - 1.5)).float()
+    h0 = base_rate_entropy(float(y.mean()))
+    tol = dict(tol_ne=0.002, tol_auc=0.001, h0=h0, confidence=0.95)
+    base = _rows(1.0 * signal - 1.5 + 0.3 * torch.randn(n, generator=g), y)
+    worse = _rows(0.3 * signal - 1.5 + 1.0 * torch.randn(n, generator=g), y)
+    better = _rows(2.0 * signal - 1.5, y)
+    v = guard_verdict(worse, base, **tol)
+    assert not v["admissible"] and v["excess_upper"] > 0.002 * h0 and v["auc_lower"] < -0.001
+    assert v["model"]["val_auc"] < v["base"]["val_auc"] and v["reason"].startswith("not provably")
+    same = guard_verdict(base.clone(), base, **tol)
+    assert same["admissible"] and same["excess_upper"] == 0.0 and same["auc_lower"] == 0.0
+    assert same["reason"] is None
+    up = guard_verdict(better, base, **tol)
+    assert up["admissible"] and up["excess_upper"] < 0 and up["auc_lower"] > 0
+    # nothing to judge by: the cluster falls back (the burden of proof is on the retrained model)
+    none = guard_verdict(None, None, **tol)
+    assert not none["admissible"] and none["reason"] == "no validation rows"
+    neg = torch.zeros(50)
+    one_class = guard_verdict(_rows(torch.randn(50), neg), _rows(torch.randn(50), neg), **tol)
+    assert not one_class["admissible"] and "class" in one_class["reason"]
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "deepfm", "dcn"])
+def test_from_base_is_base_at_full_dims(backbone):
+    """The guard's fallback: a RetrainModule (full dims) with Base's weights gives Base's logits exactly."""
+    from ihas_lightning.modules.ctr import CTRModule
+
+    torch.manual_seed(0)
+    cfg = MODEL | {"backbone": backbone}
+    base = CTRModule([10, 20, 30], cfg).model.eval()
+    for p in base.parameters():
+        torch.nn.init.normal_(p.data)
+    m = RetrainModule.from_base(base, cfg, cluster_id=1).eval()
+    assert m.fallback == "base" and list(m.model.field_dims) == [4, 4, 4] and m.cluster_id == 1
+    x = torch.randint(0, 10, (64, 3))
+    with torch.no_grad():
+        assert torch.equal(m.model(x), base(x))
+    with pytest.raises(ValueError, match="plain model"):
+        RetrainModule.from_base(DLRM([10, 20, 30], embed_dim=4, gate=dict(tau=0.1)), MODEL)
+
+
+@pytest.fixture(scope="module")
+def with_base(clustered):
+    """The clustered run plus its Base (``<run>/base``, as stage=all trains it)."""
+    from ihas_lightning import pipeline
+    from ihas_lightning.stages import search
+
+    make, run_dir = clustered
+    search.run(pipeline.base_config(make("stage=search")))
+    return make, run_dir, run_dir / "base" / "search" / "best.ckpt"
+
+
+def test_retrain_guard_records_its_verdict_and_falls_back_to_base(with_base, tmp_path, monkeypatch, caplog):
+    """The guard's verdict and bounds in every cluster's metrics.json; a cluster that falls back holds a
+    checkpoint that load_cluster_models reads and that gives exactly Base's logits on its rows."""
+    import numpy as np
+
+    from ihas_lightning.modules import selection
+    from ihas_lightning.rundir import load_search_model, make_datamodule, split_tensors
+    from ihas_lightning.stages import retrain
+
+    make, run_dir, base_ckpt = with_base
+    args = ("stage=retrain", f"cluster.dir={run_dir / 'cluster'}", f"evaluate.base_ckpt={base_ckpt}")
+    retrain.run(make(*args, out=tmp_path / "kept"))
+    k = json.loads((run_dir / "cluster" / "cluster.json").read_text())["k"]
+    for c in range(k):
+        m = json.loads((tmp_path / "kept" / "retrain" / f"cluster_{c}" / "metrics.json").read_text())
+        g = m["guard"]
+        assert g["mode"] == "base" and isinstance(g["admissible"], bool) and g["base"]["val_rows"] > 0
+        assert (m["fallback"] == "base") == (not g["admissible"])
+    # force every cluster to fall back
+    real = selection.guard_verdict
+    monkeypatch.setattr(selection, "guard_verdict", lambda *a, **kw: {**real(*a, **kw), "admissible": False})
+    out = tmp_path / "fell" / "retrain"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ihas_lightning"):
+        retrain.run(make(*args, out=tmp_path / "fell"))
+    assert sum("falls back to Base" in r.getMessage() for r in caplog.records) == k
+    summary = json.loads((out / "retrain.json").read_text())["guard"]
+    assert summary["fallbacks"] == k and summary["fallback_clusters"] == list(range(k))
+    base = load_search_model(base_ckpt).model.eval()
+    info = json.loads((run_dir / "cluster" / "cluster.json").read_text())
+    assign = np.load(run_dir / "cluster" / "assign_val.npy")
+    x, _ = split_tensors(make_datamodule(make(*args), info["prepared_dir"], batch_size=512), "val")
+    for c, mod in enumerate(retrain.load_cluster_models(out, k)):
+        m = json.loads((out / f"cluster_{c}" / "metrics.json").read_text())
+        assert (
+            m["fallback"] == "base"
+            and mod.fallback == "base"
+            and m["retrained"]["field_dims"] == info["field_dims"][c]
+        )
+        assert m["val_auc"] == m["guard"]["base"]["val_auc"] and m["params"] == base.num_parameters()
+        rows = torch.from_numpy(assign == c)
+        with torch.no_grad():
+            assert torch.equal(mod.model(x[rows]), base(x[rows]))
+    # stage=evaluate serves the fallbacks: the routed iHAS is Base on every row, and says why
+    from ihas_lightning.report.tables import results_markdown
+    from ihas_lightning.stages import evaluate
+
+    evaluate.run(make("stage=evaluate", f"retrain.dir={out}", f"evaluate.base_ckpt={base_ckpt}", "evaluate.timing_rows=512",
+                      "evaluate.timing_repeats=1", "evaluate.permutations=5", out=tmp_path / "fell"))  # fmt: skip
+    res = json.loads((tmp_path / "fell" / "evaluate" / "results.json").read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    for split in ("val", "test"):
+        assert rows["iHAS"][f"{split}_auc"] == pytest.approx(rows["Base"][f"{split}_auc"], abs=1e-9)
+    assert res["retrain_guard"] == {"mode": "base", "skipped": None, "clusters": k, "fallbacks": k,
+                                    "fallback_clusters": list(range(k))}  # fmt: skip
+    assert all(c["fallback"] == "base" and c["guard"]["admissible"] is False for c in res["per_cluster"])
+    assert f"{k} of {k} cluster models fell back to Base" in results_markdown(res)

@@ -17,6 +17,9 @@ from .errors import ConfigError
 PHASES = ("search", "cluster", "derive", "retrain", "evaluate")
 OVERRIDABLE = ("search_every", "model_lr_scale", "max_epochs", "patience", "search_monitor")
 RETRAIN_INITS = ("searched", "scratch", "rewind", "continue")
+#: ``method.retrain_guard`` / ``retrain.guard``: base = a retrained cluster model that is not provably no
+#: worse than Base on its cluster's validation rows is replaced by Base (iHAS); none = as trained
+RETRAIN_GUARDS = ("base", "none")
 SELECTS = ("best", "last", "sparsest")
 OBJECTIVES = ("logloss", "ne")
 
@@ -120,6 +123,15 @@ def retrain_init(cfg: DictConfig) -> str:
     # a transfer replaces the source's backbone: a method default that reuses it (iHAS's continue)
     # becomes the embedding-only warm start
     return "searched" if v in ("rewind", "continue") and transferring(cfg) else v
+
+
+def retrain_guard(cfg: DictConfig) -> str:
+    """``retrain.guard`` when set, else the method's ``retrain_guard`` (default none: the baselines
+    retrain as their authors specify)."""
+    v = cfg.retrain.get("guard")
+    if v is None:
+        v = cfg.method.get("retrain_guard")
+    return "none" if v is None else str(v)
 
 
 def spec(cfg: DictConfig, search_epochs: int) -> dict[str, Any]:
@@ -289,11 +301,14 @@ def _check_selection(cfg: DictConfig) -> None:
 
 
 def _check_retrain_init(cfg: DictConfig) -> None:
-    """method.retrain_init, against transfer.from and method.rewind_tag."""
+    """method.retrain_init, against transfer.from and method.rewind_tag; method.retrain_guard."""
     m = cfg.method
     ri = m.get("retrain_init")
     if ri is not None and ri not in RETRAIN_INITS:
         raise _err("retrain_init", f"must be one of {list(RETRAIN_INITS)} (got {ri!r})")
+    rg = m.get("retrain_guard")
+    if rg is not None and rg not in RETRAIN_GUARDS:
+        raise _err("retrain_guard", f"must be one of {list(RETRAIN_GUARDS)} or null (none) (got {rg!r})")
     if transferring(cfg) and "retrain" in _phases(cfg) and retrain_init(cfg) in ("rewind", "continue"):
         raise ConfigError(
             f"config key 'retrain.init': {retrain_init(cfg)} reuses the source's backbone, which transfer.from "

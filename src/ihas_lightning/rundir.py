@@ -84,6 +84,18 @@ def _resolve_stage_dir(cfg: DictConfig, stage: str, marker: str, retrain_dir: Pa
     return p
 
 
+def base_checkpoint(cfg: DictConfig) -> Path | None:
+    """The run's Base model, the one ``stage=evaluate`` compares with and the retrain guard falls back
+    to: ``evaluate.base_ckpt``, else this run's ``base/search/best.ckpt``; None when there is none."""
+    p = _given(cfg.evaluate.get("base_ckpt"))
+    if p is not None:
+        if not p.is_file():
+            raise DataError(f"{p}: Base checkpoint not found (evaluate.base_ckpt)")
+        return p
+    p = output_dir(cfg) / BASE_DIR / SEARCH_DIR / BEST
+    return p if p.is_file() else None
+
+
 def resolve_cluster_dir(cfg: DictConfig, retrain_dir: Path | None = None) -> Path:
     return _resolve_stage_dir(cfg, CLUSTER_DIR, "cluster.json", retrain_dir)
 

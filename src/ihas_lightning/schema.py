@@ -117,6 +117,7 @@ class RetrainConfig:
     min_class_rows: int = MISSING
     monitor: str = MISSING
     init: str | None = MISSING
+    guard: str | None = MISSING
     keep_threshold: float = MISSING
     dir: str | None = MISSING
 
@@ -233,6 +234,7 @@ class MethodConfig:
     cluster_k: int | None = MISSING
     retrain_init: str | None = MISSING
     rewind_tag: str | None = MISSING
+    retrain_guard: str | None = MISSING
     rows: RowsConfig = field(default_factory=RowsConfig)
 
 

@@ -21,11 +21,8 @@ from . import method
 from .data.feature_map import FeatureMap
 from .errors import DataError
 from .routing import RoutedModel, cluster_features, nearest_centroid
-from .rundir import (
-    BASE_DIR,
-    BEST,
-    SEARCH_DIR,
-    _given,
+from .rundir import (  # noqa: F401 - base_checkpoint re-exported
+    base_checkpoint,
     check_cluster_fits,
     data_dir_for,
     load_arch_dir,
@@ -186,16 +183,6 @@ def auc_logloss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float | None, fl
     return auc, ll
 
 
-def base_checkpoint(cfg: DictConfig) -> Path | None:
-    p = _given(cfg.evaluate.get("base_ckpt"))
-    if p is not None:
-        if not p.is_file():
-            raise DataError(f"{p}: Base checkpoint not found (evaluate.base_ckpt)")
-        return p
-    p = output_dir(cfg) / BASE_DIR / SEARCH_DIR / BEST
-    return p if p.is_file() else None
-
-
 RUN_CONFIG = "config.yaml"
 
 
@@ -278,6 +265,8 @@ def _add_retrained(cfg: DictConfig, rm: RunModels) -> None:
     rm.k = k = int(ainfo["k"])
     rm.modules = modules = load_cluster_models(rm.retrain_dir, k)
     for c, m in enumerate(modules):
+        if getattr(m, "fallback", None) == "base":  # the retrain guard's fallback: Base's model, full dims
+            continue
         if list(m.model.field_dims) != [int(d) for d in ainfo["field_dims"][c]]:
             raise DataError(
                 f"{rm.retrain_dir}/cluster_{c}/best.ckpt: its field dims differ from {rm.arch_dir}'s architecture"

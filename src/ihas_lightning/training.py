@@ -343,12 +343,12 @@ def _start_wins(
     from .modules.selection import excess_upper
 
     trained = type(module).load_from_checkpoint(str(best), map_location="cpu", weights_only=True)
-    rows = _val_rows(trained, dm, cfg, best.parent)[0]
+    rows = val_rows(trained, dm, cfg, best.parent)[0]
     upper = excess_upper(rows, init[2], conf)
     return _better(init[1], best_score, monitor) if upper is None else upper >= 0.0
 
 
-def _val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
+def val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
     """Validate ``module`` on a throwaway trainer: (per-row validation losses or None, the validation
     results, the trainer). No inference mode: the module's metric states must stay normal tensors for
     a fit that follows."""
@@ -366,7 +366,7 @@ def _val_rows(module: Any, dm: Any, cfg: DictConfig, where: Path):
 def _validate_init(module: Any, dm: Any, cfg: DictConfig, where: Path, monitor: str) -> tuple | None:
     """Validate ``module`` as it is (before any step) and save it as ``where/init.ckpt``: (path, its
     ``monitor``, its per-row validation losses), None when no validation metric came out."""
-    rows, res, trainer = _val_rows(module, dm, cfg, where)
+    rows, res, trainer = val_rows(module, dm, cfg, where)
     score = (res[0] if res else {}).get(monitor)
     if score is None:
         return None

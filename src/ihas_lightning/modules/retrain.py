@@ -13,6 +13,10 @@ Initialisation (``retrain.init``):
   epoch 1: the lottery-ticket rewind), the kept rows / dims of each field and the backbone.
 * ``continue``: the same from the searched model's final weights (a fine-tune of the search model).
 
+The retrain guard's fallback (``method.retrain_guard: base``) is :meth:`RetrainModule.from_base`: a
+module of the same class at full dims (every field ``model.embed_dim``, every dim kept) holding Base's
+weights, marked ``fallback="base"`` in its hyperparameters; its logits are Base's.
+
 A row-pruned model (``row_counts``: kept rows per field) holds only the kept feature values' rows
 (:class:`~ihas_lightning.models.embedding.FieldEmbedding`); its id map is filled by
 :meth:`set_row_keep` before training.
@@ -46,6 +50,7 @@ class RetrainModule(CTRModule):
         output_bias: float | None = None,
         row_counts: Sequence[int] | None = None,
         entry_masked: bool = False,
+        fallback: str | None = None,
     ):
         super().__init__(
             vocab_sizes,
@@ -61,11 +66,35 @@ class RetrainModule(CTRModule):
         )
         self.save_hyperparameters()
         self.cluster_id = int(cluster_id)
+        # "base": the retrain guard replaced this cluster's model by Base's (full dims, Base's weights)
+        self.fallback = None if fallback is None else str(fallback)
         self.kept_dims = [list(map(int, k)) for k in kept_dims] if kept_dims is not None else None
         if self.kept_dims is not None:
             got = [len(k) for k in self.kept_dims]
             if got != list(self.model.field_dims):
                 raise ValueError(f"kept dims per field {got} do not match field dims {self.model.field_dims}")
+
+    @classmethod
+    def from_base(
+        cls, base: DLRM, model: dict[str, Any], cluster_id: int = 0, field_names: Sequence[str] | None = None
+    ) -> RetrainModule:
+        """Cluster ``cluster_id``'s model as Base's: every field at Base's ``embed_dim`` with every dim
+        kept, Base's embedding and backbone weights (``model``: Base's ``model.*`` config, so the
+        backbone is built the same). A ValueError when Base is not a plain (selector-less, uniform,
+        unpruned) model or its state dict does not fit."""
+        if base.selector is not None or not base.embedding.uniform or base.embedding.pruned:
+            raise ValueError("Base must be a plain model (no selector, uniform unpruned embedding tables)")
+        d, n = int(base.embed_dim), len(base.vocab_sizes)
+        module = cls(base.vocab_sizes, {**dict(model), "embed_dim": d}, field_dims=[d] * n,
+                     kept_dims=[list(range(d))] * n, cluster_id=cluster_id, field_names=field_names,
+                     fallback="base")  # fmt: skip
+        try:
+            module.model.load_state_dict(base.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"Base's weights do not fit a full-dims cluster model: {str(e).splitlines()[0]}"
+            ) from None
+        return module
 
     def set_row_keep(self, row_keep: torch.Tensor) -> None:
         self.model.embedding.set_row_keep(row_keep)

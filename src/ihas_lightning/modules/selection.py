@@ -29,6 +29,9 @@ costs nothing measurable on validation:
   (:meth:`~ihas_lightning.models.gate.BernoulliGate.open_all`): iHAS-1 is then Base as pretrained,
   and a warning says so.
 
+The retrain stage applies the same test to each retrained cluster model, Base on the cluster's
+validation rows as the reference (:func:`guard_verdict`; not admissible: the cluster serves Base's model).
+
 :func:`choose` is the rule over a finished list (the brute-force reference the tests compare with);
 :class:`SparsestSelection` applies it epoch by epoch, saving ``best.ckpt`` whenever the choice changes
 and ``pretrained.ckpt`` when the search phase starts (the fallback's weights).
@@ -287,3 +290,61 @@ class SparsestSelection(Callback):
             "chosen_epoch": None if chosen is None else chosen["epoch"],
             "fallback": "gates open" if self.fallback else None,
         }
+
+
+# ---- the retrain guard: a retrained cluster model against Base on the cluster's validation rows --------
+def row_metrics(rows: torch.Tensor | None) -> dict[str, Any]:
+    """Validation logloss, AUC (None with one class), rows and positives of [loss, logit, label] rows."""
+    if rows is None or len(rows) == 0:
+        return {"val_logloss": None, "val_auc": None, "val_rows": 0, "val_positives": 0}
+    y = rows[:, 2].double()
+    pos = int(y.sum())
+    auc = None
+    if 0 < pos < len(y):
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(y.numpy(), rows[:, 1].double().numpy()))
+    return {"val_logloss": float(rows[:, 0].double().mean()), "val_auc": auc, "val_rows": len(y),
+            "val_positives": pos}  # fmt: skip
+
+
+def guard_verdict(
+    rows: torch.Tensor | None,
+    base_rows: torch.Tensor | None,
+    tol_ne: float,
+    tol_auc: float,
+    h0: float,
+    confidence: float,
+) -> dict[str, Any]:
+    """The retrain guard's verdict on a retrained cluster model: its validation [loss, logit, label]
+    ``rows`` against Base's ``base_rows`` on the same rows (the reference), by :func:`admissible` with the
+    paired :func:`excess_upper` and :func:`auc_lower` bounds. ``admissible`` False (the cluster falls back
+    to Base) also where nothing can be shown: no validation rows, or a class missing among them (the
+    burden of proof is on the cluster model, as on a sparse search epoch)."""
+    model, base = row_metrics(rows), row_metrics(base_rows)
+    cand = {**model, "excess_upper": excess_upper(rows, base_rows, confidence),
+            "auc_lower": auc_lower(rows, base_rows, confidence)}  # fmt: skip
+    known = base["val_logloss"] is not None and base["val_auc"] is not None
+    ok = known and admissible(cand, base, tol_ne, tol_auc, h0)
+    why = None
+    if not known or model["val_auc"] is None:
+        why = (
+            "no validation rows" if not model["val_rows"] else "a class is missing among the validation rows"
+        )
+    elif not ok:
+        why = "not provably within search.tolerance of Base on the cluster's validation rows"
+    return {
+        "admissible": bool(ok),
+        "excess_upper": cand["excess_upper"],
+        "auc_lower": cand["auc_lower"],
+        "tolerance": {
+            "ne": float(tol_ne),
+            "auc": float(tol_auc),
+            "logloss": float(tol_ne) * float(h0),
+            "confidence": float(confidence),
+        },
+        "constant_logloss": float(h0),
+        "model": model,
+        "base": base,
+        "reason": why,
+    }

@@ -92,6 +92,7 @@ def collect(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             "timing_rows": r.get("timing_rows"),
             "timing_rows_replaced": r.get("timing_rows_replaced"),
             "retrained_budget": r.get("retrained_budget"),
+            "retrain_guard": r.get("retrain_guard"),
             "scores": str(job / "evaluate" / "test_scores.npz")
             if (job / "evaluate" / "test_scores.npz").is_file() else None,
         }  # fmt: skip

@@ -46,7 +46,9 @@ def summarize(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[di
         rec: dict[str, Any] = {"method": method, "display": rs[0]["display"], "row": rs[0]["row"],
                                "seeds": sorted(r["seed"] for r in rs),
                                "served_routing": sorted({r["served_routing"] for r in rs if r.get("served_routing")}),
-                               "retrained_budget": [r["retrained_budget"] for r in rs if r.get("retrained_budget")]}  # fmt: skip
+                               "retrained_budget": [r["retrained_budget"] for r in rs if r.get("retrained_budget")],
+                               "retrain_guard": [{**r["retrain_guard"], "seed": r["seed"]} for r in rs
+                                                 if (r.get("retrain_guard") or {}).get("mode") == "base"]}  # fmt: skip
         for k in (
             "test_auc",
             "test_logloss",
@@ -124,6 +126,21 @@ def budget_note(summary: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def guard_note(summary: list[dict[str, Any]]) -> list[str]:
+    """Per method row with the retrain guard (iHAS): how many cluster models fell back to Base, by seed."""
+    out = []
+    for r in summary:
+        gs = sorted(r.get("retrain_guard") or [], key=lambda g: str(g["seed"]))
+        if not gs:
+            continue
+        fell = sum(g.get("fallbacks", 0) for g in gs)
+        total = sum(g.get("clusters", 0) for g in gs if not g.get("skipped"))  # the guarded clusters
+        per = ", ".join(f"seed {g['seed']}: " + ("skipped (no Base)" if g.get("skipped") else
+                        f"{g.get('fallbacks', 0)}/{g.get('clusters', 0)}") for g in gs)  # fmt: skip
+        out.append(f"* {r['display']}: {fell} of {total} cluster models fell back to Base ({per}).")
+    return out
+
+
 def heterogeneity_section(runs: list[dict[str, Any]], method: str = REFERENCE) -> list[str]:
     """Per iHAS run: how much its clusters' architectures differ, the null and the permutation p."""
     hs = sorted(((r["seed"], r["heterogeneity"]) for r in runs
@@ -163,6 +180,10 @@ def markdown(dataset: str, summary: list[dict[str, Any]], missing: list[dict[str
     notes = budget_note(summary)
     if notes:
         lines += ["", "## Retrained budgets (PEP)", "", *notes]
+    guard = guard_note(summary)
+    if guard:
+        lines += ["", "## Retrain guard (a cluster model not provably no worse than Base serves Base's; docs/search.md)",
+                  "", *guard]  # fmt: skip
     lines += heterogeneity_section(runs)
     lines += missing_lines(missing)
     return "\n".join(lines) + "\n"

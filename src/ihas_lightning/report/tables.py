@@ -20,7 +20,7 @@ RESULT_COLUMNS = [
     "note",
 ]
 CLUSTER_COLUMNS = ["cluster", "val rows", "val AUC", "val logloss", "test rows", "test AUC", "test logloss",
-                   "test CTR", "open dims", "params"]  # fmt: skip
+                   "test CTR", "open dims", "params", "model"]  # fmt: skip
 RECOVERY_COLUMNS = [
     "cluster",
     "group",
@@ -70,7 +70,7 @@ def cluster_rows(results: dict[str, Any]) -> list[list[Any]]:
     rows = [
         [c["cluster"], c.get("val_samples"), c.get("val_auc"), c.get("val_logloss"), c.get("test_samples"),
          c.get("test_auc"), c.get("test_logloss"), c.get("test_positive_rate"), c.get("embedding_width"),
-         c.get("params")]
+         c.get("params"), "Base (retrain guard)" if c.get("fallback") == "base" else "retrained"]
         for c in results.get("per_cluster", [])
     ]  # fmt: skip
     final = results.get("final_row", "iHAS")
@@ -78,7 +78,7 @@ def cluster_rows(results: dict[str, Any]) -> list[list[Any]]:
     if ihas is not None:
         rows.append(["pooled", results.get("val_rows"), ihas.get("val_auc"), ihas.get("val_logloss"),
                      results.get("test_rows"), ihas.get("test_auc"), ihas.get("test_logloss"), None, None,
-                     ihas.get("params")])  # fmt: skip
+                     ihas.get("params"), None])  # fmt: skip
     return rows
 
 
@@ -156,6 +156,22 @@ def _soft_lines(het: dict[str, Any]) -> list[str]:
     ]
 
 
+def guard_lines(results: dict[str, Any]) -> list[str]:
+    """How many retrained cluster models the retrain guard replaced by Base (``results['retrain_guard']``)."""
+    g = results.get("retrain_guard")
+    if not g or g.get("mode") != "base":
+        return []
+    if g.get("skipped"):
+        return [f"Retrain guard (method.retrain_guard: base): skipped, {g['skipped']}."]
+    fell = g.get("fallback_clusters") or []
+    which = f" (cluster {', '.join(map(str, fell))})" if fell else ""
+    return [
+        f"Retrain guard (method.retrain_guard: base): {g['fallbacks']} of {g['clusters']} cluster models fell back "
+        f"to Base{which}: a retrained model is kept only where it is provably within search.tolerance of Base "
+        "on its cluster's validation rows (paired logloss and DeLong AUC bounds); see docs/search.md."
+    ]
+
+
 def _truth_lines(results: dict[str, Any]) -> list[str]:
     t = results.get("derived_vs_truth")
     if not t:
@@ -186,6 +202,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         parts += [""] + _truth_lines(results)
     if heterogeneity_lines(results.get("heterogeneity")):
         parts += [""] + heterogeneity_lines(results.get("heterogeneity"))
+    if guard_lines(results):
+        parts += [""] + guard_lines(results)
     if results.get("warnings"):
         parts += ["", "## Warnings", ""] + [f"* {w}" for w in results["warnings"]]
     if results.get("per_cluster"):
@@ -199,7 +217,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
         ]
         parts += [
-            f"* cluster {c['cluster']}: " + " ".join(map(str, c["field_dims"]))
+            f"* cluster {c['cluster']}: "
+            + " ".join(map(str, c["field_dims"]))
+            + (" (Base's model: the retrain guard's fallback)" if c.get("fallback") == "base" else "")
             for c in results["per_cluster"]
         ]
     rec = results.get("recovery")
@@ -234,7 +254,9 @@ def print_results(results: dict[str, Any]) -> None:
         t.add_row(*[_fmt(v) for v in row])
     console.print(t)
     console.print(_timing_line(results))
-    for line in _truth_lines(results) + heterogeneity_lines(results.get("heterogeneity")):
+    for line in (
+        _truth_lines(results) + heterogeneity_lines(results.get("heterogeneity")) + guard_lines(results)
+    ):
         console.print(line)
     if results.get("per_cluster"):
         c = Table(title="Routed iHAS per cluster and pooled")

@@ -32,6 +32,9 @@ nearest centroid picks its cluster, and that cluster's retrained model predicts 
 Warnings (logged, and in ``results.json``/``results.md``): a model whose val or test logloss is no
 better than the constant predictor's, and iHAS below Base on validation by more than 0.001.
 
+The retrain guard (``retrain_guard`` in results.json, a line in results.md; per cluster ``fallback`` and its
+bounds): how many retrained cluster models were replaced by Base's model (``method.retrain_guard: base``).
+
 Inputs: ``retrain.dir`` (default this run's ``retrain/``); the cluster dir and search checkpoint are
 taken from the config (``cluster.dir``, ``search.ckpt``) or else from the manifests of the dirs before
 them. Outputs: ``evaluate/{results.json, results.md, manifest.json}`` and ``evaluate/test_scores.npz``
@@ -486,13 +489,36 @@ def _per_cluster(rm, scored, data) -> list[dict[str, Any]]:
             ca, cl = auc_logloss(logits[split][rm.final][sel], data[split][1][sel])
             entry.update({f"{split}_samples": int(sel.sum()), f"{split}_auc": ca, f"{split}_logloss": cl})
             entry[f"{split}_positive_rate"] = float(data[split][1][sel].mean()) if int(sel.sum()) else None
+        served = [int(d) for d in rm.modules[c].model.field_dims]  # Base's full dims where it fell back
         entry.update(
-            field_dims=[int(d) for d in rm.ainfo["field_dims"][c]],
-            embedding_width=int(sum(rm.ainfo["field_dims"][c])),
+            field_dims=served,
+            embedding_width=int(sum(served)),
             params=int(rm.modules[c].model.num_parameters()),
+            **_cluster_guard(rm, c),
         )
         out.append(entry)
     return out
+
+
+def _cluster_guard(rm, c: int) -> dict[str, Any]:
+    """Cluster ``c``'s retrain guard (its ``metrics.json``): fallback (``base`` or None) and the bounds."""
+    p = rm.retrain_dir / f"cluster_{c}" / "metrics.json"
+    g = (read_json(p).get("guard") if p.is_file() else None) or {}
+    return {"fallback": getattr(rm.modules[c], "fallback", None),
+            "guard": {k: g.get(k) for k in ("admissible", "excess_upper", "auc_lower", "reason", "skipped")}
+            if g else None}  # fmt: skip
+
+
+def retrain_guard_summary(rm) -> dict[str, Any] | None:
+    """The retrain guard of the run (``retrain/retrain.json``; a run dir from before it: mode none) and
+    the clusters whose model is Base's (the checkpoints' ``fallback``); None without a retrain."""
+    if rm.retrain_dir is None:
+        return None
+    p = rm.retrain_dir / "retrain.json"
+    g = (read_json(p).get("guard") if p.is_file() else None) or {"mode": "none"}
+    fell = [c for c, m in enumerate(rm.modules) if getattr(m, "fallback", None) == "base"]
+    return {"mode": g.get("mode", "none"), "skipped": g.get("skipped"), "clusters": rm.k,
+            "fallbacks": len(fell), "fallback_clusters": fell}  # fmt: skip
 
 
 def _routed_results(results, rm, scored, data, timing, fast_routing, het):
@@ -523,8 +549,15 @@ def _routed_results(results, rm, scored, data, timing, fast_routing, het):
 
 
 def _method_extras(cfg: DictConfig, rm, results: dict[str, Any]) -> None:
-    """PEP's retrained budget, the planted recovery and the Bayes AUC (synthetic data)."""
+    """The retrain guard's fallbacks, PEP's retrained budget, the planted recovery and the Bayes AUC
+    (synthetic data)."""
     ainfo, final = rm.ainfo, rm.final
+    guard = retrain_guard_summary(rm)
+    if guard is not None:
+        results["retrain_guard"] = guard
+        if guard["fallbacks"]:
+            log.info("evaluate: %d of %d retrained cluster models fell back to Base (retrain guard)",
+                     guard["fallbacks"], guard["clusters"])  # fmt: skip
     scores = (ainfo or {}).get("scores") or {}
     if "budget" in scores and "requested" in scores:  # PEP: the budget whose mask was retrained
         results["retrained_budget"] = {"seed": int(cfg.seed), "budget": scores["budget"],
@@ -728,6 +761,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, Any]:
                 m[f"{p}/{split}/logloss"] = r.get(f"{split}_logloss")
             m[f"{p}/params"] = r["params"]
             m[f"{p}/inference_ms"] = r["inference_ms"]
+    if results.get("retrain_guard"):
+        m["retrain_guard/fallbacks"] = results["retrain_guard"]["fallbacks"]
     if "routing_params" in results:
         m["routed/routing_params"] = results["routing_params"]
         m["routed/models_only_ms"] = results["timing_ms"]["routed_models_only"]

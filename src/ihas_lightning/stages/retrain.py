@@ -14,6 +14,15 @@ into one test AUC, so each cluster model must be calibrated, not only rank well 
 ``retrain.init=searched`` (default, the paper) copies the kept dims of each field from the searched
 embedding tables; ``scratch`` starts from a fresh init.
 
+The guard (``retrain.guard``, null = ``method.retrain_guard``: ``base`` for iHAS and its ablations, ``none``
+for the baselines): after cluster c's fit, the retrained model and Base (:func:`~ihas_lightning.rundir.base_checkpoint`)
+score the cluster's validation rows; unless the retrained model is admissible against Base by the
+search's no-harm rule (:func:`~ihas_lightning.modules.selection.guard_verdict`: paired logloss bound <=
+``search.tolerance.ne`` x the constant logloss at the cluster's train base rate, paired DeLong AUC bound
+>= -``search.tolerance.auc``), the cluster's ``best.ckpt`` becomes Base's model at full dims
+(:meth:`RetrainModule.from_base`, ``"fallback": "base"`` in its metrics.json); no Base in the run dir:
+skipped, with a warning (recorded in metrics.json / retrain.json).
+
 Outputs: ``retrain/cluster_<k>/{best.ckpt, metrics.json, manifest.json}`` (each written atomically)
 and ``retrain/{retrain.json, manifest.json}``.
 
@@ -45,6 +54,7 @@ from ..rundir import (  # noqa: F401 - check_cluster_fits, data_dir_for, load_cl
     BEST,
     RETRAIN_DIR,
     STARTED,
+    base_checkpoint,
     check_cluster_fits,
     data_dir_for,
     load_arch_dir,
@@ -55,7 +65,7 @@ from ..rundir import (  # noqa: F401 - check_cluster_fits, data_dir_for, load_cl
     resolve_arch_dir,
     resolve_search_ckpt,
 )
-from ..training import fit_ctr  # noqa: F401 - re-exported
+from ..training import build_trainer, fit_ctr, val_rows  # noqa: F401 - fit_ctr re-exported
 from ..utils import atomic_dir, read_json, seed_everything, write_json
 
 log = logging.getLogger("ihas_lightning")
@@ -68,8 +78,10 @@ CONFIG_KEYS = [
     "retrain.min_class_rows",
     "search.tolerance",
     "retrain.init",
+    "retrain.guard",
     "method.name",
     "method.retrain_init",
+    "method.retrain_guard",
     "method.rewind_tag",
     "method.embedding_optimizer",
     "retrain.monitor",
@@ -100,6 +112,12 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config key 'retrain.init': must be one of {list(INITS)} or null (the method's) (got '{init}')"
         )
+    guard = cfg.retrain.get("guard")
+    if guard is not None and (not isinstance(guard, str) or guard not in method.RETRAIN_GUARDS):
+        raise ConfigError(
+            f"config key 'retrain.guard': must be one of {list(method.RETRAIN_GUARDS)} or null (the method's) "
+            f"(got {guard!r})"
+        )
     method.check(cfg)
     check_batch_size(cfg.model)
 
@@ -114,27 +132,10 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     fmap = FeatureMap.load(prepared)
     check_cluster_fits(cluster_dir, info, fmap)
     parents: dict[str, Any] = {parent_key: cluster_dir}
-    searched = None
-    if init in ("searched", "rewind", "continue"):
-        ckpt = resolve_search_ckpt(cfg, cluster_dir)
-        parents["search_ckpt"] = ckpt
-    if init == "searched":
-        searched = load_search_model(ckpt, fmap).model
-        if searched.embed_dim != int(info["embed_dim"]) or not searched.embedding.uniform:
-            raise DataError(
-                f"{ckpt}: embed dim {searched.embed_dim} != the architecture's {info['embed_dim']}"
-            )
-    elif init == "rewind":
-        tag = str(cfg.method.get("rewind_tag"))
-        snap = ckpt.parent / "snapshots" / f"{tag}.pt"
-        if not snap.is_file():
-            raise DataError(
-                f"{snap}: no snapshot {tag!r} to rewind to (method.rewind_tag; re-run stage=search)"
-            )
-        parents["snapshot"] = snap
-        searched = torch.load(snap, map_location="cpu", weights_only=True)
-    elif init == "continue":
-        searched = load_search_model(ckpt, fmap).model.state_dict()
+    searched = _start_weights(cfg, init, cluster_dir, info, fmap, parents)
+    guard = _guard_base(cfg, fmap)
+    if guard is not None and guard["ckpt"] is not None:
+        parents["base_ckpt"] = guard["ckpt"]  # a new Base retrains (resume manifests)
     out = output_dir(cfg) / RETRAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = method.model_cfg(cfg)
@@ -156,12 +157,13 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                 continue
             results.append(
                 _train_cluster(
-                    cfg, c, info, prepared, fmap, model_cfg, searched, init, cdir, manifest, logger
+                    cfg, c, info, prepared, fmap, model_cfg, searched, init, cdir, manifest, logger, guard
                 )
             )
         summary = {
             "k": k,
             "init": init,
+            "guard": _guard_summary(guard, results),
             "cluster_dir": str(cluster_dir.resolve()),
             "arch_source": parent_key,
             "prepared_dir": str(prepared.resolve()),
@@ -177,12 +179,40 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
             for key in ("val_auc", "test_auc", "test_logloss", "params"):
                 if r.get(key) is not None:
                     metrics[f"retrain/cluster_{c}/{key}"] = r[key]
+            if guard is not None and guard["base"] is not None:
+                metrics[f"retrain/cluster_{c}/fallback"] = float(r.get("fallback") == "base")
         if logger is not None:
             logger.log_metrics({k_: float(v) for k_, v in metrics.items()})
     finally:
         if own:
             finish_loggers()
     return metrics
+
+
+def _start_weights(cfg: DictConfig, init: str, cluster_dir: Path, info, fmap: FeatureMap, parents) -> Any:
+    """What ``retrain.init`` starts the cluster models from (the searched model, a snapshot's state dict,
+    the searched state dict; None for scratch); its files are added to ``parents``."""
+    if init not in ("searched", "rewind", "continue"):
+        return None
+    ckpt = resolve_search_ckpt(cfg, cluster_dir)
+    parents["search_ckpt"] = ckpt
+    if init == "searched":
+        searched = load_search_model(ckpt, fmap).model
+        if searched.embed_dim != int(info["embed_dim"]) or not searched.embedding.uniform:
+            raise DataError(
+                f"{ckpt}: embed dim {searched.embed_dim} != the architecture's {info['embed_dim']}"
+            )
+        return searched
+    if init == "rewind":
+        tag = str(cfg.method.get("rewind_tag"))
+        snap = ckpt.parent / "snapshots" / f"{tag}.pt"
+        if not snap.is_file():
+            raise DataError(
+                f"{snap}: no snapshot {tag!r} to rewind to (method.rewind_tag; re-run stage=search)"
+            )
+        parents["snapshot"] = snap
+        return torch.load(snap, map_location="cpu", weights_only=True)
+    return load_search_model(ckpt, fmap).model.state_dict()  # continue
 
 
 def _too_few_to_judge(dm: Any, n: dict[str, int], need: int) -> str | None:
@@ -209,8 +239,10 @@ def _train_cluster(
     cdir: Path,
     manifest: dict[str, Any],
     logger: Any,
+    guard: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build, start and fit cluster ``c``'s model on its rows; writes ``cdir`` (atomically)."""
+    """Build, start and fit cluster ``c``'s model on its rows (then the guard, ``guard`` not None);
+    writes ``cdir`` (atomically)."""
     from .. import schedule
 
     dims = [int(d) for d in info["field_dims"][c]]
@@ -245,13 +277,14 @@ def _train_cluster(
             "train_positive_rate": rate, "init": init}  # fmt: skip
     kept_start = few if epochs == 0 else None
     return _fit_cluster(
-        cfg, module, dm, cdir, partial, resume, epochs, monitor, sub, manifest, meta, kept_start
+        cfg, module, dm, cdir, partial, resume, epochs, monitor, sub, manifest, meta, kept_start, guard
     )
 
 
 def _fit_cluster(cfg, module, dm, cdir: Path, partial: Path, resume, epochs: int, monitor: bool, sub, manifest,
-                 meta: dict[str, Any], kept_start) -> dict[str, Any]:  # fmt: skip
-    """Fit the cluster model in ``cdir`` (atomically; checkpoints in ``partial``) and write its metrics."""
+                 meta: dict[str, Any], kept_start, guard=None) -> dict[str, Any]:  # fmt: skip
+    """Fit the cluster model in ``cdir`` (atomically; checkpoints in ``partial``), apply the guard and
+    write its metrics."""
     from .. import schedule
 
     n, bs = meta["samples"], meta["batch_size"]
@@ -289,6 +322,8 @@ def _fit_cluster(cfg, module, dm, cdir: Path, partial: Path, resume, epochs: int
             res["best_epoch"] = -1  # the start
         counts = module.model.parameter_counts()
         metrics = {**meta, "parameter_counts": counts, **res, "resumed": False, "kept_start": kept_start}
+        if guard is not None:
+            metrics = _apply_guard(cfg, guard, dm, tmp, metrics, module.field_names)
         if is_global_zero():
             write_json(tmp / "metrics.json", metrics)
             write_manifest(tmp, manifest)
@@ -296,6 +331,101 @@ def _fit_cluster(cfg, module, dm, cdir: Path, partial: Path, resume, epochs: int
         shutil.rmtree(partial, ignore_errors=True)
     barrier()
     return metrics
+
+
+# ---- the guard: no cluster model worse than Base on its cluster's validation rows ---------------------
+#: the guard's NE unit (recorded): each cluster's logloss is on the scale of its own base rate
+GUARD_H0 = "constant logloss at the cluster's train base rate"
+
+
+def _guard_base(cfg: DictConfig, fmap: FeatureMap) -> dict[str, Any] | None:
+    """The guard's Base (``method.retrain_guard`` / ``retrain.guard`` = base): {ckpt, base (its DLRM),
+    model_cfg, skipped}; ``base`` None (and ``skipped`` why, warned) when the run dir has none; None
+    when the guard is off."""
+    if method.retrain_guard(cfg) != "base":
+        return None
+    ckpt = base_checkpoint(cfg)
+    if ckpt is None:
+        why = (f"no Base model to guard with (evaluate.base_ckpt, default {output_dir(cfg) / 'base/search' / BEST}; "
+               "stage=all trains it)")  # fmt: skip
+        log.warning(
+            "retrain stage: retrain.guard=base skipped: %s; the cluster models are kept as trained", why
+        )
+        return {"ckpt": None, "base": None, "model_cfg": None, "skipped": why}
+    module = load_search_model(ckpt, fmap)
+    if module.model.selector is not None:
+        raise DataError(f"{ckpt}: not a Base checkpoint (its model has a selector; evaluate.base_ckpt)")
+    return {"ckpt": ckpt, "base": module.model, "model_cfg": dict(module.hparams["model"]), "skipped": None}
+
+
+def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics: dict[str, Any],
+                 field_names) -> dict[str, Any]:  # fmt: skip
+    """Cluster ``metrics["cluster"]``'s verdict against Base on its validation rows; where the retrained
+    model (``tmp/best.ckpt``) is not admissible, Base's model at full dims replaces it there and the
+    metrics become Base's on the cluster's rows (the retrained model's under ``retrained``)."""
+    from .. import schedule
+    from ..modules.selection import guard_verdict
+
+    c = metrics["cluster"]
+    if guard["base"] is None:
+        return {**metrics, "guard": {"mode": "base", "skipped": guard["skipped"]}, "fallback": None}
+    try:
+        base = RetrainModule.from_base(
+            guard["base"], guard["model_cfg"], cluster_id=c, field_names=field_names
+        )
+    except ValueError as e:
+        raise DataError(f"{guard['ckpt']}: {e}") from None
+    has_val = metrics["samples"]["val"] > 0
+    trained = RetrainModule.load_from_checkpoint(str(tmp / BEST), map_location="cpu", weights_only=True)
+    rows = val_rows(trained, dm, cfg, tmp)[0] if has_val else None
+    base_rows = val_rows(base, dm, cfg, tmp)[0] if has_val else None
+    tol = cfg.search.tolerance
+    h0 = schedule.base_rate_entropy(metrics["train_positive_rate"]) or 0.0
+    v = guard_verdict(rows, base_rows, float(tol.ne), float(tol.auc), h0, float(tol.confidence))
+    v.update(mode="base", base_ckpt=str(Path(guard["ckpt"]).resolve()), constant_logloss_of=GUARD_H0)
+    if v["admissible"]:
+        return {**metrics, "guard": v, "fallback": None}
+    m, b = v["model"], v["base"]
+    log.warning(
+        "retrain stage: cluster %d falls back to Base (%s): val AUC %s vs Base %s, logloss %s vs %s; paired "
+        "excess logloss upper bound %s (tolerance %.2e), AUC difference lower bound %s (tolerance -%g)",
+        c, v["reason"], _f4(m["val_auc"]), _f4(b["val_auc"]), _f4(m["val_logloss"]), _f4(b["val_logloss"]),
+        _f4(v["excess_upper"], "+.2e"), v["tolerance"]["logloss"], _f4(v["auc_lower"], "+.4f"), tol.auc,
+    )  # fmt: skip
+    trainer = build_trainer(cfg, 1, [], None, tmp, enable_checkpointing=False, inference_mode=False)
+    test = (trainer.test(base, datamodule=dm, verbose=False) or [{}])[0]
+    trainer.save_checkpoint(str(tmp / BEST))  # the cluster's model is Base's (same class of checkpoint)
+    keys = ("val_auc", "val_logloss", "test_auc", "test_logloss", "params", "parameter_counts", "best_epoch",
+            "field_dims", "embedding_width")  # fmt: skip
+    served = {"val_auc": b["val_auc"], "val_logloss": b["val_logloss"], "params": base.model.num_parameters(),
+              "test_auc": _num(test.get("test/auc")), "test_logloss": _num(test.get("test/logloss")),
+              "parameter_counts": base.model.parameter_counts(), "best_epoch": None,
+              "field_dims": list(base.model.field_dims), "embedding_width": sum(base.model.field_dims)}  # fmt: skip
+    return {
+        **metrics,
+        **served,
+        "retrained": {k: metrics.get(k) for k in keys},
+        "guard": v,
+        "fallback": "base",
+    }
+
+
+def _guard_summary(guard: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """retrain.json's guard entry: the mode, its Base, why it was skipped, the clusters that fell back."""
+    if guard is None:
+        return {"mode": "none"}
+    fell = [r["cluster"] for r in results if r.get("fallback") == "base"]
+    return {"mode": "base", "base_ckpt": str(Path(guard["ckpt"]).resolve()) if guard["ckpt"] else None,
+            "skipped": guard["skipped"], "constant_logloss_of": GUARD_H0, "fallback_clusters": fell,
+            "fallbacks": len(fell)}  # fmt: skip
+
+
+def _f4(v: float | None, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None else float(v)
 
 
 def _cluster_rows(info: dict[str, Any], fmap: FeatureMap, c: int):
