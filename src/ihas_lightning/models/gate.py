@@ -217,10 +217,17 @@ def threshold_search(
     return (thr, has) if return_found else thr
 
 
-def _exporting() -> bool:
-    """Inside an ONNX export, a trace or torch.export / torch.compile (where the graph must stay the
-    exportable one and data-independent)."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+def _exporting(p: torch.Tensor) -> bool:
+    """Inside an ONNX export, a trace, torch.export or torch.compile, or with a symbolic batch size
+    (where the graph must stay the exportable one and data-independent)."""
+    c = torch.compiler
+    return (
+        torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+        or c.is_compiling()
+        or c.is_exporting()
+        or not isinstance(p.shape[0], int)
+    )
 
 
 def _bin_counts(p: torch.Tensor, bins: int) -> torch.Tensor:
@@ -228,7 +235,7 @@ def _bin_counts(p: torch.Tensor, bins: int) -> torch.Tensor:
     ``bincount`` of the flat (row, bin) index in int32 (1.4x the scatter's speed: no int64 [B, D]
     index); elsewhere, and while exporting, a ``scatter_add`` (exportable, no host sync)."""
     b_, d_ = p.shape
-    if p.device.type == "cpu" and not _exporting() and b_ * bins < 2**31:
+    if p.device.type == "cpu" and not _exporting(p) and b_ * bins < 2**31:
         idx = torch.mul(p, bins).clamp_(0, bins - 1).to(torch.int32)
         idx += torch.arange(0, b_ * bins, bins, dtype=torch.int32).unsqueeze(1)
         return torch.bincount(idx.flatten(), minlength=b_ * bins).view(b_, bins).to(torch.int32)
