@@ -118,6 +118,7 @@ class RetrainConfig:
     monitor: str = MISSING
     init: str | None = MISSING
     guard: str | None = MISSING
+    guard_confidence: float = MISSING
     keep_threshold: float = MISSING
     dir: str | None = MISSING
 

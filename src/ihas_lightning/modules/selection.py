@@ -317,10 +317,11 @@ def guard_verdict(
     confidence: float,
 ) -> dict[str, Any]:
     """The retrain guard's verdict on a retrained cluster model: its validation [loss, logit, label]
-    ``rows`` against Base's ``base_rows`` on the same rows (the reference), by :func:`admissible` with the
-    paired :func:`excess_upper` and :func:`auc_lower` bounds. ``admissible`` False (the cluster falls back
-    to Base) also where nothing can be shown: no validation rows, or a class missing among them (the
-    burden of proof is on the cluster model, as on a sparse search epoch)."""
+    ``rows`` against Base's ``base_rows`` on the same rows (the reference), by :func:`admissible` with
+    :func:`excess_upper` and :func:`auc_lower` at ``confidence`` (0, the retrain stage's default: the
+    differences of the means, a validation choice between the two models; > 0: the paired one-sided
+    bounds, the burden of proof on the cluster model). ``admissible`` False (the cluster falls back to
+    Base) also where nothing can be judged: no validation rows, or a class missing among them."""
     model, base = row_metrics(rows), row_metrics(base_rows)
     cand = {**model, "excess_upper": excess_upper(rows, base_rows, confidence),
             "auc_lower": auc_lower(rows, base_rows, confidence)}  # fmt: skip
@@ -332,7 +333,8 @@ def guard_verdict(
             "no validation rows" if not model["val_rows"] else "a class is missing among the validation rows"
         )
     elif not ok:
-        why = "not provably within search.tolerance of Base on the cluster's validation rows"
+        how = "the means" if confidence <= 0 else f"one-sided {confidence:g} bounds"
+        why = f"not within search.tolerance of Base on the cluster's validation rows ({how})"
     return {
         "admissible": bool(ok),
         "excess_upper": cand["excess_upper"],

@@ -16,10 +16,10 @@ embedding tables; ``scratch`` starts from a fresh init.
 
 The guard (``retrain.guard``, null = ``method.retrain_guard``: ``base`` for iHAS and its ablations, ``none``
 for the baselines): after cluster c's fit, the retrained model and Base (:func:`~ihas_lightning.rundir.base_checkpoint`)
-score the cluster's validation rows; unless the retrained model is admissible against Base by the
-search's no-harm rule (:func:`~ihas_lightning.modules.selection.guard_verdict`: paired logloss bound <=
-``search.tolerance.ne`` x the constant logloss at the cluster's train base rate, paired DeLong AUC bound
->= -``search.tolerance.auc``), the cluster's ``best.ckpt`` becomes Base's model at full dims
+score the cluster's validation rows; unless the retrained model is within ``search.tolerance`` of Base
+(:func:`~ihas_lightning.modules.selection.guard_verdict`: excess logloss <= ``search.tolerance.ne`` x the
+constant logloss at the cluster's train base rate, AUC >= Base's - ``search.tolerance.auc``; on the means,
+or at ``retrain.guard_confidence`` > 0 the paired one-sided bounds), the cluster's ``best.ckpt`` becomes Base's model at full dims
 (:meth:`RetrainModule.from_base`, ``"fallback": "base"`` in its metrics.json); no Base in the run dir:
 skipped, with a warning (recorded in metrics.json / retrain.json).
 
@@ -79,6 +79,7 @@ CONFIG_KEYS = [
     "search.tolerance",
     "retrain.init",
     "retrain.guard",
+    "retrain.guard_confidence",
     "method.name",
     "method.retrain_init",
     "method.retrain_guard",
@@ -118,6 +119,9 @@ def check_cfg(cfg: DictConfig) -> None:
             f"config key 'retrain.guard': must be one of {list(method.RETRAIN_GUARDS)} or null (the method's) "
             f"(got {guard!r})"
         )
+    gc = cfg.retrain.get("guard_confidence")
+    if isinstance(gc, bool) or not isinstance(gc, (int, float)) or not 0.0 <= float(gc) < 1.0:
+        raise ConfigError(f"config key 'retrain.guard_confidence': must be a number in [0, 1) (got {gc!r})")
     method.check(cfg)
     check_batch_size(cfg.model)
 
@@ -381,14 +385,15 @@ def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics:
     base_rows = val_rows(base, dm, cfg, tmp)[0] if has_val else None
     tol = cfg.search.tolerance
     h0 = schedule.base_rate_entropy(metrics["train_positive_rate"]) or 0.0
-    v = guard_verdict(rows, base_rows, float(tol.ne), float(tol.auc), h0, float(tol.confidence))
+    conf = float(cfg.retrain.guard_confidence)
+    v = guard_verdict(rows, base_rows, float(tol.ne), float(tol.auc), h0, conf)
     v.update(mode="base", base_ckpt=str(Path(guard["ckpt"]).resolve()), constant_logloss_of=GUARD_H0)
     if v["admissible"]:
         return {**metrics, "guard": v, "fallback": None}
     m, b = v["model"], v["base"]
     log.warning(
-        "retrain stage: cluster %d falls back to Base (%s): val AUC %s vs Base %s, logloss %s vs %s; paired "
-        "excess logloss upper bound %s (tolerance %.2e), AUC difference lower bound %s (tolerance -%g)",
+        "retrain stage: cluster %d falls back to Base (%s): val AUC %s vs Base %s, logloss %s vs %s; "
+        "excess logloss %s (tolerance %.2e), AUC difference %s (tolerance -%g)",
         c, v["reason"], _f4(m["val_auc"]), _f4(b["val_auc"]), _f4(m["val_logloss"]), _f4(b["val_logloss"]),
         _f4(v["excess_upper"], "+.2e"), v["tolerance"]["logloss"], _f4(v["auc_lower"], "+.4f"), tol.auc,
     )  # fmt: skip
