@@ -111,6 +111,18 @@ def _paired(runs: list[dict[str, Any]], a: str, b: str, key: str) -> dict[str, A
     return c
 
 
+def _guard_counts(runs: list[dict[str, Any]]) -> list[int] | None:
+    """[clusters on Base, clusters] over the runs, from results.json's retrain_guard (None: none says)."""
+    gs = [r.get("retrain_guard") for r in runs]
+    if not any(g and g.get("mode") == "base" for g in gs):
+        return None
+    return [sum(int(g.get("fallbacks", 0)) for g in gs if g), sum(int(g.get("clusters", 0)) for g in gs if g)]
+
+
+def _fmt_guard(c: list[int] | None) -> str:
+    return "not run" if c is None else f"{c[0]}/{c[1]}"
+
+
 def summarise(
     name: str, runs: list[dict[str, Any]], var_runs: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
@@ -131,6 +143,8 @@ def summarise(
             for m in ("Base", "iHAS-1", "iHAS")
         },
         "fallbacks": sum(bool(r["search"].get("fallback")) for r in runs),
+        # the retrain guard's (clusters that serve Base's model, out of all clusters); None: not recorded
+        "guard_fallbacks": _guard_counts(runs),
         "open_share": mean_ci([r["search"]["open_share"] for r in runs]),
         "open_share_range": [
             min(r["search"]["open_share"] for r in runs),
@@ -223,11 +237,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"Target: in no seed is a model's test logloss at or above the constant predictor's; the means of "
         f"iHAS-1 and iHAS are not below Base by more than {NO_HARM_AUC} test AUC (paired over seeds, 95% t "
         "interval). Fallbacks: seeds where no search epoch was within `search.tolerance` of the gates-open "
-        "model on validation, so the search kept every dim.",
+        "model on validation, so the search kept every dim. Retrain guard: clusters whose retrained model was "
+        "not within `search.tolerance` of Base on the cluster's validation rows, so they serve Base's model "
+        "(`method.retrain_guard`).",
         "",
         "| data | seeds | at/above constant: Base / iHAS-1 / iHAS | iHAS-1 - Base AUC | iHAS - Base AUC "
-        "| both within 0.005 | fallbacks |",
-        "|---|---|---|---|---|---|---|",
+        "| both within 0.005 | fallbacks | retrain guard: clusters on Base |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for st in result["settings"]:
         s = st["summary"]
@@ -237,7 +253,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {st['name']} | {len(s['seeds'])} | {ac['Base']} / {ac['iHAS-1']} / {ac['iHAS']} "
             f"| {fmt_ci(d1, signed=True)} | {fmt_ci(d2, signed=True)} | {'yes' if ok else 'no'} "
-            f"| {s['fallbacks']}/{len(s['seeds'])} |"
+            f"| {s['fallbacks']}/{len(s['seeds'])} | {_fmt_guard(s.get('guard_fallbacks'))} |"
         )
     for name, p, b in peers:
         lines += ["", f"Peer on {name}: {p['name']} test AUC {p['test_auc']}; our Base mean {fmt(b['mean'])} "

@@ -112,6 +112,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "field_names": cluster.get("field_names"),
         "field_dims": cluster.get("field_dims"),
         "warnings": res.get("warnings", []),
+        "retrain_guard": res.get("retrain_guard"),
         "pipeline_seconds": _read_json(pipe).get("total_seconds"),
     }
     if "recovery" in res:
