@@ -102,9 +102,11 @@ def test_retrain_stage_models_and_resume(clustered, tmp_path):
     out = tmp_path / "r" / "retrain"
     summary = json.loads((out / "retrain.json").read_text())
     assert summary["k"] == info["k"] and (out / "manifest.json").is_file()
-    # iHAS's retrain guard needs a Base: this output dir has none, so it is skipped, and says so
-    assert summary["guard"]["mode"] == "base" and "no Base model" in summary["guard"]["skipped"]
-    assert summary["guard"]["fallbacks"] == 0
+    # iHAS's retrain guard needs a Base: this output dir has none, so the search's gates-open pretrained
+    # model (Base's budget and seed) is its Base
+    g = summary["guard"]
+    assert g["mode"] == "base" and g["skipped"] is None and g["base_source"].startswith("search pretrained")
+    assert g["base_ckpt"] == str((run_dir / "search" / "pretrained.ckpt").resolve())
     mods = retrain.load_cluster_models(out, info["k"])
     for c, m in enumerate(mods):
         assert list(m.model.field_dims) == info["field_dims"][c]

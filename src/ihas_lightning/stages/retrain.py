@@ -137,7 +137,7 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
     check_cluster_fits(cluster_dir, info, fmap)
     parents: dict[str, Any] = {parent_key: cluster_dir}
     searched = _start_weights(cfg, init, cluster_dir, info, fmap, parents)
-    guard = _guard_base(cfg, fmap)
+    guard = _guard_base(cfg, fmap, cluster_dir)
     if guard is not None and guard["ckpt"] is not None:
         parents["base_ckpt"] = guard["ckpt"]  # a new Base retrains (resume manifests)
     out = output_dir(cfg) / RETRAIN_DIR
@@ -342,24 +342,52 @@ def _fit_cluster(cfg, module, dm, cdir: Path, partial: Path, resume, epochs: int
 GUARD_H0 = "constant logloss at the cluster's train base rate"
 
 
-def _guard_base(cfg: DictConfig, fmap: FeatureMap) -> dict[str, Any] | None:
+def _guard_base(cfg: DictConfig, fmap: FeatureMap, cluster_dir: Path) -> dict[str, Any] | None:
     """The guard's Base (``method.retrain_guard`` / ``retrain.guard`` = base): {ckpt, base (its DLRM),
-    model_cfg, skipped}; ``base`` None (and ``skipped`` why, warned) when the run dir has none; None
-    when the guard is off."""
+    model_cfg, skipped, source}; the run's Base, else the search's gates-open pretrained model (its
+    ``pretrained.ckpt``: Base's budget, stopping rule and seed, so Base itself: a sweep's iHAS job has no
+    Base of its own); ``base`` None (and ``skipped`` why, warned) when there is neither; None when the
+    guard is off."""
     if method.retrain_guard(cfg) != "base":
         return None
     ckpt = base_checkpoint(cfg)
+    if ckpt is None:
+        pre = _pretrained_base(cfg, fmap, cluster_dir)
+        if pre is not None:
+            return pre
     if ckpt is None:
         why = (f"no Base model to guard with (evaluate.base_ckpt, default {output_dir(cfg) / 'base/search' / BEST}; "
                "stage=all trains it)")  # fmt: skip
         log.warning(
             "retrain stage: retrain.guard=base skipped: %s; the cluster models are kept as trained", why
         )
-        return {"ckpt": None, "base": None, "model_cfg": None, "skipped": why}
+        return {"ckpt": None, "base": None, "model_cfg": None, "skipped": why, "source": None}
     module = load_search_model(ckpt, fmap)
     if module.model.selector is not None:
         raise DataError(f"{ckpt}: not a Base checkpoint (its model has a selector; evaluate.base_ckpt)")
-    return {"ckpt": ckpt, "base": module.model, "model_cfg": dict(module.hparams["model"]), "skipped": None}
+    return {"ckpt": ckpt, "base": module.model, "model_cfg": dict(module.hparams["model"]), "skipped": None,
+            "source": "base"}  # fmt: skip
+
+
+def _pretrained_base(cfg: DictConfig, fmap: FeatureMap, cluster_dir: Path) -> dict[str, Any] | None:
+    """The search's gates-open pretrained model as a plain model (its gate removed: with every gate
+    open the searched model is the embedding + backbone alone), or None without a ``pretrained.ckpt``."""
+    import copy
+
+    from ..modules.selection import PRETRAINED
+
+    try:
+        pre = resolve_search_ckpt(cfg, cluster_dir).parent / PRETRAINED
+    except DataError:
+        return None
+    if not pre.is_file():
+        return None
+    module = load_search_model(pre, fmap)
+    model = copy.deepcopy(module.model)
+    model.selector = None  # gates open: e * 1 = e, the same logits without the gate
+    log.info("retrain stage: the guard's Base is the search's gates-open pretrained model (%s)", pre)
+    return {"ckpt": pre, "base": model.eval(), "model_cfg": dict(module.hparams["model"]), "skipped": None,
+            "source": "search pretrained (gates open)"}  # fmt: skip
 
 
 def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics: dict[str, Any],
@@ -421,7 +449,7 @@ def _guard_summary(guard: dict[str, Any] | None, results: list[dict[str, Any]]) 
         return {"mode": "none"}
     fell = [r["cluster"] for r in results if r.get("fallback") == "base"]
     return {"mode": "base", "base_ckpt": str(Path(guard["ckpt"]).resolve()) if guard["ckpt"] else None,
-            "skipped": guard["skipped"], "constant_logloss_of": GUARD_H0, "fallback_clusters": fell,
+            "base_source": guard.get("source"), "skipped": guard["skipped"], "constant_logloss_of": GUARD_H0, "fallback_clusters": fell,
             "fallbacks": len(fell)}  # fmt: skip
 
 
