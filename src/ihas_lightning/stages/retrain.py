@@ -383,6 +383,9 @@ def _pretrained_base(cfg: DictConfig, fmap: FeatureMap, cluster_dir: Path) -> di
     if not pre.is_file():
         return None
     module = load_search_model(pre, fmap)
+    searched_with = dict(module.hparams["model"]).get("backbone")
+    if method.skips_search(cfg) or searched_with != method.model_cfg(cfg).get("backbone"):
+        return None  # a transferred search (another backbone's): its pretrained model is not this Base
     model = copy.deepcopy(module.model)
     model.selector = None  # gates open: e * 1 = e, the same logits without the gate
     log.info("retrain stage: the guard's Base is the search's gates-open pretrained model (%s)", pre)
