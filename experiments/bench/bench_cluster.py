@@ -36,6 +36,7 @@ def run_cluster(code: Path, work: Path, ckpt: Path, out: Path) -> dict[str, Any]
         f"paths.output_dir={out}", "trainer.enable_progress_bar=false", f"search.ckpt={ckpt}",
         f"hydra.run.dir={out / 'hydra'}",
     ]  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(code / "src"), "WANDB_MODE": "offline"}
     t = time.perf_counter()
     with open(f"{out}.log", "w") as log:
