@@ -63,7 +63,7 @@ def _commit(d: Path) -> str:
     out = subprocess.run(
         ["git", "-C", str(d), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     )
-    dirty = subprocess.run(["git", "-C", str(d), "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(["git", "-C", str(d), "status", "--porcelain", "--untracked-files=no", "--", "src", "conf"],
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
     return f"commit {out.stdout.strip() or '?'}" + (" + uncommitted changes" if dirty else "")
 

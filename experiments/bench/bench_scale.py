@@ -362,6 +362,13 @@ def rewrite_markdown(json_path: str = "experiments/results/bench_scale.json") ->
     Path(json_path).with_suffix(".md").write_text(markdown(res))
 
 
+def _load_note(m: dict[str, Any]) -> str:
+    """How to read the run's figures given the load before it started."""
+    if m["load_average"][0] < 0.5:
+        return "a quiet machine when it started; the load at the end is the run's own, on every core"
+    return "other processes shared the cores: the figures are a busy machine's"
+
+
 def markdown(r: dict[str, Any]) -> str:
     f = r["full_criteo"]
     m, me = r["machine"], r.get("machine_at_end", r["machine"])
@@ -371,8 +378,7 @@ def markdown(r: dict[str, Any]) -> str:
         else f"every fit early-stopped (capped at {r.get('epoch_cap')} epochs)"
     )
     md = [f"# The pipeline at scale ({m['cpu']}, {m['cores']} cores, CPU)", "",
-          f"Load average at the start {m['load_average']}, at the end {me['load_average']} (other processes share "
-          "the cores: the figures are a busy machine's).", "",
+          f"Load average at the start {m['load_average']}, at the end {me['load_average']} ({_load_note(m)}).", "",
           f"`stage=all` on {r['rows']:,} generated Criteo rows ({r['raw_mib']:,} MiB raw; {r['train_rows']:,} train "
           f"rows, {r['ids']:,} ids after min_count 10), {fits}, data streamed from Parquet: "
           f"{r['wall_s']:,} s wall. Generating the rows took {r['generate_s']} s (not in the pipeline).", "",
