@@ -246,3 +246,21 @@ def test_report_of_a_sweep_names_it_relatively_lists_failures_once_and_pairs_iha
     assert "| 1.00 ± 0.00 (fast) | 5.00 ± 0.00 |" in md2 and "drawn with replacement" in md2
     assert "## Heterogeneity of iHAS's clusters" in md2 and md2.count("PEP never reached") == 1
     assert t2["root"] == "t4sweep"
+
+
+def test_report_json_names_no_absolute_path():
+    """report.json holds no machine path: overrides by their last component, and a path inside any
+    message (e.g. a skipped retrain guard's reason) too; a unit such as rows/s is left alone."""
+    from ihas_lightning.report.build import _portable
+
+    got = _portable(
+        {
+            "overrides": ["dataset.train_path=/data/x/train.csv", "seed=1"],
+            "retrain_guard": {"skipped": "no Base (default /tmp/s/15/base/search/best.ckpt; stage=all)"},
+            "note": "1,000 rows/s at 0.5 ms/row",
+            "path": "/tmp/s/15",
+        }
+    )
+    assert got["overrides"] == ["dataset.train_path=.../train.csv", "seed=1"]
+    assert got["retrain_guard"]["skipped"] == "no Base (default .../best.ckpt; stage=all)"
+    assert got["note"] == "1,000 rows/s at 0.5 ms/row" and "path" not in got

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": start, "machine_at_end": end,
         "rows": args.rows, "raw_mib": round(raw_bytes / 2**20, 1), "generate_s": round(gen_s, 1),
         "train_rows": train_rows, "ids": int(sum(f["vocab_size"] for f in fmap["fields"])),
-        "fields": len(fmap["fields"]), "overrides": overrides[3:], "wall_s": round(wall, 1),
+        "fields": len(fmap["fields"]), "overrides": _portable_overrides(overrides[3:]), "wall_s": round(wall, 1),
         "epoch_cap": cap,
         "stages": {
             k: {"seconds": seconds.get(k), "peak_rss_mib": round(peaks[k] / 1024, 1),
@@ -360,6 +360,17 @@ def rewrite_markdown(json_path: str = "experiments/results/bench_scale.json") ->
     """Re-render the .md beside a bench_scale JSON (after a change of the report's text)."""
     res = json.loads(Path(json_path).read_text())
     Path(json_path).with_suffix(".md").write_text(markdown(res))
+
+
+def _portable_overrides(overrides: list[str]) -> list[str]:
+    """The overrides as a committed file names them (no machine path: ``.../<last component>``)."""
+    from ihas_lightning.report.build import portable_path
+
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        out.append(f"{key}={portable_path(value)}" if eq else o)
+    return out
 
 
 def _load_note(m: dict[str, Any]) -> str:

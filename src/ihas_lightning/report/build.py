@@ -8,6 +8,7 @@ Table 2 -- or one of ``table2`` | ``table3`` | ``table4``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,13 @@ def _portable(obj: Any, key: str = "") -> Any:
     if key == "overrides" and isinstance(obj, str) and "=" in obj:
         name, value = obj.split("=", 1)
         return f"{name}={portable_path(value)}"
+    if isinstance(obj, str) and "/" in obj:  # a message naming a file (e.g. a skipped guard's Base)
+        return _ABS_PATH.sub(lambda m: portable_path(m.group(0)), obj)
     return obj
+
+
+#: an absolute path inside a message (not the "/s" of "rows/s": a slash after a word character)
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)*[\w.+-]+")
 
 
 def portable_path(value: str) -> str:
