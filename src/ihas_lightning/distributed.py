@@ -61,6 +61,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def global_slice(rows: int, device: torch.device | str = "cpu") -> tuple[int, int]:
     """(this rank's first row, all ranks' rows) of a global batch split over the ranks in rank order."""
     if not initialized() or dist.get_world_size() == 1:

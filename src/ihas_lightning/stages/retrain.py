@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 from .. import method
 from ..artifacts import is_current, make_manifest, same_origin, write_manifest
 from ..data.feature_map import FeatureMap
-from ..distributed import barrier, is_global_zero
+from ..distributed import barrier, broadcast_object, is_global_zero
 from ..errors import ConfigError, DataError
 from ..loggers import PrefixedLogger, build_logger, finish_loggers
 from ..modules.retrain import INITS, RetrainModule
@@ -411,7 +411,10 @@ def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics:
     except ValueError as e:
         raise DataError(f"{guard['ckpt']}: {e}") from None
     has_val = metrics["samples"]["val"] > 0
-    trained = RetrainModule.load_from_checkpoint(str(tmp / BEST), map_location="cpu", weights_only=True)
+    # trainer=ddp: every rank reads rank 0's file (another rank's atomic dir is an empty scratch dir)
+    best = broadcast_object(str(tmp / BEST))
+    trained = RetrainModule.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+    barrier()  # every rank has read it before rank 0 may replace it with Base's
     rows = val_rows(trained, dm, cfg, tmp)[0] if has_val else None
     base_rows = val_rows(base, dm, cfg, tmp)[0] if has_val else None
     tol = cfg.search.tolerance
