@@ -297,3 +297,39 @@ def test_retrain_guard_records_its_verdict_and_falls_back_to_base(with_base, tmp
                                     "fallback_clusters": list(range(k))}  # fmt: skip
     assert all(c["fallback"] == "base" and c["guard"]["admissible"] is False for c in res["per_cluster"])
     assert f"{k} of {k} cluster models fell back to Base" in results_markdown(res)
+
+
+def test_the_routed_model_as_a_whole_is_guarded_too(with_base, tmp_path, monkeypatch, caplog):
+    """Every cluster passes on its own rows, but the routed model on all validation rows does not: every
+    cluster then serves Base's model, the verdict is recorded, and the routed iHAS is Base."""
+    from ihas_lightning.modules import selection
+    from ihas_lightning.stages import evaluate, retrain
+
+    make, run_dir, base_ckpt = with_base
+    info = json.loads((run_dir / "cluster" / "cluster.json").read_text())
+    k, n_val = info["k"], sum(info["sizes"]["val"])
+    real = selection.guard_verdict
+
+    def verdict(rows, *a, **kw):  # each cluster admissible; the pooled rows (all of val) are not
+        return {**real(rows, *a, **kw), "admissible": rows is None or len(rows) != n_val}
+
+    monkeypatch.setattr(selection, "guard_verdict", verdict)
+    args = ("stage=retrain", f"cluster.dir={run_dir / 'cluster'}", f"evaluate.base_ckpt={base_ckpt}")
+    with caplog.at_level("WARNING", logger="ihas_lightning"):
+        retrain.run(make(*args, out=tmp_path / "p"))
+    assert sum("as a whole" in r.getMessage() for r in caplog.records) == 1
+    out = tmp_path / "p" / "retrain"
+    g = json.loads((out / "retrain.json").read_text())["guard"]
+    assert g["pooled"]["admissible"] is False and g["pooled"]["model"]["val_rows"] == n_val
+    for c in range(k):
+        m = json.loads((out / f"cluster_{c}" / "metrics.json").read_text())
+        assert m["fallback"] == "base" and m["fallback_reason"] == "pooled" and m["guard"]["admissible"]
+    evaluate.run(make("stage=evaluate", f"retrain.dir={out}", f"evaluate.base_ckpt={base_ckpt}", "evaluate.timing_rows=512",
+                      "evaluate.timing_repeats=1", "evaluate.permutations=5", out=tmp_path / "p"))  # fmt: skip
+    rows = {
+        r["model"]: r for r in json.loads((tmp_path / "p" / "evaluate" / "results.json").read_text())["rows"]
+    }
+    assert rows["iHAS"]["val_auc"] == pytest.approx(rows["Base"]["val_auc"], abs=1e-9)
+    # a re-run finds every cluster up to date (the rewritten dirs keep their manifests) and Base-served
+    retrain.run(make(*args, out=tmp_path / "p"))
+    assert all(c["resumed"] for c in json.loads((out / "retrain.json").read_text())["clusters"])

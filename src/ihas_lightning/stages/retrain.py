@@ -164,10 +164,11 @@ def run(cfg: DictConfig, logger: Any = None) -> dict[str, Any]:
                     cfg, c, info, prepared, fmap, model_cfg, searched, init, cdir, manifest, logger, guard
                 )
             )
+        results, pooled = _pooled_guard(cfg, guard, info, prepared, fmap, out, results, parents)
         summary = {
             "k": k,
             "init": init,
-            "guard": _guard_summary(guard, results),
+            "guard": {**_guard_summary(guard, results), "pooled": pooled},
             "cluster_dir": str(cluster_dir.resolve()),
             "arch_source": parent_key,
             "prepared_dir": str(prepared.resolve()),
@@ -431,6 +432,16 @@ def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics:
         c, v["reason"], _f4(m["val_auc"]), _f4(b["val_auc"]), _f4(m["val_logloss"]), _f4(b["val_logloss"]),
         _f4(v["excess_upper"], "+.2e"), v["tolerance"]["logloss"], _f4(v["auc_lower"], "+.4f"), tol.auc,
     )  # fmt: skip
+    return _serve_base(cfg, base, dm, tmp, metrics, v)
+
+
+def _serve_base(
+    cfg: DictConfig, base, dm, tmp: Path, metrics: dict[str, Any], v: dict[str, Any]
+) -> dict[str, Any]:
+    """Base's model (``base``, full dims) saved as the cluster's ``tmp/best.ckpt``; the metrics become
+    Base's on the cluster's rows (``v["base"]``: its validation metrics there; the retrained model's
+    under ``retrained``)."""
+    b = v["base"]
     trainer = build_trainer(cfg, 1, [], None, tmp, enable_checkpointing=False, inference_mode=False)
     test = (trainer.test(base, datamodule=dm, verbose=False) or [{}])[0]
     trainer.save_checkpoint(str(tmp / BEST))  # the cluster's model is Base's (same class of checkpoint)
@@ -447,6 +458,97 @@ def _apply_guard(cfg: DictConfig, guard: dict[str, Any], dm, tmp: Path, metrics:
         "guard": v,
         "fallback": "base",
     }
+
+
+def _pooled_guard(
+    cfg: DictConfig, guard, info, prepared: Path, fmap: FeatureMap, out: Path, results, parents
+):
+    """The routed model as a whole against Base on every validation row (each row scored by its
+    cluster's model, the cross-cluster calibration included), by the same rule as each cluster's; where
+    it fails, every cluster still on its retrained model serves Base's too. Returns (results, verdict or
+    None where nothing was judged)."""
+    from ..distributed import world_size
+    from ..modules.selection import guard_verdict
+
+    kept = [c for c, r in enumerate(results) if r.get("fallback") != "base"]
+    if (
+        guard is None
+        or guard["base"] is None
+        or len(results) < 2
+        or info.get("assign_val") is None
+        or not kept
+    ):
+        return results, None
+    if world_size() > 1:  # the gathered rows are in rank order, not the file's: no per-row routing
+        return results, {"skipped": "trainer=ddp"}
+    assign = torch.as_tensor(np.asarray(info["assign_val"]), dtype=torch.long)
+    dm = make_datamodule(cfg, prepared, batch_size=max(int(r["batch_size"]) for r in results))
+    where = out / ".pooled"
+    base = RetrainModule.from_base(guard["base"], guard["model_cfg"], field_names=fmap.field_names)
+    base_rows = val_rows(base, dm, cfg, where)[0]
+    if base_rows is None or len(base_rows) != len(assign):
+        shutil.rmtree(where, ignore_errors=True)
+        return results, None
+    served = base_rows.clone()
+    for c in kept:
+        mod = RetrainModule.load_from_checkpoint(str(out / f"cluster_{c}" / BEST), map_location="cpu",
+                                                 weights_only=True)  # fmt: skip
+        rows = val_rows(mod, dm, cfg, where)[0]
+        if rows is None or not torch.equal(rows[:, 2], base_rows[:, 2]):  # not the same rows in order
+            shutil.rmtree(where, ignore_errors=True)
+            return results, {"skipped": "the validation rows did not line up"}
+        served[assign == c] = rows[assign == c]
+    shutil.rmtree(where, ignore_errors=True)
+    tol, h0 = cfg.search.tolerance, _h0(dm.positive_rate("train"))
+    v = guard_verdict(
+        served, base_rows, float(tol.ne), float(tol.auc), h0, float(cfg.retrain.guard_confidence)
+    )
+    v.update(mode="pooled", constant_logloss_of="constant logloss at the run's train base rate")
+    if not v["admissible"]:
+        v["reason"] = "the routed model is not within search.tolerance of Base on the validation rows"
+    if v["admissible"]:
+        return results, v
+    log.warning(
+        "retrain stage: the routed model as a whole is not within search.tolerance of Base on the validation "
+        "rows (AUC %s vs Base %s, logloss %s vs %s): clusters %s serve Base's model too",
+        _f4(v["model"]["val_auc"]), _f4(v["base"]["val_auc"]), _f4(v["model"]["val_logloss"]),
+        _f4(v["base"]["val_logloss"]), kept,
+    )  # fmt: skip
+    for c in kept:
+        manifest = make_manifest("retrain", cfg, CONFIG_KEYS, parents=parents, extra={"cluster": c})
+        results[c] = _pooled_fallback(
+            cfg, guard, info, prepared, fmap, out / f"cluster_{c}", results[c], v, manifest
+        )
+    return results, v
+
+
+def _h0(rate: float | None) -> float:
+    from .. import schedule
+
+    return schedule.base_rate_entropy(rate) or 0.0
+
+
+def _pooled_fallback(
+    cfg, guard, info, prepared: Path, fmap: FeatureMap, cdir: Path, metrics, pooled, manifest
+):
+    """Cluster ``metrics["cluster"]``'s dir rewritten (atomically) with Base's model, after the pooled
+    verdict ``pooled`` failed; its own verdict is kept under ``guard``."""
+    from ..modules.selection import row_metrics
+
+    c = int(metrics["cluster"])
+    masks, _ = _cluster_rows(info, fmap, c)
+    dm = make_datamodule(cfg, prepared, batch_size=int(metrics["batch_size"]), row_filter=masks)
+    base = RetrainModule.from_base(
+        guard["base"], guard["model_cfg"], cluster_id=c, field_names=fmap.field_names
+    )
+    with atomic_dir(cdir, overwrite=True) as tmp:
+        b = row_metrics(val_rows(base, dm, cfg, tmp)[0])
+        new = _serve_base(cfg, base, dm, tmp, metrics, {**(metrics.get("guard") or {}), "base": b})
+        new.update(fallback_reason="pooled", pooled_guard={k: pooled[k] for k in ("model", "base", "reason")})
+        if is_global_zero():
+            write_json(tmp / "metrics.json", new)
+            write_manifest(tmp, manifest)
+    return new
 
 
 def _guard_summary(guard: dict[str, Any] | None, results: list[dict[str, Any]]) -> dict[str, Any]:
