@@ -17,8 +17,8 @@ from .errors import ConfigError
 PHASES = ("search", "cluster", "derive", "retrain", "evaluate")
 OVERRIDABLE = ("search_every", "model_lr_scale", "max_epochs", "patience", "search_monitor")
 RETRAIN_INITS = ("searched", "scratch", "rewind", "continue")
-#: ``method.retrain_guard`` / ``retrain.guard``: base = a retrained cluster model that is not provably no
-#: worse than Base on its cluster's validation rows is replaced by Base (iHAS); none = as trained
+#: ``method.retrain_guard`` / ``retrain.guard``: base = a retrained cluster model (or the routed model as a
+#: whole) not within search.tolerance of Base on validation is replaced by Base (iHAS); none = as trained
 RETRAIN_GUARDS = ("base", "none")
 SELECTS = ("best", "last", "sparsest")
 OBJECTIVES = ("logloss", "ne")
