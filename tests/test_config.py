@@ -36,6 +36,16 @@ def test_ablation_switches_reach_the_method(tmp_path):
     assert compose(["experiment=non_instance_wise"], output_dir=tmp_path).method.gate.instance_wise is False
 
 
+def test_sparse_search_reaches_the_selector_and_leaves_the_pretraining(tmp_path):
+    base = compose(["dataset=criteo"], output_dir=tmp_path)
+    cfg = compose(["dataset=criteo", "experiment=sparse_search"], output_dir=tmp_path)
+    assert base.method.selector.polarization_weight == 1.0  # the default: the paper's regularizer
+    assert cfg.method.selector.polarization_weight == 0.1 and cfg.method.arch_optim.lr == 0.03
+    assert cfg.method.patience == 12 and cfg.search.model_lr_scale == 1.0
+    # the pretraining (= Base) keeps the search group's patience
+    assert cfg.search.pretrain.patience == base.search.pretrain.patience
+
+
 def test_data_size_aware_defaults_and_the_paper_protocol(tmp_path):
     cfg = compose(["dataset=criteo"], output_dir=tmp_path)
     assert cfg.search.search_every == "auto" and cfg.model.batch_size == "auto"

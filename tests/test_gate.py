@@ -104,6 +104,31 @@ def test_regularizer_matches_hand_computation():
     assert gate_regularizer(p, 2.0, polarization=False).item() == pytest.approx(2.0 * (1.5 + 1.2) / 2)
 
 
+def test_polarization_weight_against_a_brute_force_loop():
+    torch.manual_seed(0)
+    p = torch.rand(5, 7)
+    for beta in (0.0, 0.1, 0.5, 1.0):
+        want = 0.0
+        for row in p.tolist():
+            m = sum(row) / len(row)
+            want += sum(x - beta * abs(x - m) for x in row)
+        got = gate_regularizer(p, 3.0, polarization=True, polarization_weight=beta).item()
+        assert got == pytest.approx(3.0 * want / 5, rel=1e-5)
+    # beta = 0 is the sparsity-only ablation
+    assert gate_regularizer(p, 3.0, True, 0.0).item() == pytest.approx(gate_regularizer(p, 3.0, False).item())
+
+
+def test_polarization_weight_below_one_closes_every_open_dim():
+    # a = 1/3 of the dims above the mean: the paper's term (beta 1) pushes that dim further open
+    # (d/dp = 2a - 1 < 0); with beta 0.1 every dim is pushed closed (d/dp = 1 - 2 beta (1 - a) > 0)
+    for beta, opens in ((1.0, True), (0.1, False)):
+        p = torch.tensor([[0.1, 0.2, 0.9]], requires_grad=True)
+        gate_regularizer(p, 1.0, True, beta).backward()
+        assert (p.grad[0, 2].item() < 0) is opens
+        assert p.grad[0, 2].item() == pytest.approx(1 - 2 * beta * (1 - 1 / 3), abs=1e-6)
+    assert (p.grad[0] > 0).all()
+
+
 def test_polarization_gradient_pushes_away_from_mean():
     p = torch.tensor([[0.3, 0.6, 0.9]], requires_grad=True)
     gate_regularizer(p, 1.0, polarization=True).backward()

@@ -246,12 +246,17 @@ def _bin_counts(p: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.zeros(b_, bins, dtype=torch.int32, device=p.device).scatter_add_(1, idx, ones)
 
 
-def gate_regularizer(p: torch.Tensor, lambda_reg: float, polarization: bool = True) -> torch.Tensor:
-    """``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)`` averaged over the batch (eq. 5).
+def gate_regularizer(
+    p: torch.Tensor, lambda_reg: float, polarization: bool = True, polarization_weight: float = 1.0
+) -> torch.Tensor:
+    """``lambda * sum_j (p_ij - beta |p_ij - mean_j p_ij|)`` averaged over the batch (eq. 5: beta = 1).
 
-    ``polarization=False`` keeps the sparsity term ``lambda * sum_j p_ij`` only (ablation)."""
+    ``polarization=False`` keeps the sparsity term ``lambda * sum_j p_ij`` only (ablation). With
+    ``beta = polarization_weight < 1`` every open dim is pushed closed (by ``1 - 2 beta (1 - a)``, a the
+    share of dims above the mean), not only those below the mean (see docs/search.md)."""
     if polarization:
-        per_sample = (p - (p - p.mean(dim=1, keepdim=True)).abs()).sum(dim=1)
+        dev = (p - p.mean(dim=1, keepdim=True)).abs()
+        per_sample = (p - dev if polarization_weight == 1.0 else p - polarization_weight * dev).sum(dim=1)
     else:
         per_sample = p.sum(dim=1)
     return lambda_reg * per_sample.mean()

@@ -70,7 +70,16 @@ from .ctr import CTRModule, bce_loss
 
 HIST_BINS = 50
 OBJECTIVES = ("logloss", "ne")
-GATE_SELECTOR_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm", "lambda_reg", "polarization")
+GATE_SELECTOR_KEYS = (
+    "tau",
+    "instance_wise",
+    "bins",
+    "init_bias",
+    "input_norm",
+    "lambda_reg",
+    "polarization",
+    "polarization_weight",
+)
 log = logging.getLogger("ihas_lightning")
 
 

@@ -42,6 +42,7 @@ class BernoulliSelector(Selector):
         input_norm: str | None = None,
         lambda_reg: float | None = None,
         polarization: bool | None = None,
+        polarization_weight: float | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
         kn = self.knobs(
@@ -52,6 +53,7 @@ class BernoulliSelector(Selector):
             input_norm=input_norm,
             lambda_reg=lambda_reg,
             polarization=polarization,
+            polarization_weight=polarization_weight,
         )
         tau, instance_wise, bins, init_bias, input_norm, lambda_reg, polarization = (
             kn["tau"],
@@ -72,6 +74,10 @@ class BernoulliSelector(Selector):
         )
         self.lambda_reg = float(lambda_reg)
         self.polarization = bool(polarization)
+        pw = 1.0 if kn["polarization_weight"] is None else float(kn["polarization_weight"])
+        if not 0.0 <= pw <= 1.0:
+            raise ValueError(f"polarization_weight must be in [0, 1], got {pw}")
+        self.polarization_weight = pw
         # the gate folded into the id table (:mod:`ihas_lightning.models.folded_gate`), set by
         # :meth:`fold` for inference; a plain attribute, never saved
         self.folded: Any = None
@@ -125,4 +131,6 @@ class BernoulliSelector(Selector):
 
     def regularizer(self, aux: dict[str, Any]) -> torch.Tensor | None:
         p = aux.get("p")
-        return None if p is None else gate_regularizer(p, self.lambda_reg, self.polarization)
+        if p is None:
+            return None
+        return gate_regularizer(p, self.lambda_reg, self.polarization, self.polarization_weight)
