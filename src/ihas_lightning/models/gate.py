@@ -254,9 +254,7 @@ def gate_regularizer(
     ``polarization=False`` keeps the sparsity term ``lambda * sum_j p_ij`` only (ablation). With
     ``beta = polarization_weight < 1`` every open dim is pushed closed (by ``1 - 2 beta (1 - a)``, a the
     share of dims above the mean), not only those below the mean (see docs/search.md)."""
-    if polarization:
-        # x 1.0 is exact: the paper's beta gives the same numbers as without the factor
-        per_sample = (p - polarization_weight * (p - p.mean(dim=1, keepdim=True)).abs()).sum(dim=1)
-    else:
-        per_sample = p.sum(dim=1)
+    # one expression for every case (x 1.0 and x 0.0 are exact: the paper's and the ablation's numbers)
+    beta = float(polarization_weight) if polarization else 0.0
+    per_sample = (p - beta * (p - p.mean(dim=1, keepdim=True)).abs()).sum(dim=1)
     return lambda_reg * per_sample.mean()
