@@ -108,6 +108,28 @@ def test_stage_all_synthetic_and_resume(cfg_factory, tmp_path, capsys):
     assert Path(inputs["cluster_dir"]) == (o2 / "cluster").resolve()  # found via the retrain manifest
 
 
+def test_stage_all_takes_base_from_the_search_pretraining(cfg_factory):
+    """Where the pretraining is Base's fit, stage=all fits it once: Base is written after the search."""
+    from ihas_lightning import pipeline
+
+    same = [
+        "search.max_epochs=2",
+        "search.pretrain.max_epochs=2",
+        "search.patience=1",
+        "search.pretrain.patience=1",
+    ]
+    cfg = cfg_factory("stage=all", "dataset.rows=6000", *TINY, *same)
+    metrics = pipeline.run(cfg)
+    out = Path(cfg.paths.output_dir)
+    _check_run(out)
+    base = json.loads((out / "base" / "search" / "metrics.json").read_text())
+    assert base["derived_from"]["search"] == "../../search" and "base/test/auc" in metrics
+    pre = json.loads((out / "search" / "pretraining.json").read_text())
+    assert base["epochs_run"] == pre["epochs"] and base["best_epoch"] == pre["best_epoch"]
+    stages = list(json.loads((out / "pipeline.json").read_text())["stages"])
+    assert stages.index("base") == stages.index("search") + 1
+
+
 def test_evaluate_missing_retrain_dir_is_one_line_error(cfg_factory, tmp_path):
     from ihas_lightning.errors import DataError
     from ihas_lightning.stages import evaluate

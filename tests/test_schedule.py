@@ -69,7 +69,7 @@ def test_pretraining_ends_on_patience_restores_the_best_weights_and_bounds_the_s
     assert m.search_start_epoch is None and m.in_pretrain(5)
     cb = SearchSchedule(pretrain_max_epochs=10, pretrain_patience=1, search_max_epochs=2)
     trainer = SimpleNamespace(current_epoch=0, callback_metrics={"val/logloss": torch.tensor(0.5)},
-                              should_stop=False)  # fmt: skip
+                              should_stop=False, global_step=0)  # fmt: skip
     cb.on_train_epoch_end(trainer, m)
     best = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
@@ -94,6 +94,6 @@ def test_fixed_pretraining_length_ends_at_max_epochs():
     cb = SearchSchedule(pretrain_max_epochs=3, pretrain_patience=None, search_max_epochs=5)
     for epoch in range(3):
         trainer = SimpleNamespace(current_epoch=epoch, callback_metrics={"val/logloss": torch.tensor(0.1 * epoch)},
-                                  should_stop=False)  # fmt: skip
+                                  should_stop=False, global_step=0)  # fmt: skip
         cb.on_train_epoch_end(trainer, m)
     assert m.search_start_epoch == 3

@@ -197,6 +197,38 @@ def test_the_pretrained_reference_is_base_itself(cfg_factory, tmp_path):
     assert b["train_positive_rate"] == base["budget"]["train_positive_rate"]
 
 
+def test_base_from_the_pretraining_is_the_fitted_base(cfg_factory, tmp_path):
+    """stage=all takes Base from the search's pretraining instead of fitting it again: the same weights,
+    epochs, steps, budget and val/test scores as a fitted Base (no trainer.deterministic needed)."""
+    import torch
+
+    from ihas_lightning.pipeline import base_config
+    from ihas_lightning.stages.search import base_from_pretraining, pretraining_is_base, run
+
+    small = ["dataset.rows=5000", "model.batch_size=256", "search.patience_steps=0", "search.max_epochs=4",
+             "search.patience=1"]  # fmt: skip
+    base = run(cfg_factory(*small, "method=base", output_dir=tmp_path / "base"))
+    cfg = cfg_factory(*small, "search.search_every=2", output_dir=tmp_path / "ihas")
+    run(cfg)
+    cb = base_config(cfg)
+    assert pretraining_is_base(cfg, cb)
+    derived = base_from_pretraining(cb, tmp_path / "ihas" / "search")
+    timing = {"fit_seconds", "train_seconds", "samples_per_s", "best_ckpt", "derived_from"}
+    assert {k for k in set(base) | set(derived) if base.get(k) != derived.get(k)} <= timing
+    assert derived["derived_from"]["search"] == "../../search" and derived["epochs_run"] == 4
+    a, b = (torch.load(m["best_ckpt"], weights_only=True) for m in (base, derived))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (a["epoch"], a["global_step"], a["hyper_parameters"]) == (
+        b["epoch"],
+        b["global_step"],
+        b["hyper_parameters"],
+    )
+    # a pretraining that is not Base's fit (another patience) is not taken for it
+    other = cfg_factory(*small, "search.pretrain.patience=2", output_dir=tmp_path / "other")
+    assert not pretraining_is_base(other, base_config(other))
+
+
 def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
     from ihas_lightning.stages.search import run
 

@@ -2,6 +2,11 @@
 
     prepare (if needed) -> Base (``stage.train_base``) -> the method's ``phases``
 
+Base is fitted once: where the search's pretraining is Base's fit (iHAS's defaults: same init, every
+train row, the same budget and stopping rule; :func:`~ihas_lightning.stages.search.pretraining_is_base`)
+Base is written after the search from its restored pretrained weights, scored as a fitted Base is
+(``base/search/metrics.json`` says ``derived_from``); elsewhere Base is fitted first.
+
 The phases come from the method's config (``conf/method/<name>.yaml``): iHAS ``search -> cluster ->
 retrain -> evaluate``; AutoField and OptFS ``search -> derive -> retrain -> evaluate``; AdaFS and Base
 ``search -> evaluate``. This orchestrator sits above the stages (which never import each other) and
@@ -58,8 +63,11 @@ def base_config(cfg: DictConfig) -> DictConfig:
     return cb
 
 
-def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
-    """search.run(cfg), unless its output dir is already complete for this config (resume)."""
+def run_search_or_resume(cfg: DictConfig, prepared: Path, derive_from: Path | None = None) -> dict[str, Any]:
+    """search.run(cfg), unless its output dir is already complete for this config (resume). Base with
+    ``derive_from`` (a finished search dir whose pretraining is Base's fit): taken from that
+    pretraining (:func:`~ihas_lightning.stages.search.base_from_pretraining`), fitted only where it
+    left no record."""
     from .artifacts import is_current, make_manifest
     from .rundir import SEARCH_DIR
 
@@ -74,6 +82,10 @@ def run_search_or_resume(cfg: DictConfig, prepared: Path) -> dict[str, Any]:
         m = read_json(out / "metrics.json")
         m["resumed"] = True
         return m
+    if derive_from is not None and not cfg.search.get("resume"):
+        derived = search.base_from_pretraining(cfg, derive_from)
+        if derived is not None:
+            return derived
     last = out / search.LAST
     started = out / search.STARTED
     if not cfg.search.get("resume") and last.is_file() and started.is_file():
@@ -176,8 +188,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from .validate import check_against_data
 
         check_against_data(cfg, FeatureMap.load(prepared), phases)
-        if bool(cfg.stage.train_base) and method.has_selector(cfg):
-            cb = base_config(cfg)
+        cb = base_config(cfg) if bool(cfg.stage.train_base) and method.has_selector(cfg) else None
+        # the search's pretraining is Base's fit (same weights to the last bit): Base is taken from it
+        derive = cb is not None and "search" in phases and stage_module("search").pretraining_is_base(cfg, cb)
+        if cb is not None and not derive:
             with scope_prefix("base"):
                 timed("base", lambda: run_search_or_resume(cb, prepared))
         if method.transferring(cfg):
@@ -187,6 +201,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if name == "search":
                 with scope_prefix("search"):
                     metrics = timed("search", lambda: run_search_or_resume(cfg, prepared))
+                if derive:
+                    searched = out / stage_module("search").SEARCH_DIR
+                    with scope_prefix("base"):
+                        timed("base", lambda s=searched: run_search_or_resume(cb, prepared, derive_from=s))
             elif name in FIT_STAGES:
                 metrics = timed(name, lambda name=name: stage_module(name).run(cfg))
             else:

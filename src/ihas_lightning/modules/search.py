@@ -52,6 +52,7 @@ histogram had a valley) and a histogram of the gate probabilities.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,7 +235,11 @@ class SearchSchedule(Callback):
         search_max_epochs: int,
         monitor: str = "val/logloss",
         restore_best: bool = True,
+        record: Path | None = None,
     ):
+        self.record = None if record is None else Path(record)
+        self.best_global_step: int | None = None
+        self._t0: float | None = None
         self.pretrain_max_epochs = int(pretrain_max_epochs)
         self.pretrain_patience = None if pretrain_patience is None else int(pretrain_patience)
         self.search_max_epochs = int(search_max_epochs)
@@ -247,12 +252,37 @@ class SearchSchedule(Callback):
         self._best_state: dict[str, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait}
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "wait": self.wait,
+                "best_global_step": self.best_global_step}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = state_dict.get("best_score")
         self.best_epoch = state_dict.get("best_epoch")
         self.wait = int(state_dict.get("wait", 0))
+        self.best_global_step = state_dict.get("best_global_step")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def _write_record(self, trainer, pl_module, epoch: int) -> None:
+        """``pretraining.json``: what the pretraining (= Base's fit) did, for a Base derived from it
+        (``stage=all``: :func:`ihas_lightning.stages.search.base_from_pretraining`)."""
+        if self.record is None or not trainer.is_global_zero:
+            return
+        from ..utils import write_json
+
+        tp = next((c for c in trainer.callbacks if hasattr(c, "samples_per_s")), None)
+        write_json(self.record, {
+            "best_epoch": self.best_epoch,
+            "best_global_step": self.best_global_step,
+            "epochs": epoch + 1,
+            "global_step": int(trainer.global_step),
+            "restored": bool(self.restore_best),
+            "fit_seconds": None if self._t0 is None else round(time.perf_counter() - self._t0, 3),
+            "train_seconds": None if tp is None else round(tp.seconds, 3),
+            "train_samples": None if tp is None else int(tp.samples),
+            "resumed": self._t0 is None or trainer.ckpt_path is not None,
+        })  # fmt: skip
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
@@ -267,6 +297,7 @@ class SearchSchedule(Callback):
             score = self.sign * float(value)
             if self.best_score is None or score > self.best_score:
                 self.best_score, self.best_epoch, self.wait = score, epoch, 0
+                self.best_global_step = int(trainer.global_step)
                 if self.restore_best:
                     self._best_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             else:
@@ -277,6 +308,7 @@ class SearchSchedule(Callback):
                 pl_module.load_state_dict(self._best_state)
             self._best_state = None
             pl_module.start_search(epoch + 1)
+            self._write_record(trainer, pl_module, epoch)
             log.info(
                 "search: pretraining ended after epoch %d (%s; best %s at epoch %s%s); the bi-level "
                 "search starts at epoch %d",

@@ -43,6 +43,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -117,6 +118,7 @@ def _metric(d: list[dict], key: str) -> float | None:
 
 
 GATE_DATA = ("holdout", "val")
+PRETRAINING = "pretraining.json"  # what the pretraining did (SearchSchedule), for a Base derived from it
 OUTPUT_BIAS = ("prior", "zero")
 
 
@@ -350,7 +352,7 @@ def _start(cfg: DictConfig) -> _Plan:
     out.mkdir(parents=True, exist_ok=True)
     zero = is_global_zero()  # trainer=ddp: rank 0 writes the stage's files, the others wait for them
     # the manifest marks a complete search dir: drop a previous run's before writing anything new
-    for stale in ("manifest.json", "metrics.json"):
+    for stale in ("manifest.json", "metrics.json", PRETRAINING):
         if zero:
             (out / stale).unlink(missing_ok=True)
     prepared = Path(ensure_prepared(cfg))
@@ -469,8 +471,7 @@ def _fit(cfg: DictConfig, plan: _Plan, module, h0, logger):
     sc, budget = cfg.search, plan.budget
     search_epochs = int(method.setting(cfg, "max_epochs"))
     steps = sc.get("patience_steps")
-    patience = method.setting(cfg, "patience") if bool(cfg.method.early_stop) else None
-    budget["patience"] = patience = schedule.patience_epochs(patience, plan.bpe, steps)
+    budget["patience"] = patience = _patience(cfg, plan)
     rule = sparsest_rule(cfg, plan.out, h0)
     callbacks, ckpt_cb = selection_callbacks(plan.out, _monitor(cfg), patience, sparsest=rule)
     throughput = throughput_callback()
@@ -487,6 +488,7 @@ def _fit(cfg: DictConfig, plan: _Plan, module, h0, logger):
                 search_max_epochs=search_epochs,
                 monitor=str(sc.monitor),
                 restore_best=bool(pre.get("restore_best", True)),
+                record=plan.out / PRETRAINING if _is_sparsest(cfg) else None,
             ),
         )
         max_epochs = int(pre.max_epochs) + search_epochs
@@ -501,6 +503,14 @@ def _fit(cfg: DictConfig, plan: _Plan, module, h0, logger):
     fit = {"fit_seconds": time.perf_counter() - t0, "max_epochs": max_epochs}
     fit["gate_steps"] = int(module.gate_steps)  # loading best.ckpt later restores its count
     return trainer, ckpt_cb, throughput, fit
+
+
+def _patience(cfg: DictConfig, plan: _Plan) -> int | None:
+    """The fit's early-stopping patience in epochs (derived from the data: ``search.patience_steps``)."""
+    from .. import schedule
+
+    patience = method.setting(cfg, "patience") if bool(cfg.method.early_stop) else None
+    return schedule.patience_epochs(patience, plan.bpe, cfg.search.get("patience_steps"))
 
 
 def _select(cfg: DictConfig, plan: _Plan, trainer, module, ckpt_cb):
@@ -638,6 +648,110 @@ def _select_gates_open(trainer, module, rule, out: Path) -> None:
     trainer.save_checkpoint(path)
     rule.best_model_path = str(path)
     log.warning("search: no search epoch within search.tolerance of the gates-open model: gates open")
+
+
+# ---- Base from the search's pretraining (stage=all) -------------------------------------------------------
+def pretraining_is_base(cfg: DictConfig, cb: DictConfig) -> bool:
+    """The search of ``cfg`` pretrains exactly Base's fit (``cb``, :func:`~ihas_lightning.pipeline.base_config`):
+    the same model and optimizers, every train row, the same epoch budget, patience, monitor and best-epoch
+    restore. The module's init and the batches are Base's by construction (tested to the last bit), so the
+    restored pretrained weights are Base's best checkpoint and Base need not be fitted a second time."""
+    if not _is_sparsest(cfg) or world_size() > 1:
+        return False
+    pre = method.pretrain(cfg)
+    base_patience = method.setting(cb, "patience") if bool(cb.method.early_stop) else None
+    return (
+        bool(pre.get("restore_best", True))
+        and int(pre.max_epochs) == int(method.setting(cb, "max_epochs"))
+        and pre.get("patience") == base_patience
+        and method.model_cfg(cfg) == method.model_cfg(cb)
+        and not method.has_selector(cb)
+    )
+
+
+def base_from_pretraining(cb: DictConfig, search_out: Path) -> dict[str, Any] | None:
+    """Base's ``search/`` outputs from the search in ``search_out`` whose pretraining was Base's fit
+    (:func:`pretraining_is_base`): ``best.ckpt`` holds the restored pretrained weights without the gate,
+    scored on val and test as a fitted Base is; the epochs, steps and training time are the pretraining's
+    (``pretraining.json``). None when the search left no such record (Base is then fitted)."""
+    from ..loggers import build_logger, finish_loggers
+    from ..modules.selection import PRETRAINED
+    from ..training import build_trainer
+    from ..utils import read_json
+
+    rec_path, src = search_out / PRETRAINING, search_out / PRETRAINED
+    if not (rec_path.is_file() and src.is_file()):
+        return None
+    rec = read_json(rec_path)
+    if rec.get("best_epoch") is None or not rec.get("restored", True):
+        return None
+    check_cfg(cb)
+    plan = _start(cb)
+    seed_everything(int(cb.seed))
+    _load_data(cb, plan)
+    module, bias, h0, _ = _build(cb, plan)
+    best = plan.out / BEST
+    _write_base_ckpt(module, torch.load(src, map_location="cpu", weights_only=True), rec, best)
+    logger = build_logger(cb, str(cb.get("tag") or "search"))
+    try:
+        trainer = build_trainer(cb, int(method.setting(cb, "max_epochs")), [], logger, plan.out_root)
+        val = trainer.validate(
+            module, dataloaders=plan.dm.val_dataloader(), ckpt_path=str(best), verbose=False
+        )
+        test = trainer.test(module, dataloaders=plan.dm.test_dataloader(), ckpt_path=str(best), verbose=False)
+        plan.budget["patience"] = _patience(cb, plan)
+        timing = SimpleNamespace(
+            seconds=rec.get("train_seconds") or 0.0, samples=rec.get("train_samples") or 0
+        )
+        fit = {
+            "fit_seconds": rec.get("fit_seconds") or 0.0,
+            "max_epochs": int(method.setting(cb, "max_epochs")),
+        }
+        metrics = _metrics(cb, plan, trainer, module, best, val, test, timing, fit)
+        metrics.update(epochs_run=int(rec["epochs"]), global_step=int(rec["global_step"]))
+        metrics["budget"].update(train_positive_rate=plan.prior, output_bias=bias)
+        metrics["derived_from"] = {
+            "search": str(Path("..") / ".." / SEARCH_DIR),
+            "note": "Base is the search's pretraining (same init, batches and stopping rule): its restored "
+            "weights, not a second fit; the epochs and the training time are the pretraining's"
+            + (" (a resumed pretraining: its time is partial)" if rec.get("resumed") else ""),
+        }
+        write_json(plan.out / "metrics.json", metrics)
+        _write_manifest(cb, plan.out, plan.prepared, plan.fmap, best)
+        log.info("base: from the search's pretraining (epoch %s), val/auc=%s test/auc=%s",
+                 metrics["best_epoch"], _round(metrics["val/auc"]), _round(metrics["test/auc"]))  # fmt: skip
+        return metrics
+    finally:
+        finish_loggers()
+
+
+def _write_base_ckpt(module, pretrained: dict[str, Any], rec: dict[str, Any], path: Path) -> None:
+    """Base's best.ckpt: the pretrained checkpoint's weights less the gate's, at the best epoch's counters."""
+    own = module.state_dict()
+    state = pretrained["state_dict"]
+    missing = sorted(set(own) - set(state))
+    extra = sorted(k for k in set(state) - set(own) if not k.startswith("model.selector."))
+    if missing or extra:
+        raise RuntimeError(
+            f"the pretrained checkpoint is not Base's model: missing {missing}, unexpected {extra}"
+        )
+    ckpt = {k: pretrained[k] for k in ("pytorch-lightning_version",) if k in pretrained}
+    ckpt.update(
+        epoch=int(rec["best_epoch"]),
+        global_step=int(rec.get("best_global_step") or 0),
+        state_dict={k: state[k] for k in own},
+        hparams_name="kwargs",
+        hyper_parameters=dict(module.hparams),
+        search_phase={
+            "search_start_epoch": 0,
+            "lr_scaled": False,
+            "gate_steps": 0,
+            "search_batches_drawn": 0,
+        },
+    )
+    tmp = path.with_suffix(".ckpt.tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
 
 
 def _round(v: float | None) -> float | None:
