@@ -84,6 +84,26 @@ def test_small_cluster_is_merged_and_assignment_is_nearest_centroid():
         )
 
 
+def test_kmeans_stops_at_the_pass_that_moves_the_centroids_less_than_tol():
+    """cluster.tol: a pass whose relative squared centroid shift is at most tol ends the fit; tol 0 runs every
+    pass; the shifts are those of the centroids between consecutive passes (checked against a rerun)."""
+    from ihas_lightning.stages.cluster import fit_kmeans
+
+    torch.manual_seed(0)
+    model = DLRM([50] * 4, embed_dim=4, gate=dict(tau=0.1, init_bias=0.0)).eval()
+    x = torch.randint(0, 50, (4000, 4), dtype=torch.int32)
+    every: dict = {}
+    c_all = fit_kmeans(model, _batches(x, 500), 3, 4, 500, 0, tol=0.0, info=every)
+    assert every["passes"] == 4 and len(every["shifts"]) == 3 and all(s >= 0 for s in every["shifts"])
+    tol = every["shifts"][0] * 1.0001  # the second pass moves no more than this: it ends the fit
+    early: dict = {}
+    c2 = fit_kmeans(model, _batches(x, 500), 3, 4, 500, 0, tol=tol, info=early)
+    assert early["passes"] == 2 and early["shifts"] == every["shifts"][:1]
+    two = fit_kmeans(model, _batches(x, 500), 3, 2, 500, 0)  # the same as max_passes=2
+    np.testing.assert_array_equal(c2, two)
+    assert not np.array_equal(c2, c_all)
+
+
 def test_planted_recovery_scores_selected_fields():
     names = ["key", "f01", "f02", "f03", "f04"]
     truth = {"key_field": "key", "groups": {"0": ["f01", "f02"], "1": ["f03"]}}

@@ -98,6 +98,7 @@ class ClusterConfig:
     k: int = MISSING
     batch_size: int = MISSING
     max_passes: int = MISSING
+    tol: float = MISSING
     dir: str | None = MISSING
     min_cluster_size: int = MISSING
     input: str = MISSING

@@ -4,7 +4,8 @@ The searched embedding layer + Bernoulli gate (deterministic mode: automatic thr
 turn each TRAIN sample into its masked embedding ``E_i * m_i`` (``cluster.input``: or its 0/1 mask,
 or its gate probabilities; see :func:`ihas_lightning.routing.cluster_features`). A mini-batch K-Means
 (``sklearn.cluster.MiniBatchKMeans.partial_fit``) is fitted on those vectors, streamed in file
-order in batches of ``cluster.batch_size`` for ``cluster.max_passes`` passes (seeded by ``seed``).
+order in batches of ``cluster.batch_size`` for at most ``cluster.max_passes`` passes (seeded by ``seed``;
+a pass that moves the centroids by at most ``cluster.tol`` ends the fit).
 
 Then, with our own vectorised nearest-centroid code (:func:`ihas_lightning.routing.nearest_centroid`,
 the same used at inference), every train/val/test sample is assigned, and per cluster the masks
@@ -158,12 +159,23 @@ def _stream(model: DLRM, batches, input: str) -> FeatureStream:
 
 
 def fit_kmeans(
-    model: DLRM, batches, k: int, passes: int, batch_size: int, seed: int, input: str = "masked_embedding"
+    model: DLRM,
+    batches,
+    k: int,
+    passes: int,
+    batch_size: int,
+    seed: int,
+    input: str = "masked_embedding",
+    tol: float = 0.0,
+    info: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Mini-batch K-Means over the clustering features (``cluster.input``, default the masked
     embeddings) of ``batches()`` (a callable returning an iterator of x tensors, or a
-    :class:`FeatureStream`), ``passes`` passes: the gate runs on the first. Returns the centroids
-    [k, D] (float32)."""
+    :class:`FeatureStream`), at most ``passes`` passes: the gate runs on the first. A pass that moves
+    the centroids by at most ``tol`` (their squared shift over the pass, relative to their squared
+    norm) ends the fit: the later passes would move them less still (each centroid's step size is one
+    over the rows it has absorbed). ``info`` receives the passes run and each pass's relative shift.
+    Returns the centroids [k, D] (float32)."""
     import sklearn
     from sklearn.cluster import MiniBatchKMeans
 
@@ -175,8 +187,11 @@ def fit_kmeans(
     )
     buf: list[np.ndarray] = []
     buffered = 0
+    shifts: list[float] = []
+    info = {} if info is None else info
     with sklearn.config_context(assume_finite=True):  # the features are finite (no per-batch scan)
-        for _ in range(passes):
+        for p in range(passes):
+            before = km.cluster_centers_.copy() if hasattr(km, "cluster_centers_") else None
             for feats, _ in stream():
                 arr = feats.cpu().numpy().astype(np.float32, copy=False)
                 if not hasattr(km, "cluster_centers_"):
@@ -188,6 +203,15 @@ def fit_kmeans(
                     arr = np.concatenate(buf)
                     buf = []
                 km.partial_fit(arr)
+            info["passes"] = p + 1
+            if before is not None:
+                c = km.cluster_centers_.astype(np.float64)
+                shifts.append(
+                    float(((c - before) ** 2).sum() / max((before.astype(np.float64) ** 2).sum(), 1e-30))
+                )
+                info["shifts"] = shifts
+                if shifts[-1] <= tol:
+                    break
     if not hasattr(km, "cluster_centers_"):
         raise DataError(
             f"cluster.k={k} clusters need at least {k} train samples, got {buffered // max(1, passes)}"
@@ -250,12 +274,14 @@ def cluster_model(
     min_cluster_size: int,
     keep_threshold: float,
     input: str = "masked_embedding",
+    tol: float = 0.0,
 ) -> dict[str, Any]:
     """Fit K-Means, merge small clusters, average the masks and apply the majority rule (train only).
     The gate runs once per train row (:class:`FeatureStream`); ``seconds`` times the parts."""
     t0 = time.perf_counter()
     stream = _stream(model, train_batches, input)
-    centroids = torch.from_numpy(fit_kmeans(model, stream, k, passes, batch_size, seed, input))
+    km_info: dict[str, Any] = {}
+    centroids = torch.from_numpy(fit_kmeans(model, stream, k, passes, batch_size, seed, input, tol, km_info))
     t1 = time.perf_counter()
     ids = list(range(k))  # K-Means cluster id of each remaining centroid
     merges: list[dict[str, Any]] = []
@@ -306,6 +332,12 @@ def cluster_model(
         "fallback": fallback,
         "gate_rows": stream.gate_rows,
         "seconds": seconds,
+        "kmeans": {
+            "passes": km_info.get("passes"),
+            "max_passes": passes,
+            "tol": tol,
+            "relative_shifts": km_info.get("shifts", []),
+        },  # fmt: skip
     }
 
 
@@ -385,6 +417,9 @@ def check_cfg(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'cluster.batch_size': must be >= 1 (got {cfg.cluster.batch_size})")
     if int(cfg.cluster.max_passes) < 1:
         raise ConfigError(f"config key 'cluster.max_passes': must be >= 1 (got {cfg.cluster.max_passes})")
+    tol = cfg.cluster.get("tol")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or tol < 0:
+        raise ConfigError(f"config key 'cluster.tol': must be a number >= 0 (got {tol!r})")
     if cfg.cluster.input not in CLUSTER_INPUTS:
         raise ConfigError(
             f"config key 'cluster.input': must be one of {list(CLUSTER_INPUTS)} (got {cfg.cluster.input!r})"
@@ -495,6 +530,7 @@ def _cluster_and_assign(cfg: DictConfig, model, dm, dev, samples: dict):
             min_cluster_size=int(cfg.cluster.min_cluster_size),
             keep_threshold=float(cfg.retrain.keep_threshold),
             input=cinput,
+            tol=float(cfg.cluster.tol),
         )
         assigns = {"train": res["train_assign"]}
         t1 = time.perf_counter()
@@ -513,6 +549,7 @@ def _info(cfg: DictConfig, res, assigns, fmap, model, ckpt: Path, prepared: Path
         "input": str(cfg.cluster.input),
         "k": int(k),
         "kmeans_ids": res["kmeans_ids"],
+        "kmeans": res["kmeans"],
         "merges": res["merges"],
         "sizes": {s: np.bincount(a, minlength=k).astype(int).tolist() for s, a in assigns.items()},
         "field_names": fmap.field_names,
