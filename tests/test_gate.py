@@ -30,6 +30,28 @@ def test_st_gumbel_is_a_bernoulli_draw_with_probability_p():
     assert torch.allclose(mask.mean(0), p[0], atol=0.01)
 
 
+def test_the_frozen_gates_hard_draw_is_the_gumbel_max_draw_of_the_same_noise():
+    """The model step's draw (z needs no gradient) is ``u < p``; the Gumbel-Max draw of the ST path,
+    ``z + logit(u) > 0``, is ``u > 1 - p``: on the mirrored noise 1 - u they are the same draw, entry by
+    entry, save float ties; both are Bernoulli(p); saturated gates stay saturated."""
+    torch.manual_seed(3)
+    gate = BernoulliGate(32, init_bias=0.0)
+    z = torch.randn(4_000, 32) * 4
+    z[0], z[1] = 30.0, -30.0  # open and closed for good
+    torch.manual_seed(7)
+    hard = gate.stochastic_mask(z)  # no gradient wanted: the cheap draw
+    torch.manual_seed(7)
+    u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+    assert torch.equal(hard, (u < torch.sigmoid(z)).float())
+    gumbel_max = (z + torch.logit(1 - u) > 0).float()  # the ST path's forward on the mirrored noise
+    assert (hard != gumbel_max).float().mean() < 1e-4
+    assert hard[0].eq(1).all() and hard[1].eq(0).all()
+    zg = z.clone().requires_grad_(True)
+    st = gate.stochastic_mask(zg)  # the ST path: same distribution
+    assert abs(float(st.mean()) - float(hard.mean())) < 0.01
+    assert torch.allclose(hard[2:].mean(0), torch.sigmoid(z[2:]).mean(0), atol=0.04)
+
+
 def test_open_mode_all_ones_and_noninstance_wise_shared():
     gate = BernoulliGate(8, instance_wise=False, init_bias=1.0)
     mask, p = gate(torch.randn(5, 8), "open")

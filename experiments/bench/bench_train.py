@@ -12,7 +12,10 @@ ONE process on the same pre-generated Zipf-like batches and the same DLRM (embed
 * ``plain_sparse_adam``    plain torch loop with our sparse gradients + :class:`RowwiseAdam`;
 * ``lightning_base``       ``CTRModule`` through ``lightning.Trainer`` (``method=base``);
 * ``lightning_search``     ``SearchModule`` in its bi-level phase (stochastic gates every batch,
-  one gate step on a search batch every ``search_every`` = 100 batches, as in the paper).
+  one gate step on a search batch every ``search_every`` = 100 batches, as in the paper);
+  ``lightning_search_logit_draw`` the same with the model step's mask drawn in the logit form
+  (``z + logit(u) > 0``, the code before the ``u < p`` draw): the search's before/after side by side;
+* ``search_parts``         the search batch itemised op by op (:func:`search_parts`).
 * ``lightning_<method>``   the same ``SearchModule`` in the search phase of each baseline, built from
   its ``conf/method/<method>.yaml`` exactly as ``stage=search`` builds it (selector, architecture
   update and its frequency, the method's embedding optimizer: OptFS steps the whole table with dense
@@ -142,6 +145,85 @@ def plain_loop(vocab: list[int], batches, kind: str, warmup: int, search_every: 
     }
 
 
+def logit_draw(gate, z: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """The search's model-step draw before commit "u < p": the Gumbel-Max form ``z + logit(u) > 0`` for
+    every entry, also where z needs no gradient (``lightning_search_logit_draw``, the "before")."""
+    score = z + torch.logit(gate.uniform_noise(z))
+    hard = (score > 0).to(z.dtype)
+    if not z.requires_grad:
+        return hard
+    soft = torch.sigmoid(score / gate.tau)
+    return hard + (soft - soft.detach())
+
+
+SEARCH_PARTS = ("zero_grad", "lookup", "gate_matmul", "gate_sigmoid", "draw", "mask_backbone_loss", "backward",
+                "embedding_adam", "dense_adam", "gate_step")  # fmt: skip
+
+
+def search_parts(vocab: list[int], batches, warmup: int, search_every: int = 100) -> dict[str, Any]:
+    """The search phase's batch, itemised: :class:`SearchModule`'s model step (the gate frozen, reading
+    the detached embedding: lookup, the N*d x N*d gate matmul, its sigmoid, the mask draw, the masked
+    backbone and loss, backward, the sparse embedding Adam, the dense Adam) and its gate step every
+    ``search_every`` batches (a second forward with the stochastic mask, backward to the gate, the gate's
+    Adam; amortised per batch), timed op by op in a plain loop on the same batches. The draw is timed
+    in both forms: ``u < p`` (what runs) and the logit form (``draw_logit``, before); the threshold
+    searcher is not part of training (it runs in validation and the cluster stage)."""
+    from ihas_lightning.models import gate_regularizer
+
+    torch.manual_seed(0)
+    model = DLRM(vocab, 16, hidden=(16, 8), sparse=True, gate=GATE)
+    gate = model.gate
+    emb_opt = build_embedding_optimizer("sparse_adam", model.embedding_parameters(), 1e-3, 1e-6)
+    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=1e-3, weight_decay=1e-6)
+    gate_opt = torch.optim.Adam(model.gate_parameters(), lr=1e-3, weight_decay=1e-6)
+    ms = dict.fromkeys((*SEARCH_PARTS, "draw_logit"), 0.0)
+    timed, tick = 0, time.perf_counter
+    for i, (x, y) in enumerate(batches):
+        t = [tick()]
+        emb_opt.zero_grad(set_to_none=True)
+        dense_opt.zero_grad(set_to_none=True)
+        t.append(tick())
+        e = model.embed(x)
+        t.append(tick())
+        with torch.no_grad():
+            z = gate.gate_logits(e.detach())
+            t.append(tick())
+            p = torch.sigmoid(z)
+            t.append(tick())
+            mask = gate.stochastic_mask(z, p)
+            t.append(tick())
+        loss = F.binary_cross_entropy_with_logits(model.backbone(e * mask, x), y)
+        t.append(tick())
+        loss.backward()
+        t.append(tick())
+        emb_opt.step()
+        t.append(tick())
+        dense_opt.step()
+        t.append(tick())
+        if i % search_every == 0:  # the gate step on a search batch (here: the batch 7 ahead)
+            xs, ys = batches[(i + 7) % len(batches)]
+            gate_opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                es = model.embed(xs)
+            zs = gate.gate_logits(es)
+            ps = torch.sigmoid(zs)
+            logits = model.backbone(es * gate.stochastic_mask(zs, ps), xs)
+            (F.binary_cross_entropy_with_logits(logits, ys) + gate_regularizer(ps, 1e-4)).backward()
+            gate_opt.step()
+        t.append(tick())
+        with torch.no_grad():
+            logit_draw(gate, z)
+        t.append(tick())
+        if i >= warmup:
+            timed += 1
+            for k, a, b in zip((*SEARCH_PARTS, "draw_logit"), t[:-1], t[1:]):
+                ms[k] += 1000 * (b - a)
+    ms = {k: v / timed for k, v in ms.items()}
+    total = sum(ms[k] for k in SEARCH_PARTS)
+    return {"ms_per_batch": ms, "total_ms": total, "samples_per_s": len(batches[0][1]) / total * 1000,
+            "timed_batches": timed, "search_every": search_every}  # fmt: skip
+
+
 class _Batches:
     """A re-iterable over ready batches (a plain list would be read by Lightning as several loaders)."""
 
@@ -156,7 +238,7 @@ class _Batches:
 
 
 def lightning_run(
-    vocab: list[int], batches, method: str, warmup: int, search_every: int = 100
+    vocab: list[int], batches, method: str, warmup: int, search_every: int = 100, draw: str = "p"
 ) -> dict[str, Any]:
     import lightning as L
 
@@ -184,6 +266,9 @@ def lightning_run(
         gate = dict(GATE, lambda_reg=1e-4, polarization=True, lr=1e-3)
         module = SearchModule(vocab, model, gate, pretrain_epochs=0, search_every=search_every)
         module.set_search_loader(batches[::7])
+        if draw == "logit":  # the before: the logit form of the draw in the model step too
+            g = module.model.gate
+            g.stochastic_mask = lambda z, p=None, g=g: logit_draw(g, z, p)
     thr = throughput_callback(skip_batches=warmup)
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -239,7 +324,36 @@ def auc_parity(seeds: list[int], epochs: int, rows: int, data_dir: str) -> dict[
 
 
 # the textbook loop for the same model as each setup
-REFERENCE = {"lightning_search": "textbook_search", "textbook_search": "textbook_search"}
+REFERENCE = {"lightning_search": "textbook_search", "textbook_search": "textbook_search",
+             "lightning_search_logit_draw": "textbook_search", "search_parts": "textbook_search"}  # fmt: skip
+
+
+def search_parts_markdown(t: dict[str, Any]) -> list[str]:
+    """The search batch itemised (``search_parts``), and the draw's before/after through Lightning."""
+    sp = t.get("search_parts")
+    if not sp:
+        return []
+    ms = sp["ms_per_batch"]
+    lines = [
+        "",
+        f"The search phase's batch itemised (`search_parts`: its model step op by op in a plain loop, the gate "
+        f"step every {sp['search_every']} batches amortised; the round with the fewest ms; the threshold "
+        "searcher runs only in validation and the cluster stage):",
+        "",
+        "| part | ms per batch | share |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {k} | {ms[k]:.2f} | {ms[k] / sp['total_ms']:.0%} |" for k in SEARCH_PARTS]
+    lines += [f"| total | {sp['total_ms']:.2f} | 100% |", "",
+              f"The draw before (`z + logit(u) > 0` on every entry): {ms['draw_logit']:.2f} ms; after (`u < p` "
+              f"where the gate is frozen): {ms['draw']:.2f} ms."]  # fmt: skip
+    before, after = t.get("lightning_search_logit_draw"), t.get("lightning_search")
+    if before and after:
+        lines.append(
+            f"Through Lightning, side by side in this run: lightning_search {before['samples_per_s']:,.0f} samples/s "
+            f"before, {after['samples_per_s']:,.0f} after ({after['samples_per_s'] / before['samples_per_s'] - 1:+.0%})."
+        )
+    return lines
 
 
 def to_markdown(res: dict[str, Any]) -> str:
@@ -275,6 +389,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             f"| {k} | {v['samples_per_s']:,.0f} ({v['median_samples_per_s']:,.0f}) | "
             f"{v['samples_per_s'] / base:.1f}x | {same_s} | {lb_s} |"
         )
+    lines += search_parts_markdown(t)
     p = res.get("auc_parity")
     if p:
         lines += [
@@ -336,6 +451,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_sparse_adam": lambda: plain_loop(vocab, lbatches, "sparse", args.warmup),
         "lightning_base": lambda: lightning_run(vocab, lbatches, "base", args.warmup),
         "lightning_search": lambda: lightning_run(vocab, lbatches, "search", args.warmup),
+        "lightning_search_logit_draw": lambda: lightning_run(
+            vocab, lbatches, "search", args.warmup, draw="logit"
+        ),
+        "search_parts": lambda: search_parts(vocab, lbatches, args.warmup),
     }
     for m in args.methods:
         setups[f"lightning_{m}"] = lambda m=m: lightning_run(vocab, lbatches, m, args.warmup)

@@ -137,24 +137,33 @@ class BernoulliGate(nn.Module):
     def probs(self, e: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gate_logits(e))
 
-    def stochastic_mask(self, z: torch.Tensor) -> torch.Tensor:
-        """Straight-through Gumbel-Softmax sample from logits z (p = sigmoid(z)).
+    def uniform_noise(self, z: torch.Tensor) -> torch.Tensor:
+        """U(0, 1) noise shaped like z, clamped to [1e-6, 1 - 1e-6]; under trainer=ddp this rank's rows of
+        the global batch's draw."""
+        if self.noise_rows is not None:  # a DDP rank: its rows' noise out of the global batch's draw
+            lo, m = self.noise_rows
+            u = torch.rand((m, *z.shape[1:]), dtype=z.dtype, device=z.device)[lo : lo + z.shape[0]]
+            return u.clamp_(1e-6, 1 - 1e-6)
+        return torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+
+    def stochastic_mask(self, z: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """Straight-through Gumbel-Softmax sample from logits z (p = sigmoid(z), passed when known).
 
         The two-class softmax over (log p + G, log(1-p) + G') equals
         ``sigmoid((z + G - G') / tau)`` since log p - log(1-p) = z, and G - G' ~ Logistic(0, 1),
         sampled as ``logit(u)``, u ~ U(0, 1). Forward: exact {0, 1} (the Gumbel-Max draw, eq. 1);
-        backward: gradient of the relaxed sample (eq. 2). When z needs no gradient (the model step,
-        gate frozen) only the hard draw is computed."""
-        if self.noise_rows is not None:  # a DDP rank: its rows' noise out of the global batch's draw
-            lo, m = self.noise_rows
-            u = torch.rand((m, *z.shape[1:]), dtype=z.dtype, device=z.device)[lo : lo + z.shape[0]]
-            u = u.clamp_(1e-6, 1 - 1e-6)
-        else:
-            u = torch.rand_like(z).clamp_(1e-6, 1 - 1e-6)
+        backward: gradient of the relaxed sample (eq. 2).
+
+        When z needs no gradient (the model step: the gate is frozen and reads the detached embedding)
+        only the hard draw is needed, and it is drawn as ``u < p``: the same Bernoulli(p) draw as
+        ``z + logit(u) > 0`` (which holds iff ``u > 1 - p``, and 1 - u is U(0, 1) too) without the logit
+        of every entry (``make bench-train``'s search parts: 0.9 of 3.9 ms a batch). The clamp keeps
+        the saturated gates as they were: p >= 1 - 1e-6 always draws 1, p <= 1e-6 always 0."""
+        u = self.uniform_noise(z)
+        if not z.requires_grad:
+            return (u < (torch.sigmoid(z) if p is None else p)).to(z.dtype)
         score = z + torch.logit(u)
         hard = (score > 0).to(z.dtype)
-        if not z.requires_grad:
-            return hard
         soft = torch.sigmoid(score / self.tau)
         return hard + (soft - soft.detach())
 
@@ -170,7 +179,7 @@ class BernoulliGate(nn.Module):
         z = self.gate_logits(e)
         p = torch.sigmoid(z)
         if mode == "stochastic":
-            mask = self.stochastic_mask(z)
+            mask = self.stochastic_mask(z, p)
         elif mode == "deterministic":
             mask = self.deterministic_mask(p)
         elif mode == "open":
