@@ -264,3 +264,24 @@ def test_report_json_names_no_absolute_path():
     assert got["overrides"] == ["dataset.train_path=.../train.csv", "seed=1"]
     assert got["retrain_guard"]["skipped"] == "no Base (default .../best.ckpt; stage=all)"
     assert got["note"] == "1,000 rows/s at 0.5 ms/row" and "path" not in got
+
+
+def test_the_heterogeneity_verdict_reads_the_gate_masks_test_first():
+    """results.md leads with one line: instance-wise yes / not shown / no, from the gate masks' permutation
+    p (the architectures' p beside it), at p < 0.01."""
+    from ihas_lightning.report.tables import heterogeneity_lines, heterogeneity_verdict
+
+    het = {"statistic": 6.25, "p_value": 0.5721, "soft_statistic": 6.25, "soft_p_value": 0.005}
+    yes = heterogeneity_verdict(het)
+    assert yes.startswith("**Instance-wise here: yes.**") and "gate masks" in yes and "p = 0.0050" in yes
+    assert "within what random clusters" in yes and "p = 0.5721" in yes
+    not_shown = heterogeneity_verdict({**het, "soft_p_value": 0.2})
+    assert not_shown.startswith("**Instance-wise here: not shown.**") and "p = 0.2000" in not_shown
+    arch_only = heterogeneity_verdict({"statistic": 3.0, "p_value": 0.004, "soft_p_value": None})
+    assert arch_only.startswith("**Instance-wise here: yes.**") and "architectures differ" in arch_only
+    same = {"statistic": 0.0, "p_value": 1.0, "soft_statistic": 0.0, "soft_p_value": 1.0}
+    assert heterogeneity_verdict(same).startswith("**Instance-wise here: no.**")
+    full = {**het, "rows": 20_000, "trained_statistic": 6.25, "permutations": 200, "null_mean": 3.5,
+            "null_q95": 6.25, "soft_null_mean": 0.04, "soft_null_q95": 0.09}  # fmt: skip
+    lines = heterogeneity_lines(full)
+    assert lines[0] == yes and any("Heterogeneity of the clusters' architectures" in ln for ln in lines)

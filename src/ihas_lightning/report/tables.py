@@ -130,17 +130,46 @@ def _timing_line(results: dict[str, Any]) -> str:
     return f"{routing}params = embedding values (kept rows x dims) + dense (backbone, selector); {timed}."
 
 
+# a permutation p below this is "beyond chance" (docs/heterogeneity.md: p small (< 0.01))
+HETEROGENEITY_ALPHA = 0.01
+
+
+def heterogeneity_verdict(het: dict[str, Any]) -> str:
+    """One line a user reads first: is iHAS instance-wise on this run? The gate masks' test answers it
+    (the architectures' test has no power where many dims are open for about half the samples, e.g.
+    two clusters of equal size that keep different fields: docs/heterogeneity.md); both are named."""
+    soft, arch = het.get("soft_p_value"), het["p_value"]
+    p = arch if soft is None else soft
+    what = "gate masks" if soft is not None else "architectures"
+    tail = (f" The retrained architectures are {het['statistic']:.3f} dims per field apart: "
+            f"{'beyond' if arch < HETEROGENEITY_ALPHA else 'within'} what random clusters of these sizes get "
+            f"(p = {arch:.4f}).")  # fmt: skip
+    if het["statistic"] == 0 and not het.get("soft_statistic"):
+        return "**Instance-wise here: no.** Every cluster has the same gates and architecture (p = 1)."
+    if p < HETEROGENEITY_ALPHA:
+        return (
+            f"**Instance-wise here: yes.** The clusters' {what} differ beyond chance (p = {p:.4f} < {HETEROGENEITY_ALPHA})."
+            + tail
+        )
+    return (
+        f"**Instance-wise here: not shown.** The clusters' {what} differ no more than random clusters' (p = {p:.4f})."
+        + tail
+    )
+
+
 def heterogeneity_lines(het: dict[str, Any] | None) -> list[str]:
     """How much the clusters' architectures differ, against chance (``results['heterogeneity']``)."""
     if not het or het.get("statistic") is None:
         return []
     return [
+        heterogeneity_verdict(het),
+        "",
         f"Heterogeneity of the clusters' architectures: {het['statistic']:.3f} kept dims per field apart "
         f"(mean over fields and cluster pairs, re-derived on {_fmt(het['rows'])} validation rows; the retrained "
         f"architectures: {het['trained_statistic']:.3f}); under the null (cluster assignments permuted "
         f"{het['permutations']} times, architectures re-derived by the majority rule): mean "
         f"{het['null_mean']:.3f}, 95th percentile {het['null_q95']:.3f}; permutation p = {het['p_value']:.4f}"
-        f" (floor {1 / (1 + het['permutations']):.4f}). See docs/heterogeneity.md."
+        f" (floor {1 / (1 + het['permutations']):.4f}). See docs/heterogeneity.md.",
     ] + _soft_lines(het)
 
 
