@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ihas_lightning.modules.selection import SparsestSelection, admissible, choose
+from ihas_lightning.modules.selection import SparsestSelection, admissible, choose, shortfall
 from ihas_lightning.schedule import base_rate_entropy, patience_epochs
 
 
@@ -113,6 +113,101 @@ def test_streaming_selection_matches_the_brute_force_rule(seed, tmp_path):
     n = len(rule.candidates)
     rule.on_validation_end(tr, module)
     assert len(rule.candidates) == n
+
+
+def _stop_brute(cands, ref, tol_ne, tol_auc, h0, patience, stop_when):
+    """The epoch at which the search stops (None: it runs every candidate), by a plain loop: an epoch is
+    progress when it is admissible and sparser (then lower logloss, earlier) than every earlier
+    admissible one, or (no_progress) not admissible and nearer to admissible than every earlier
+    non-admissible one; the search stops once `patience` epochs in a row were no progress."""
+    wait, best, closest = 0, None, None
+    for c in cands:
+        excess = c["val_logloss"] - ref["val_logloss"]
+        ok = excess <= tol_ne * h0 + 1e-12 and c["val_auc"] >= ref["val_auc"] - tol_auc - 1e-12
+        gap = max(excess - tol_ne * h0, (ref["val_auc"] - tol_auc) - c["val_auc"])
+        key = (c["open_share"], c["val_logloss"], c["epoch"])
+        if ok and (best is None or key < best):
+            best, wait = key, 0
+        elif stop_when == "no_progress" and not ok and (closest is None or gap < closest):
+            closest, wait = gap, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return c["epoch"]
+    return None
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("stop_when", ["no_new_choice", "no_progress"])
+def test_the_search_stops_where_the_brute_force_loop_does(seed, stop_when, tmp_path):
+    """search.stop_when: the streaming rule sets should_stop at the epoch a plain loop over the finished
+    list stops at, and no_progress never stops earlier than no_new_choice."""
+    rng = random.Random(seed)
+    h0, patience = rng.choice([0.11, 0.47]), rng.choice([1, 2, 3])
+    tol_ne, tol_auc = rng.choice([(0.002, 0.001), (0.05, 0.02)])
+    pretrain = [(0.5, 0.7), (0.48, 0.71)]
+    ref = {"val_logloss": 0.48, "val_auc": 0.71}
+    # a search that first costs accuracy and then recovers (noisily), as after the gate's first closing
+    cands = [
+        {
+            "epoch": 2 + i,
+            "val_logloss": 0.48 + max(0.0, 0.02 - 0.004 * i) + rng.uniform(-0.003, 0.003),
+            "val_auc": 0.71 - max(0.0, 0.01 - 0.002 * i) + rng.uniform(-0.002, 0.002),
+            "open_share": rng.choice([0.2, 0.3, 0.5]),
+        }
+        for i in range(rng.randint(1, 12))
+    ]
+    stops = {}
+    for mode in ("no_new_choice", "no_progress"):
+        rule = SparsestSelection(tmp_path, tol_ne, tol_auc, h0, patience=patience, stop_when=mode)
+        from ihas_lightning.modules import search as search_mod
+
+        tr = _Trainer()
+        sched = search_mod.SearchSchedule(2, 1, 10)
+        sched.best_epoch = 1
+        tr.callbacks = [sched]
+        tr.should_stop = False
+        module = SimpleNamespace(search_start_epoch=None, in_pretrain=lambda e: e < 2)
+        for e, (ll, auc) in enumerate(pretrain):
+            tr.current_epoch = e
+            tr.callback_metrics = {"val/logloss": torch.tensor(ll), "val/auc": torch.tensor(auc)}
+            rule.on_validation_end(tr, module)
+        module.search_start_epoch = tr.current_epoch = 2
+        rule.on_train_epoch_start(tr, module)
+        stops[mode] = None
+        for c in cands:
+            tr.current_epoch = c["epoch"]
+            tr.callback_metrics = {
+                k: torch.tensor(c[n], dtype=torch.float64)
+                for k, n in (
+                    ("val/logloss", "val_logloss"),
+                    ("val/auc", "val_auc"),
+                    ("val/open_share", "open_share"),
+                )
+            }
+            rule.on_validation_end(tr, module)
+            if tr.should_stop:
+                stops[mode] = c["epoch"]
+                break
+        assert rule.summary()["stop_when"] == mode
+    assert stops[stop_when] == _stop_brute(cands, ref, tol_ne, tol_auc, h0, patience, stop_when)
+    if stops["no_new_choice"] is not None:
+        assert stops["no_progress"] is None or stops["no_progress"] >= stops["no_new_choice"]
+    else:
+        assert stops["no_progress"] is None
+
+
+def test_shortfall_is_at_most_zero_exactly_where_an_epoch_is_admissible():
+    rng = random.Random(0)
+    ref = {"val_logloss": 0.10, "val_auc": 0.70}
+    for _ in range(500):
+        c = {"val_logloss": 0.10 + rng.uniform(-0.002, 0.002), "val_auc": 0.70 + rng.uniform(-0.004, 0.004)}
+        if rng.random() < 0.5:  # the paired bounds, where known, decide
+            c["excess_upper"] = c["val_logloss"] - 0.10 + rng.uniform(0, 0.001)
+            c["auc_lower"] = c["val_auc"] - 0.70 - rng.uniform(0, 0.002)
+        gap = shortfall(c, ref, 0.002, 0.001, 0.11)
+        assert (gap <= 1e-12) == admissible(c, ref, 0.002, 0.001, 0.11)
+    assert shortfall({"val_logloss": float("nan"), "val_auc": 0.7}, ref, 0.002, 0.001, 0.11) == math.inf
 
 
 def test_admissible_tolerance_is_in_ne_units():
@@ -252,7 +347,7 @@ def test_search_selects_the_sparsest_admissible_epoch(cfg_factory):
 
 
 @pytest.mark.parametrize("override", ["search.tolerance.ne=-1", "search.tolerance.auc=2", "method.select=nope",
-                                      "method.objective=mse", "search.patience_steps=-3",
+                                      "method.objective=mse", "search.patience_steps=-3", "search.stop_when=never",
                                       "retrain.patience_steps=x"])  # fmt: skip
 def test_bad_selection_keys_are_one_line_errors(cfg_factory, override):
     """A wrong type fails while composing; a wrong value in the stage checks: both name the key."""

@@ -77,6 +77,7 @@ class SearchConfig:
     search_batch_size: int | None = MISSING
     min_gate_steps: int = MISSING
     tolerance: SelectToleranceConfig = field(default_factory=SelectToleranceConfig)
+    stop_when: str = MISSING
     ckpt: str | None = MISSING
     resume: str | None = MISSING
 

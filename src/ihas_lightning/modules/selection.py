@@ -25,6 +25,9 @@ costs nothing measurable on validation:
   then the earlier epoch) is selected;
 * the search phase stops once ``patience`` search epochs in a row brought no new choice (the
   search's early stopping under this rule: a sparser gate that costs accuracy is no progress);
+  with ``stop_when="no_progress"`` an epoch that is not admissible but nearer to it than every
+  earlier such epoch (its :func:`shortfall` is the lowest yet) also counts as progress: a search
+  whose first, fast closing cost accuracy and which is recovering is not stopped mid-recovery;
 * when **none** is admissible the search selects the pretrained weights with every gate open
   (:meth:`~ihas_lightning.models.gate.BernoulliGate.open_all`): iHAS-1 is then Base as pretrained,
   and a warning says so.
@@ -116,6 +119,27 @@ def admissible(
     return excess <= tol_ne * h0 + 1e-12 and auc_ok
 
 
+def shortfall(
+    cand: dict[str, float], ref: dict[str, float], tol_ne: float, tol_auc: float, h0: float
+) -> float:
+    """How far ``cand`` is from :func:`admissible`, in the units of its two tests: the larger of its
+    excess logloss over the tolerance (``excess_upper`` where known, else the difference of the means,
+    minus ``tol_ne * h0``) and its AUC's shortfall below ``-tol_auc`` (``auc_lower`` where known, else
+    the difference of the means). At most 0 where both tests pass on the bounds; +inf for a non-finite
+    candidate."""
+    ll, auc = cand.get("val_logloss"), cand.get("val_auc")
+    if ll is None or auc is None or not (math.isfinite(ll) and math.isfinite(auc)):
+        return math.inf
+    excess = cand.get("excess_upper")
+    excess = ll - ref["val_logloss"] if excess is None else excess
+    lower = cand.get("auc_lower")
+    lower = auc - ref["val_auc"] if lower is None else lower
+    return max(excess - tol_ne * h0, -tol_auc - lower)
+
+
+STOP_WHEN = ("no_new_choice", "no_progress")
+
+
 def _key(c: dict[str, Any]) -> tuple[float, float, int]:
     return (float(c["open_share"]), float(c["val_logloss"]), int(c["epoch"]))
 
@@ -142,8 +166,14 @@ class SparsestSelection(Callback):
         h0: float,
         patience: int | None = None,
         confidence: float = 0.95,
+        stop_when: str = "no_new_choice",
     ):
+        if stop_when not in STOP_WHEN:
+            raise ValueError(f"stop_when must be one of {STOP_WHEN}, got {stop_when!r}")
         self.out = Path(out)
+        self.stop_when = stop_when
+        # the lowest shortfall of a non-admissible candidate so far (stop_when="no_progress")
+        self.closest: float | None = None
         self.confidence = float(confidence)
         # per-row validation losses of the best pretraining epoch so far, then the reference's
         self._best_rows: tuple[int, float, torch.Tensor] | None = None
@@ -170,6 +200,7 @@ class SparsestSelection(Callback):
             "best_model_path": self.best_model_path,
             "pretrained_path": self.pretrained_path,
             "wait": self.wait,
+            "closest": self.closest,
             "ref_rows": self.ref_rows,
         }
 
@@ -183,6 +214,7 @@ class SparsestSelection(Callback):
         self.best_model_path = str(self.out / Path(best).name) if best else ""
         self.pretrained_path = str(self.out / Path(pre).name) if pre else ""
         self.wait = int(state.get("wait", 0))
+        self.closest = state.get("closest")
         self.ref_rows = state.get("ref_rows")
 
     # ---- hooks -----------------------------------------------------------------------------------
@@ -261,10 +293,22 @@ class SparsestSelection(Callback):
             trainer.save_checkpoint(path)
             self.best_model_path = str(path)
             self.wait = 0
+        elif self._nearer(cand):
+            self.wait = 0  # not admissible, but nearer to it than every earlier epoch
         else:
             self.wait += 1
             if self.patience is not None and self.wait >= self.patience:
                 trainer.should_stop = True  # no sparser admissible epoch for `patience` epochs
+
+    def _nearer(self, cand: dict[str, Any]) -> bool:
+        """stop_when="no_progress": a non-admissible ``cand`` with the lowest :func:`shortfall` yet."""
+        if self.stop_when != "no_progress" or self.reference is None or cand["admissible"]:
+            return False
+        gap = shortfall(cand, self.reference, self.tol_ne, self.tol_auc, self.h0)
+        if not math.isfinite(gap) or (self.closest is not None and gap >= self.closest):
+            return False
+        self.closest = gap
+        return True
 
     # ---- after the fit ---------------------------------------------------------------------------
     @property
@@ -285,6 +329,7 @@ class SparsestSelection(Callback):
                 "paired_auc": self.ref_rows is not None and self.ref_rows.dim() == 2,
             },
             "constant_logloss": self.h0,
+            "stop_when": self.stop_when,
             "reference": self.reference,
             "candidates": self.candidates,
             "chosen_epoch": None if chosen is None else chosen["epoch"],

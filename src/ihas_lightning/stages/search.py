@@ -217,6 +217,12 @@ def check_cfg(cfg: DictConfig) -> None:
         v = (sc.get("tolerance") or {}).get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
             raise ConfigError(f"config key 'search.tolerance.{key}': must be a number in [0, 1) (got {v!r})")
+    from ..modules.selection import STOP_WHEN
+
+    if sc.get("stop_when") not in STOP_WHEN:
+        raise ConfigError(
+            f"config key 'search.stop_when': must be one of {list(STOP_WHEN)} (got {sc.get('stop_when')!r})"
+        )
     ps = sc.get("patience_steps")
     if ps is not None and (not isinstance(ps, int) or isinstance(ps, bool) or ps < 0):
         raise ConfigError(f"config key 'search.patience_steps': must be an integer >= 0 or null (got {ps!r})")
@@ -634,7 +640,12 @@ def sparsest_rule(cfg: DictConfig, out: Path, h0: float | None):
 
     tol = cfg.search.tolerance
     return SparsestSelection(
-        out, float(tol.ne), float(tol.auc), float(h0 or 1.0), confidence=float(tol.confidence)
+        out,
+        float(tol.ne),
+        float(tol.auc),
+        float(h0 or 1.0),
+        confidence=float(tol.confidence),
+        stop_when=str(cfg.search.stop_when),
     )
 
 
