@@ -118,8 +118,8 @@ def test_streaming_selection_matches_the_brute_force_rule(seed, tmp_path):
 def _stop_brute(cands, ref, tol_ne, tol_auc, h0, patience, stop_when):
     """The epoch at which the search stops (None: it runs every candidate), by a plain loop: an epoch is
     progress when it is admissible and sparser (then lower logloss, earlier) than every earlier
-    admissible one, or (no_progress) not admissible and nearer to admissible than every earlier
-    non-admissible one; the search stops once `patience` epochs in a row were no progress."""
+    admissible one, or (no_progress, while none was admissible yet) nearer to admissible than every
+    earlier epoch; the search stops once `patience` epochs in a row were no progress."""
     wait, best, closest = 0, None, None
     for c in cands:
         excess = c["val_logloss"] - ref["val_logloss"]
@@ -128,7 +128,7 @@ def _stop_brute(cands, ref, tol_ne, tol_auc, h0, patience, stop_when):
         key = (c["open_share"], c["val_logloss"], c["epoch"])
         if ok and (best is None or key < best):
             best, wait = key, 0
-        elif stop_when == "no_progress" and not ok and (closest is None or gap < closest):
+        elif stop_when == "no_progress" and best is None and not ok and (closest is None or gap < closest):
             closest, wait = gap, 0
         else:
             wait += 1

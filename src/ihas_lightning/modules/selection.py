@@ -25,9 +25,10 @@ costs nothing measurable on validation:
   then the earlier epoch) is selected;
 * the search phase stops once ``patience`` search epochs in a row brought no new choice (the
   search's early stopping under this rule: a sparser gate that costs accuracy is no progress);
-  with ``stop_when="no_progress"`` an epoch that is not admissible but nearer to it than every
-  earlier such epoch (its :func:`shortfall` is the lowest yet) also counts as progress: a search
-  whose first, fast closing cost accuracy and which is recovering is not stopped mid-recovery;
+  with ``stop_when="no_progress"``, until the first epoch is chosen, an epoch that is not admissible
+  but nearer to it than every earlier one (its :func:`shortfall` is the lowest yet) also counts as
+  progress: a search whose first, fast closing cost accuracy and which is recovering is not stopped
+  mid-recovery;
 * when **none** is admissible the search selects the pretrained weights with every gate open
   (:meth:`~ihas_lightning.models.gate.BernoulliGate.open_all`): iHAS-1 is then Base as pretrained,
   and a warning says so.
@@ -301,8 +302,12 @@ class SparsestSelection(Callback):
                 trainer.should_stop = True  # no sparser admissible epoch for `patience` epochs
 
     def _nearer(self, cand: dict[str, Any]) -> bool:
-        """stop_when="no_progress": a non-admissible ``cand`` with the lowest :func:`shortfall` yet."""
+        """stop_when="no_progress", before the first choice: a non-admissible ``cand`` with the lowest
+        :func:`shortfall` yet (once an epoch is chosen, only a sparser admissible one is progress: the
+        near misses around an admitted gate would otherwise reset the patience until max_epochs)."""
         if self.stop_when != "no_progress" or self.reference is None or cand["admissible"]:
+            return False
+        if self.chosen is not None:
             return False
         gap = shortfall(cand, self.reference, self.tol_ne, self.tol_auc, self.h0)
         if not math.isfinite(gap) or (self.closest is not None and gap >= self.closest):
