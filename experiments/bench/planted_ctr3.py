@@ -67,6 +67,8 @@ def run_record(label: str, run_dir: Path) -> dict[str, Any]:
         "cluster_min_f1": (e.get("recovery") or {}).get("min_f1"),
         "field_dims": _load(run_dir / "cluster" / "cluster.json").get("field_dims"),
         "test_auc": {m: rows[m]["test_auc"] for m in ("Base", "iHAS-1", "iHAS") if m in rows},
+        "guard_fallbacks": (e.get("retrain_guard") or {}).get("fallbacks"),
+        "wall_s": _load(run_dir / "pipeline.json").get("total_seconds"),
     }
 
 
@@ -74,10 +76,11 @@ def _f(v: Any, d: int = 4) -> str:
     return "-" if v is None else f"{v:.{d}f}" if isinstance(v, float) else str(v)
 
 
-def markdown(recs: list[dict[str, Any]]) -> str:
+def markdown(recs: list[dict[str, Any]], note: str = "") -> str:
     head = (
         "| run | train positives | Bayes val AUC | Base val AUC | stop_when | search epochs | chosen | "
-        "open share | F1 per group (search) | worst cluster F1 | test AUC Base / iHAS-1 / iHAS | dims per field per cluster |"
+        "open share | F1 per group (search) | worst cluster F1 | test AUC Base / iHAS-1 / iHAS | "
+        "dims per field per cluster | clusters on Base (retrain guard) | wall s |"
     )
     lines = [
         "# Planted recovery at a 3% base rate (`python -m experiments.bench.planted_ctr3`)",
@@ -85,9 +88,11 @@ def markdown(recs: list[dict[str, Any]]) -> str:
         "One row per `stage=all` run of the planted synthetic data. *Base val AUC* is the gates-open pretrained "
         "model, the no-harm selection's reference; *Bayes* is the true click probability's AUC on the same rows. "
         "*F1 per group (search)*: the search's mean gate mask per latent group against the group's planted "
-        "fields (a field counts when its mean mask is at least 0.5); *worst cluster F1*: the retrained "
-        "architectures (a field counts with one kept dim). *chosen* is the selected search epoch (gates open: "
-        "none was admissible).",
+        "fields, a field counting when its mean mask over its 16 dims is at least 0.5 (so it reads 0 when "
+        "the gate keeps one or two dims per field); *worst cluster F1*: the retrained architectures, the "
+        "issue's measure (a field counts with one kept dim). *chosen* is the selected search epoch (gates "
+        "open: none was admissible). *wall s*: the whole `stage=all` run, 1 torch thread, two runs side by side.",
+        *(["", note] if note else []),
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -100,7 +105,7 @@ def markdown(recs: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['label']} | {r['train_positives']:,} | {_f(r['bayes_val_auc'])} | {_f(r['base_val_auc'])} | "
             f"{r['stop_when']} | {r['search_epochs']} | {chosen} | {_f(r['open_share'], 3)} | {f1} | "
-            f"{_f(r['cluster_min_f1'], 3)} | {auc} | {dims} |"
+            f"{_f(r['cluster_min_f1'], 3)} | {auc} | {dims} | {_f(r['guard_fallbacks'])} | {_f(r['wall_s'], 0)} |"
         )
     lines += ["", "Overrides of each run:", ""]
     lines += [f"* {r['label']}: `{r['overrides']}`" for r in recs]
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output path without suffix (.json and .md)")
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=DIR")
+    ap.add_argument("--note", default="", help="a paragraph for the report's head (provenance)")
     args = ap.parse_args(argv)
     recs = []
     for spec in args.run:
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         recs.append(run_record(label, Path(d)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(recs, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(recs))
+    args.out.with_suffix(".md").write_text(markdown(recs, args.note))
     print(args.out.with_suffix(".md"))
     return 0
 
