@@ -110,14 +110,9 @@ def admissible(
     ``excess_upper`` where known, else the difference of the means) at most ``tol_ne`` NE units of
     ``h0``; its validation AUC at most ``tol_auc`` below, and where known the paired lower bound
     ``auc_lower`` of the AUC difference at least ``-tol_auc``."""
-    ll, auc = cand.get("val_logloss"), cand.get("val_auc")
-    if ll is None or auc is None or not (math.isfinite(ll) and math.isfinite(auc)):
-        return False
-    excess = cand.get("excess_upper")
-    excess = ll - ref["val_logloss"] if excess is None else excess
-    lower = cand.get("auc_lower")
-    auc_ok = auc >= ref["val_auc"] - tol_auc - 1e-12 and (lower is None or lower >= -tol_auc - 1e-12)
-    return excess <= tol_ne * h0 + 1e-12 and auc_ok
+    if shortfall(cand, ref, tol_ne, tol_auc, h0) > 1e-12:
+        return False  # the logloss test, or the AUC's (its bound where known)
+    return cand["val_auc"] >= ref["val_auc"] - tol_auc - 1e-12  # and the means' AUC test
 
 
 def shortfall(
