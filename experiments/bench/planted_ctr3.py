@@ -21,9 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-
-def _load(p: Path) -> dict[str, Any]:
-    return json.loads(p.read_text()) if p.is_file() else {}
+from .runs import _read_json as _load
 
 
 def _truth(run_dir: Path) -> dict[str, Any]:

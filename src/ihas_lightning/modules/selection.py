@@ -300,9 +300,7 @@ class SparsestSelection(Callback):
         """stop_when="no_progress", before the first choice: a non-admissible ``cand`` with the lowest
         :func:`shortfall` yet (once an epoch is chosen, only a sparser admissible one is progress: the
         near misses around an admitted gate would otherwise reset the patience until max_epochs)."""
-        if self.stop_when != "no_progress" or self.reference is None or cand["admissible"]:
-            return False
-        if self.chosen is not None:
+        if self.stop_when != "no_progress" or self.reference is None or self.chosen is not None:
             return False
         gap = shortfall(cand, self.reference, self.tol_ne, self.tol_auc, self.h0)
         if not math.isfinite(gap) or (self.closest is not None and gap >= self.closest):
