@@ -118,6 +118,50 @@ def test_deterministic_mask_opens_above_threshold():
     assert gate.deterministic_mask(p).tolist() == [[0, 0, 0, 1, 1, 1, 0, 1]]
 
 
+def test_half_threshold_opens_where_p_exceeds_one_half_against_a_loop():
+    """method.gate.threshold=half: a dim is open where its p > 0.5, sample by sample; the valley rule
+    opens the middle mode of a three-mode histogram (p ~ 0, 0.2-0.35, ~1), which half closes. The
+    histogram's 'found' statistic is the same under both rules."""
+    g = torch.Generator().manual_seed(3)
+    b, d = 200, 48
+    lo = torch.rand(b, d, generator=g) * 0.03
+    mid = 0.2 + torch.rand(b, d, generator=g) * 0.15
+    hi = 1 - torch.rand(b, d, generator=g) * 0.03
+    r = torch.rand(b, d, generator=g)
+    p = torch.where(r < 0.8, lo, torch.where(r < 0.9, mid, hi))
+    p[0] = 0.5  # exactly 0.5 stays closed under half (p > threshold)
+    valley, half = BernoulliGate(d, bins=20), BernoulliGate(d, bins=20, threshold="half")
+    mh = half.deterministic_mask(p)
+    for i in range(b):
+        for j in range(d):
+            assert mh[i, j].item() == float(p[i, j].item() > 0.5)
+    mv = valley.deterministic_mask(p)
+    is_mid = (p > 0.1) & (p < 0.5)
+    assert mv[1:][is_mid[1:]].min() == 1 and mh[is_mid].max() == 0
+    assert torch.equal(valley.threshold(p, True)[1], half.threshold(p, True)[1])
+    with pytest.raises(ValueError, match="threshold"):
+        BernoulliGate(4, threshold="otsu")
+
+
+def test_half_threshold_reaches_the_deterministic_forward_and_the_folded_gate():
+    from ihas_lightning.models import DLRM
+
+    torch.manual_seed(0)
+    m = DLRM([7, 5, 9], embed_dim=4, gate={"threshold": "half", "init_bias": 0.0})
+    with torch.no_grad():
+        m.gate.linear.weight.normal_(std=2.0)
+    m.eval()
+    x = torch.stack([torch.randint(0, v, (64,)) for v in (7, 5, 9)], 1)
+    e = m.embedding(x)
+    _, aux = m.selector(e, x, "deterministic")
+    assert torch.equal(aux["mask"], (aux["p"] > 0.5).to(aux["p"].dtype))
+    assert (aux["threshold"] == 0.5).all()
+    assert m.fold_gate().startswith("folded into")
+    with torch.no_grad():
+        _, folded = m.selector(e, x, "deterministic")
+    assert torch.equal(folded["mask"], aux["mask"])
+
+
 def test_regularizer_matches_hand_computation():
     p = torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.2, 0.8]])
     # sample 1: mean 0.5, |dev| = .4 .4 0 -> sum(p) - sum|dev| = 1.5 - 0.8 = 0.7

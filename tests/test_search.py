@@ -292,6 +292,7 @@ def test_field_recovery_hand_example():
         ("method.gate.lr=abc", "method.gate.lr"),
         ("method.gate.weight_decay=-0.1", "method.gate.weight_decay"),
         ("method.gate.input_norm=layer", "method.gate.input_norm"),
+        ("method.gate.threshold=otsu", "method.gate.threshold"),
     ],
 )
 def test_bad_gate_values_are_one_line_config_errors(cfg_factory, override, key):
@@ -303,9 +304,10 @@ def test_bad_gate_values_are_one_line_config_errors(cfg_factory, override, key):
 
 
 def test_gate_weight_decay_and_input_norm_reach_the_gate():
-    gate = {**GATE, "weight_decay": 0.01, "input_norm": "center"}
+    gate = {**GATE, "weight_decay": 0.01, "input_norm": "center", "threshold": "half"}
     m = SearchModule(VOCAB, MODEL, gate, pretrain_epochs=0, search_every=1)
-    assert m.model.gate.input_norm == "center"
+    assert m.model.gate.input_norm == "center" and m.model.gate.threshold_rule == "half"
+    assert SearchModule(VOCAB, MODEL, GATE, pretrain_epochs=0).model.gate.threshold_rule == "valley"
     m.trainer = None
     groups = m.configure_optimizers()[2].param_groups
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}

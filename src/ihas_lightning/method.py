@@ -368,7 +368,7 @@ def check_transfer(cfg: DictConfig) -> None:
 
 def check_gate_cfg(gate: DictConfig) -> None:
     """One-line ConfigError naming the ``method.gate.<key>`` whose value is out of range."""
-    from .models.gate import INPUT_NORMS
+    from .models.gate import INPUT_NORMS, THRESHOLDS
 
     def num(key: str, default: float | None) -> float | None:
         v = gate.get(key, default)
@@ -395,4 +395,9 @@ def check_gate_cfg(gate: DictConfig) -> None:
     if norm not in INPUT_NORMS:
         raise ConfigError(
             f"config key 'method.gate.input_norm': must be one of {list(INPUT_NORMS)} (got {norm!r})"
+        )
+    rule = gate.get("threshold", "valley")
+    if rule not in THRESHOLDS:
+        raise ConfigError(
+            f"config key 'method.gate.threshold': must be one of {list(THRESHOLDS)} (got {rule!r})"
         )

@@ -9,7 +9,9 @@ every sample gets its own gate vector (instance-wise). Three modes:
                     backward pass uses the relaxed sample (eq. 2).
 * ``deterministic`` the automatic threshold searcher (:func:`threshold_search`): per sample,
                     a histogram of its probabilities; the first local-minimum bin's lower edge is
-                    the threshold and dimensions with p above it are open.
+                    the threshold and dimensions with p above it are open. With
+                    ``threshold="half"`` (opt-in) the threshold is 0.5 instead: a dim is open where
+                    its gate is more likely open than closed.
 
 The regularizer (eq. 5, :func:`gate_regularizer`) is ``lambda * sum_j (p_ij - |p_ij - mean_j p_ij|)``:
 a sparsity term plus the polarization term that pushes the probabilities away from their mean, so
@@ -42,6 +44,10 @@ MODES = ("open", "stochastic", "deterministic")
 # the gate logit of a gate that is open for good (:meth:`BernoulliGate.open_all`)
 OPEN_LOGIT = 30.0
 INPUT_NORMS = ("none", "center", "batch")
+# the deterministic mode's per-sample threshold: valley = the paper's automatic threshold searcher
+# (:func:`threshold_search`); half = 0.5, the Bernoulli gate's most likely state (open when p > 1/2)
+THRESHOLDS = ("valley", "half")
+HALF = 0.5
 
 
 def batch_mean(e: torch.Tensor) -> torch.Tensor:
@@ -65,6 +71,7 @@ class BernoulliGate(nn.Module):
         bins: int = 20,
         init_bias: float = 3.0,
         input_norm: str = "none",
+        threshold: str = "valley",
     ):
         super().__init__()
         # (first row, global batch rows) of this process's rows under trainer=ddp (set per step by the
@@ -83,6 +90,9 @@ class BernoulliGate(nn.Module):
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         self.input_norm = input_norm
+        if threshold not in THRESHOLDS:
+            raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+        self.threshold_rule = threshold
         self.norm = None
         if instance_wise and input_norm == "batch":
             self.norm = nn.BatchNorm1d(dim, affine=False, momentum=0.1)
@@ -167,9 +177,16 @@ class BernoulliGate(nn.Module):
         soft = torch.sigmoid(score / self.tau)
         return hard + (soft - soft.detach())
 
-    def threshold(self, p: torch.Tensor) -> torch.Tensor:
-        """Per-sample threshold [B] of the automatic threshold searcher."""
-        return threshold_search(p.detach(), self.bins)
+    def threshold(
+        self, p: torch.Tensor, return_found: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample threshold [B] of the deterministic mode: the automatic threshold searcher's
+        (``threshold="valley"``) or 0.5 (``"half"``). With ``return_found``, ``(threshold, found)``:
+        ``found`` says whether the sample's histogram has a valley (a statistic under either rule)."""
+        thr, found = threshold_search(p.detach(), self.bins, return_found=True)
+        if self.threshold_rule == "half":
+            thr = torch.full_like(thr, HALF)
+        return (thr, found) if return_found else thr
 
     def deterministic_mask(self, p: torch.Tensor) -> torch.Tensor:
         return (p > self.threshold(p).unsqueeze(1)).to(p.dtype)

@@ -80,6 +80,7 @@ GATE_SELECTOR_KEYS = (
     "lambda_reg",
     "polarization",
     "polarization_weight",
+    "threshold",
 )
 log = logging.getLogger("ihas_lightning")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..gate import BernoulliGate, gate_regularizer, threshold_search
+from ..gate import BernoulliGate, gate_regularizer
 from .base import Selector
 
 GATE_KEYS = ("tau", "instance_wise", "bins", "init_bias", "input_norm")
@@ -43,6 +43,7 @@ class BernoulliSelector(Selector):
         lambda_reg: float | None = None,
         polarization: bool | None = None,
         polarization_weight: float | None = None,
+        threshold: str | None = None,
     ):
         super().__init__(num_fields, embed_dim, vocab_sizes)
         kn = self.knobs(
@@ -54,6 +55,7 @@ class BernoulliSelector(Selector):
             lambda_reg=lambda_reg,
             polarization=polarization,
             polarization_weight=polarization_weight,
+            threshold=threshold,
         )
         tau, instance_wise, bins, init_bias, input_norm, lambda_reg, polarization = (
             kn["tau"],
@@ -71,6 +73,7 @@ class BernoulliSelector(Selector):
             bins=bins,
             init_bias=init_bias,
             input_norm=input_norm,
+            threshold=kn["threshold"] or "valley",
         )
         self.lambda_reg = float(lambda_reg)
         self.polarization = bool(polarization)
@@ -99,7 +102,7 @@ class BernoulliSelector(Selector):
             p = torch.sigmoid(z)
         else:
             p = self.gate.probs(e.detach())
-        thr, found = threshold_search(p.detach(), self.gate.bins, return_found=True)
+        thr, found = self.gate.threshold(p, return_found=True)
         mask = (p > thr.unsqueeze(1)).to(p.dtype)
         if p.shape[0] != e.shape[0]:  # the constant fold: one row's, the same for every sample
             b = e.shape[0]
