@@ -36,6 +36,19 @@ def test_ablation_switches_reach_the_method(tmp_path):
     assert compose(["experiment=non_instance_wise"], output_dir=tmp_path).method.gate.instance_wise is False
 
 
+@pytest.mark.parametrize("method", ["ihas", "ihas_2", "ihas_3", "ihas_4"])
+def test_every_gate_key_the_selector_reads_follows_method_gate(tmp_path, method):
+    """method.gate.<key> is what users override; method.selector.<key> is what builds the gate. A key
+    missing from the selector block would silently build the gate with the file's default."""
+    from ihas_lightning.modules.search import GATE_SELECTOR_KEYS
+
+    changed = {"tau": 0.2, "instance_wise": False, "bins": 7, "init_bias": 0.5, "input_norm": "batch",
+               "lambda_reg": 0.01, "polarization": False, "polarization_weight": 0.3, "threshold": "half"}  # fmt: skip
+    assert set(changed) == set(GATE_SELECTOR_KEYS)
+    cfg = compose([f"method={method}", *(f"method.gate.{k}={v}" for k, v in changed.items())], output_dir=tmp_path)
+    assert {k: cfg.method.selector[k] for k in changed} == changed
+
+
 def test_sparse_search_reaches_the_selector_and_leaves_the_pretraining(tmp_path):
     base = compose(["dataset=criteo"], output_dir=tmp_path)
     cfg = compose(["dataset=criteo", "experiment=sparse_search"], output_dir=tmp_path)
