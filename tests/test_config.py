@@ -45,7 +45,9 @@ def test_every_gate_key_the_selector_reads_follows_method_gate(tmp_path, method)
     changed = {"tau": 0.2, "instance_wise": False, "bins": 7, "init_bias": 0.5, "input_norm": "batch",
                "lambda_reg": 0.01, "polarization": False, "polarization_weight": 0.3, "threshold": "half"}  # fmt: skip
     assert set(changed) == set(GATE_SELECTOR_KEYS)
-    cfg = compose([f"method={method}", *(f"method.gate.{k}={v}" for k, v in changed.items())], output_dir=tmp_path)
+    cfg = compose(
+        [f"method={method}", *(f"method.gate.{k}={v}" for k, v in changed.items())], output_dir=tmp_path
+    )
     assert {k: cfg.method.selector[k] for k in changed} == changed
 
 
