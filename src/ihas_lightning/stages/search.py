@@ -262,7 +262,7 @@ def search_warnings(metrics: dict[str, Any], min_gate_steps: int) -> list[str]:
     if valley is not None and valley < 0.5:
         out.append(
             f"the gate histogram is not bimodal for {1 - valley:.0%} of the test samples (no valley: their "
-            f"threshold fell back to 0.5)"
+            f"threshold is 0.5, as under method.gate.threshold=half)"
         )
     return out
 
