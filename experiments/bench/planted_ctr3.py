@@ -110,18 +110,27 @@ def markdown(recs: list[dict[str, Any]], note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_runs(specs: list[str], needs: str, what: str) -> list[tuple[str, Path]]:
+    """``--run LABEL=DIR`` values as (label, dir); one-line SystemExit where DIR lacks the file ``needs``."""
+    out = []
+    for spec in specs:
+        label, _, d = spec.partition("=")
+        if not d or not (Path(d) / needs).is_file():
+            raise SystemExit(f"error: --run {spec!r}: not {what}")
+        out.append((label, Path(d)))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output path without suffix (.json and .md)")
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=DIR")
     ap.add_argument("--note", default="", help="a paragraph for the report's head (provenance)")
     args = ap.parse_args(argv)
-    recs = []
-    for spec in args.run:
-        label, _, d = spec.partition("=")
-        if not d or not (Path(d) / "search" / "metrics.json").is_file():
-            raise SystemExit(f"error: --run {spec!r}: not LABEL=DIR of a finished run dir")
-        recs.append(run_record(label, Path(d)))
+    recs = [
+        run_record(label, d)
+        for label, d in parse_runs(args.run, "search/metrics.json", "LABEL=DIR of a finished run dir")
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(recs, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(recs, args.note))

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from ihas_lightning.stats import mean_ci, verdict
 
-from .planted_ctr3 import run_record
+from .planted_ctr3 import parse_runs, run_record
 from .runs import _read_json
 
 F1_TARGET = 0.9
@@ -141,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", action="append", required=True, metavar="SETTING=DIR")
     ap.add_argument("--note", default="", help="a paragraph for the report's head (provenance)")
     args = ap.parse_args(argv)
-    recs = []
-    for spec in args.run:
-        setting, _, d = spec.partition("=")
-        if not d or not (Path(d) / "evaluate" / "results.json").is_file():
-            raise SystemExit(f"error: --run {spec!r}: not SETTING=DIR of a finished stage=all run dir")
-        recs.append(record(setting, Path(d)))
+    runs = parse_runs(args.run, "evaluate/results.json", "SETTING=DIR of a finished stage=all run dir")
+    recs = [record(setting, d) for setting, d in runs]
     summary = summarise(recs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"settings": summary, "runs": recs}, indent=1) + "\n")
