@@ -183,6 +183,8 @@ class BernoulliGate(nn.Module):
         """Per-sample threshold [B] of the deterministic mode: the automatic threshold searcher's
         (``threshold="valley"``) or 0.5 (``"half"``). With ``return_found``, ``(threshold, found)``:
         ``found`` says whether the sample's histogram has a valley (a statistic under either rule)."""
+        if self.threshold_rule == "half" and not return_found:  # no histogram needed
+            return torch.full(p.shape[:1], HALF, dtype=p.dtype, device=p.device)
         thr, found = threshold_search(p.detach(), self.bins, return_found=True)
         if self.threshold_rule == "half":
             thr = torch.full_like(thr, HALF)
